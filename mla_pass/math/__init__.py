@@ -1,0 +1,1 @@
+"""Pure tensor math for the rewrite: no torch.fx in here."""

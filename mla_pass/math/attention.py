@@ -1,0 +1,61 @@
+"""The two forms of latent attention, as pure functions.
+
+Letters: B batch, H query heads, Hkv kv heads, S queries, T keys, N non-RoPE dims per head
+(Dh − 2r), R RoPE dims per head (2r), C latent width, V value head dim.
+
+decompressed: k_nope = W_uk·c + b, v = W_uv·c + b, then ordinary attention over
+              [q_nope ; q_rope]·[k_nope ; k_rope] (a permutation of the original dims, so the
+              scores are the original ones).
+absorbed:     q_latent_h = W_ukʲᵀ q_nope_h, score = q_latent·c_t + q_rope·k_rope_t; the output
+              is W_uvʲ Σ_t a_t c_t + b_v. The key bias adds q_nope·b_k, the same for every key of
+              a query, so softmax drops it and the absorbed form can too.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def expand_kv(t_BHkvTX: torch.Tensor, kv_head_of_query: torch.Tensor) -> torch.Tensor:
+    return t_BHkvTX.index_select(1, kv_head_of_query)
+
+
+def attention_probs_apply(scores_BHST: torch.Tensor, mask, is_causal: bool, softcap: float | None) -> torch.Tensor:
+    """softmax over keys in float32 after [softcap] and mask (bool: True attends; float: added)."""
+    s = scores_BHST.float()
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    if is_causal:
+        q_len, k_len = s.shape[-2:]
+        keep = torch.ones(q_len, k_len, dtype=torch.bool, device=s.device).tril()
+        s = s.masked_fill(~keep, float("-inf"))
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.float()
+    return torch.softmax(s, dim=-1)
+
+
+def decompressed_attention(q_nope_BHSN, q_rope_BHSR, k_nope_BHkvTN, k_rope_BHkvTR, v_BHkvTV,
+                           kv_head_of_query, scale: float, mask=None, is_causal=False, softcap=None):
+    q = torch.cat([q_nope_BHSN, q_rope_BHSR], dim=-1)
+    k = expand_kv(torch.cat([k_nope_BHkvTN, k_rope_BHkvTR], dim=-1), kv_head_of_query)
+    v = expand_kv(v_BHkvTV, kv_head_of_query)
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+    probs = attention_probs_apply(q @ k.transpose(-1, -2) * scale, mask, is_causal, softcap)
+    return (probs.to(v.dtype) @ v)
+
+
+def absorbed_attention(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_BHkvTR, up_key_HkvNC, up_value_HkvVC,
+                       b_value_HkvV, kv_head_of_query, scale: float, mask=None, is_causal=False, softcap=None):
+    up_key_HNC = up_key_HkvNC.index_select(0, kv_head_of_query)
+    q_latent_BHSC = torch.einsum("bhsn,hnc->bhsc", q_nope_BHSN, up_key_HNC)
+    scores = torch.einsum("bhsc,btc->bhst", q_latent_BHSC, latent_BTC)
+    if k_rope_BHkvTR.shape[-1]:
+        scores = scores + q_rope_BHSR @ expand_kv(k_rope_BHkvTR, kv_head_of_query).transpose(-1, -2)
+    probs = attention_probs_apply(scores * scale, mask, is_causal, softcap).to(latent_BTC.dtype)
+    out_latent_BHSC = torch.einsum("bhst,btc->bhsc", probs, latent_BTC)
+    up_value_HVC = up_value_HkvVC.index_select(0, kv_head_of_query)
+    out = torch.einsum("bhsc,hvc->bhsv", out_latent_BHSC, up_value_HVC)
+    if b_value_HkvV is not None:
+        out = out + b_value_HkvV.index_select(0, kv_head_of_query)[None, :, None, :]
+    return out

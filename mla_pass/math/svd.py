@@ -1,0 +1,61 @@
+"""Low-rank factorisation of the non-RoPE key and the value projections.
+
+Joint: W = [W_k_nope ; W_v] (all kv heads stacked) ≈ U_c Σ_c V_cᵀ; the down-projection is
+V_cᵀ (c × D) and the up-projections are the row blocks of U_c Σ_c. At c = rank the product is
+W exactly (up to float64 SVD round-off). Biases stay on the up side, untouched (exact).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LowRankKV:
+    down: torch.Tensor        # [C, D]
+    up_key: torch.Tensor      # [Hkv, Dn, C]
+    up_value: torch.Tensor    # [Hkv, Dv, C]
+
+
+def full_latent_dim(rows_key: int, rows_value: int, hidden: int, mode: str) -> int:
+    """The latent width at which the factorisation is exact."""
+    if mode == "joint":
+        return min(rows_key + rows_value, hidden)
+    return min(rows_key, hidden) + min(rows_value, hidden)
+
+
+def factorize_kv(w_key_nope: torch.Tensor, w_value: torch.Tensor, latent_dim: int, mode: str = "joint") -> LowRankKV:
+    """w_key_nope [Hkv, Dn, D], w_value [Hkv, Dv, D] → LowRankKV with latent width ``latent_dim``."""
+    n_kv, dn, hidden = w_key_nope.shape
+    dv = w_value.shape[1]
+    out_dtype = w_value.dtype
+    wk = w_key_nope.reshape(n_kv * dn, hidden).double()
+    wv = w_value.reshape(n_kv * dv, hidden).double()
+    if mode == "joint":
+        down, up = _truncated(torch.cat([wk, wv]), latent_dim)
+        up_k, up_v = up[: n_kv * dn], up[n_kv * dn:]
+    elif mode == "split":
+        ck = min(latent_dim // 2 + latent_dim % 2, min(wk.shape)) if wk.numel() else 0
+        cv = latent_dim - ck
+        down_k, up_k_part = _truncated(wk, ck)
+        down_v, up_v_part = _truncated(wv, cv)
+        down = torch.cat([down_k, down_v])
+        up_k = torch.cat([up_k_part, up_k_part.new_zeros(up_k_part.shape[0], cv)], dim=1)
+        up_v = torch.cat([up_v_part.new_zeros(up_v_part.shape[0], ck), up_v_part], dim=1)
+    else:
+        raise ValueError(f"unknown svd mode {mode!r}")
+    return LowRankKV(down=down.to(out_dtype),
+                     up_key=up_k.reshape(n_kv, dn, latent_dim).to(out_dtype),
+                     up_value=up_v.reshape(n_kv, dv, latent_dim).to(out_dtype))
+
+
+def _truncated(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down [rank, D], up [rows, rank]) with up @ down the best rank-``rank`` approximation."""
+    rows, hidden = w.shape
+    if rank > min(rows, hidden):
+        raise ValueError(f"rank {rank} exceeds the matrix's full rank {min(rows, hidden)}")
+    if rows == 0 or rank == 0:
+        return w.new_zeros(rank, hidden), w.new_zeros(rows, rank)
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    return vh[:rank], u[:, :rank] * s[:rank]

@@ -1,0 +1,199 @@
+"""The converted model: forward, greedy generation over the latent cache, save/load."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .config import MLAConfig
+from .latent_attention import FORMS, SitePlan
+from .rewrite import CacheTensor
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "mla_config.json"
+
+
+@dataclass
+class SiteReport:
+    """One row of the conversion report (also what ``mla-pass inspect`` prints)."""
+    index: int
+    layer: str
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rope_layout: str
+    rotary_pairs: int
+    gqa_form: str
+    qkv_bias: bool
+    fused_qkv: bool
+    original_values_per_token: int
+    converted_values_per_token: int | None      # None: left untouched
+    note: str = ""
+
+
+class MLAModel(nn.Module):
+    """A decoder whose attention runs as latent attention. Call it like the original:
+    ``logits = mla(input_ids)``; decode with ``mla.generate(...)``."""
+
+    def __init__(self, program: fx.GraphModule, step_graph: fx.Graph, cache: list[CacheTensor],
+                 plans: dict[int, SitePlan], report: list[SiteReport], config: MLAConfig,
+                 takes_positions: bool, vocab_size: int, source: dict):
+        super().__init__()
+        self.program = program
+        self._step_graph = step_graph
+        self._step: fx.GraphModule | None = None
+        self.cache_spec = cache
+        self.plans = plans
+        self.report = report
+        self.config = config
+        self.takes_positions = takes_positions
+        self.vocab_size = vocab_size
+        self.source = source
+
+    # -- running --------------------------------------------------------------------------------
+    def _apply(self, fn, recurse=True):
+        self._step = None          # buffers may be replaced: rebuild the step program lazily
+        return super()._apply(fn, recurse)
+
+    @property
+    def step(self) -> fx.GraphModule:
+        """The decode-step program: (input_ids, [position_ids,] attention_mask, *past) → (logits, *present)."""
+        if self._step is None:
+            self._step = fx.GraphModule(self.program, self._step_graph)
+        return self._step
+
+    def set_form(self, form: str) -> None:
+        """"auto" (decompressed for prompts, absorbed for one-token steps), "absorbed" or "decompressed"."""
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+        for m in self.program.mla.values():
+            m.form = form
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        input_ids = self._check_ids(input_ids)
+        if attention_mask is None:
+            if position_ids is None:
+                position_ids = self._positions(torch.ones_like(input_ids))
+            args = (input_ids, position_ids) if self.takes_positions else (input_ids,)
+            return self.program(*args)
+        logits, *_ = self.step_with_cache(input_ids, attention_mask, self.empty_cache(input_ids.shape[0]), position_ids)
+        return logits
+
+    def empty_cache(self, batch: int) -> list[torch.Tensor]:
+        p = next(self.program.parameters())
+        out = []
+        for t in self.cache_spec:
+            plan = self.plans[t.site]
+            shape = (batch, 0, plan.latent_dim) if t.kind == "latent" else (batch, plan.n_kv_heads, 0, plan.rope_width)
+            out.append(torch.zeros(shape, dtype=p.dtype, device=p.device))
+        return out
+
+    def step_with_cache(self, input_ids, attention_mask, past: list[torch.Tensor], position_ids=None):
+        """One call of the decode-step program; ``attention_mask`` covers past and new tokens."""
+        if not self.takes_positions:
+            raise NotImplementedError("this model's forward takes no position_ids, so it cannot decode from a "
+                                      "cache; generate() recomputes the whole sequence instead")
+        if len(past) != len(self.cache_spec):
+            raise ValueError(f"expected {len(self.cache_spec)} cache tensors, got {len(past)}")
+        batch, new = input_ids.shape
+        for spec, t in zip(self.cache_spec, past):
+            plan = self.plans[spec.site]
+            want = (batch, None, plan.latent_dim) if spec.kind == "latent" else (batch, plan.n_kv_heads, None, plan.rope_width)
+            got = tuple(t.shape)
+            if len(got) != len(want) or any(w is not None and w != g for w, g in zip(want, got)):
+                raise ValueError(f"cache tensor {spec.name} has shape {got}, expected "
+                                 f"{tuple('T' if w is None else w for w in want)}")
+        past_len = past[0].shape[1] if past and self.cache_spec[0].kind == "latent" else 0
+        if attention_mask.shape != (batch, past_len + new):
+            raise ValueError(f"attention_mask must be [batch, past + new] = {(batch, past_len + new)}, "
+                             f"got {tuple(attention_mask.shape)}")
+        if position_ids is None:
+            position_ids = self._positions(attention_mask)[:, -new:]
+        return self.step(input_ids, position_ids, attention_mask, *past)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, attention_mask: torch.Tensor | None = None,
+                 eos_token_id: int | None = None) -> torch.Tensor:
+        """Greedy decoding over the latent cache → [B, S + max_new_tokens] (left-pad batches and
+        pass ``attention_mask``; finished rows repeat ``eos_token_id``)."""
+        input_ids = self._check_ids(input_ids)
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device).long()
+        tokens = input_ids
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        if not self.takes_positions:
+            logger.warning("no position_ids in this model's forward: generating without a cache")
+            for _ in range(max_new_tokens):
+                nxt = self.forward(tokens).argmax(-1)[:, -1]
+                tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+            return tokens
+        logits, *cache = self.step_with_cache(input_ids, mask, self.empty_cache(input_ids.shape[0]))
+        for i in range(max_new_tokens):
+            nxt = logits[:, -1].argmax(-1)
+            if eos_token_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+                done |= nxt == eos_token_id
+            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            if i + 1 == max_new_tokens or (eos_token_id is not None and bool(done.all())):
+                break
+            logits, *cache = self.step_with_cache(nxt[:, None], mask, cache)
+        if tokens.shape[1] < input_ids.shape[1] + max_new_tokens:       # stopped early on eos
+            pad = tokens.new_full((tokens.shape[0], input_ids.shape[1] + max_new_tokens - tokens.shape[1]), eos_token_id)
+            tokens = torch.cat([tokens, pad], dim=1)
+        return tokens
+
+    def _check_ids(self, input_ids) -> torch.Tensor:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError("input_ids must be an integer tensor [batch, seq]")
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids is empty: give at least one token")
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.vocab_size})")
+        return input_ids.long()
+
+    @staticmethod
+    def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    # -- accounting -----------------------------------------------------------------------------
+    def kv_cache_bytes_per_token(self, dtype: torch.dtype = torch.float16) -> int:
+        """Bytes cached per token across all layers (untouched sites count their full K/V)."""
+        size = torch.empty((), dtype=dtype).element_size()
+        return sum((r.converted_values_per_token if r.converted_values_per_token is not None
+                    else r.original_values_per_token) * size for r in self.report)
+
+    def original_kv_cache_bytes_per_token(self, dtype: torch.dtype = torch.float16) -> int:
+        size = torch.empty((), dtype=dtype).element_size()
+        return sum(r.original_values_per_token * size for r in self.report)
+
+    # -- persistence ----------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``model.safetensors`` (all weights) and ``mla_config.json`` (config, per-site
+        plans, how to rebuild the source model, a checksum of the weights) into a folder."""
+        from .persist import save_model
+        return save_model(self, Path(path))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _json_dump(obj, path: Path) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True))

@@ -1,0 +1,73 @@
+"""Per-site choices (which pairs stay rotated, the latent width) and the weights they imply."""
+from __future__ import annotations
+
+import torch
+
+from .config import MLAConfig
+from .latent_attention import LatentAttention, SitePlan
+from .match import AttentionSite
+from .math.rope import select_pairs, two_norm_scores
+from .math.svd import factorize_kv, full_latent_dim
+
+
+class PlanError(ValueError):
+    pass
+
+
+def plan_site(site: AttentionSite, config: MLAConfig, stats: dict | None, layouts: dict) -> SitePlan:
+    rope = site.rope
+    n_pairs = rope.n_pairs
+    keep = n_pairs if config.rope_freqs is None else config.rope_freqs
+    if keep > n_pairs:
+        raise PlanError(f"rope_freqs={config.rope_freqs} is more than the {n_pairs} rotary frequency pairs "
+                        f"{site.layer} rotates per head; use at most {n_pairs} (or None to keep all)")
+    scores = None
+    if config.rope_strategy == "2-norm" and keep < n_pairs:
+        if stats is None or site.index not in stats:
+            raise PlanError("rope_strategy='2-norm' ranks frequencies on real activations: pass calibration "
+                            "token ids to convert(..., calibration=ids)")
+        q_norms, k_norms = stats[site.index]
+        scores = two_norm_scores(q_norms, k_norms, site.kv_head_of_query)
+    chosen = select_pairs(config.rope_strategy, rope.speeds, keep, site.n_kv_heads, scores)
+    rope_dims = [sorted(d for k in pairs for d in rope.pairs[k]) for pairs in chosen]
+    rows_key = site.n_kv_heads * (site.head_dim - 2 * keep)
+    rows_value = site.n_kv_heads * site.value_dim
+    hidden = site.weights.w_key.shape[-1]
+    full = full_latent_dim(rows_key, rows_value, hidden, config.svd)
+    if config.d_kv is None:
+        latent = full
+    else:
+        latent = config.d_kv * site.n_kv_heads
+        if latent > full:
+            raise PlanError(f"d_kv={config.d_kv} gives a latent of {latent} at {site.layer}, above the full rank "
+                            f"{full} of its K/V projections; use d_kv <= {full // site.n_kv_heads} "
+                            "(or None for full rank)")
+    return SitePlan(
+        index=site.index, layer=site.layer, n_heads=site.n_heads, n_kv_heads=site.n_kv_heads,
+        head_dim=site.head_dim, value_dim=site.value_dim, hidden=hidden, latent_dim=latent,
+        rope_dims=rope_dims, rotated_dims=sorted(d for pair in rope.pairs for d in pair),
+        kv_head_of_query=list(site.kv_head_of_query), scale=float(site.scale), softcap=site.core.softcap,
+        is_causal=site.core.is_causal, query_raw_layout=layouts["query"], key_raw_layout=layouts["key"],
+        key_bias=site.weights.b_key is not None, value_bias=site.weights.b_value is not None, svd=config.svd)
+
+
+@torch.no_grad()
+def initialise(module: LatentAttention, site: AttentionSite) -> None:
+    """Fill a module's weights from the site's pretrained K/V projections (SVD)."""
+    p, w = module.plan, site.weights
+    rope_dims = module.rope_dims                                   # [Hkv, R]
+    nope_dims = module.nope_dims                                   # [Hkv, N]
+    idx = lambda t, dims: torch.stack([t[j, dims[j]] for j in range(p.n_kv_heads)])  # noqa: E731
+    w_key_nope = idx(w.w_key, nope_dims)                           # [Hkv, N, D]
+    low = factorize_kv(w_key_nope, w.w_value, p.latent_dim, p.svd)
+    module.down.copy_(low.down)
+    module.up_key.copy_(low.up_key)
+    module.up_value.copy_(low.up_value)
+    if module.key_bias is not None:
+        module.key_bias.copy_(idx(w.b_key, nope_dims))
+    if module.value_bias is not None:
+        module.value_bias.copy_(w.b_value)
+    if module.rope_key is not None:
+        module.rope_key.weight.copy_(idx(w.w_key, rope_dims).reshape(-1, p.hidden))
+        if module.rope_key.bias is not None:
+            module.rope_key.bias.copy_(idx(w.b_key, rope_dims).reshape(-1))

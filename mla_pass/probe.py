@@ -1,0 +1,188 @@
+"""Measure what a matched site computes by evaluating pieces of its graph on probe inputs.
+
+- The k and v paths from the hidden state are affine: evaluating them in float64 on zero and
+  on basis vectors recovers W and b exactly, whatever the projection looked like (separate
+  Linear, GPT-2's Conv1D ``addmm``, GPT-NeoX's per-head interleaved ``query_key_value``,
+  Phi-3's sliced ``qkv_proj``, a folded norm weight).
+- The RoPE region is linear and acts on pairs of dims: probing it with basis vectors at
+  position 0 (must be the identity) and position 1 gives which dims pair up (the layout) and
+  each pair's angular speed (its frequency). Dims that never pair are not rotated (partial
+  rotary, e.g. GPT-NeoX ``rotary_pct``).
+Every extraction is verified against the recorded run; a mismatch is a refusal, not a guess.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from . import graph as G
+from .match import AttentionSite, SiteError
+
+
+@dataclass
+class SiteWeights:
+    """Key/value projections in head layout: k = w_key·x + b_key, per kv head."""
+    w_key: torch.Tensor           # [Hkv, Dh, D]
+    b_key: torch.Tensor | None    # [Hkv, Dh]
+    w_value: torch.Tensor         # [Hkv, Dv, D]
+    b_value: torch.Tensor | None  # [Hkv, Dv]
+
+
+@dataclass
+class RopeLayout:
+    """Which dims rotate together and how fast; pairs are (i, j) with i < j."""
+    pairs: list[tuple[int, int]]
+    speeds: list[float]           # radians per position, per pair
+    unrotated: list[int]          # dims that never rotate
+    layout: str                   # "half" | "interleaved" | "partial-half" | "partial-interleaved" | "none" | "other"
+
+    @property
+    def n_pairs(self) -> int:
+        return len(self.pairs)
+
+
+def extract_site_weights(gm: fx.GraphModule, site: AttentionSite, env: dict) -> None:
+    """Fill ``site.weights``, ``site.rope`` and ``site.kv_head_of_query`` (or raise SiteError)."""
+    x_val = env[site.hidden]
+    batch, seq = env[site.core.query].shape[0], env[site.core.query].shape[2]
+    w_k, b_k = _affine_map(gm, site, env, site.key_raw, batch, seq)
+    w_v, b_v = _affine_map(gm, site, env, site.value_head, batch, seq)
+    dtype = x_val.dtype
+    site.weights = SiteWeights(
+        w_key=w_k.to(dtype), b_key=None if b_k is None else b_k.to(dtype),
+        w_value=w_v.to(dtype), b_value=None if b_v is None else b_v.to(dtype))
+    key_rope = _probe_rope(gm, site, env, site.key_raw, site.key_head, site.key_rope_nodes, batch, seq)
+    query_rope = _probe_rope(gm, site, env, site.query_raw, site.core.query, site.query_rope_nodes, batch, seq)
+    if key_rope.pairs != query_rope.pairs or not torch.allclose(
+            torch.tensor(key_rope.speeds), torch.tensor(query_rope.speeds), rtol=1e-4, atol=1e-7):
+        raise SiteError(site.layer, site.core.anchor.name, "q and k are rotated differently")
+    site.rope = key_rope
+    site.kv_head_of_query = _kv_head_map(site, env)
+
+
+def to_heads(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """[B,H,S,D] from either BHSD or BSHD."""
+    return t if layout == "BHSD" else t.transpose(1, 2)
+
+
+def layout_of(site_val: torch.Tensor, batch: int, seq: int) -> str:
+    from .match import _layout_of
+    return _layout_of(site_val, batch, seq)
+
+
+def _affine_map(gm, site, env, target: fx.Node, batch: int, seq: int):
+    """W [Hkv, Dout, D], b [Hkv, Dout] | None of the affine path hidden → target (BHSD or BSHD)."""
+    nodes = G.region(site.hidden, target)
+    x_rec = env[site.hidden]
+    d = x_rec.shape[-1]
+    layout = layout_of(env[target], batch, seq)
+    wide = torch.float64
+
+    def cast(v):
+        return v.to(wide) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+    def run(x):
+        try:
+            out = G.run_region(gm, nodes, env, {site.hidden: x}, cast=cast)[target]
+        except Exception as e:  # an op that cannot run on a probe is not affine in our sense
+            raise SiteError(site.layer, target.name, f"path from '{site.hidden.name}' could not be probed: {e}") from e
+        return to_heads(out, layout)  # [B, Hkv, S, Dout]
+
+    tokens = batch * seq
+    zero = torch.zeros(x_rec.shape, dtype=wide)
+    bias = run(zero)[0, :, 0, :]                           # [Hkv, Dout]
+    cols = []
+    eye = torch.eye(d, dtype=wide)
+    for start in range(0, d, tokens):
+        chunk = eye[start:start + tokens]
+        probe = torch.zeros(tokens, d, dtype=wide)
+        probe[: chunk.shape[0]] = chunk
+        out = run(probe.reshape(x_rec.shape))               # [B, Hkv, S, Dout]
+        out = out.permute(0, 2, 1, 3).reshape(tokens, *out.shape[1:2], out.shape[-1])[: chunk.shape[0]]
+        cols.append(out - bias)
+    w = torch.cat(cols).permute(1, 2, 0).contiguous()     # [Hkv, Dout, D]
+    # verify on the recorded hidden state (fp32 recompute, relative tolerance)
+    recomputed = torch.einsum("hod,bsd->bhso", w, x_rec.to(wide)) + bias[None, :, None, :]
+    reference = to_heads(env[target], layout).to(wide)
+    err = (recomputed - reference).abs().max().item()
+    tol = 1e-4 * max(1.0, reference.abs().max().item())
+    if err > tol:
+        raise SiteError(site.layer, target.name, f"path from '{site.hidden.name}' is not affine "
+                        f"(reconstruction error {err:.2e}); q/k normalisation is not supported yet")
+    has_bias = bias.abs().max().item() > 0
+    return w, (bias if has_bias else None)
+
+
+def _probe_rope(gm, site, env, raw: fx.Node, head: fx.Node, nodes: list[fx.Node], batch, seq) -> RopeLayout:
+    dim = env[head].shape[-1]
+    if not nodes:
+        return RopeLayout(pairs=[], speeds=[], unrotated=list(range(dim)), layout="none")
+    raw_layout = layout_of(env[raw], batch, seq)
+    shape = env[raw].shape
+
+    def run(probe_bhsd):
+        probe = to_heads(probe_bhsd, raw_layout)  # BHSD → raw layout (transpose is its own inverse)
+        try:
+            return G.run_region(gm, nodes, env, {raw: probe.contiguous()})[head]   # BHSD
+        except Exception as e:
+            raise SiteError(site.layer, head.name, f"RoPE region could not be probed: {e}") from e
+
+    heads_shape = to_heads(torch.empty(shape), raw_layout).shape
+    dtype = env[raw].dtype
+    response = torch.zeros(2, dim, dim, dtype=torch.float64)    # [position, out, in] at head 0, batch 0
+    for i in range(dim):
+        probe = torch.zeros(heads_shape, dtype=dtype)
+        probe[..., i] = 1
+        out = run(probe)
+        response[:, :, i] = out[0, 0, :2, :].double()
+    where = f"RoPE region ending at '{head.name}'"
+    if not torch.allclose(response[0], torch.eye(dim, dtype=torch.float64), atol=1e-6):
+        raise SiteError(site.layer, head.name, f"{where} is not the identity at position 0 "
+                        "(a scale or mix after RoPE is not supported)")
+    # linearity and uniformity across heads/batch, checked on a random probe at position 1
+    rnd = torch.randn(heads_shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    got = run(rnd)[:, :, 1, :].double()
+    want = torch.einsum("oi,bhi->bho", response[1], rnd[:, :, 1, :].double())
+    if not torch.allclose(got, want, atol=1e-4, rtol=1e-4):
+        raise SiteError(site.layer, head.name, f"{where} is not a per-dim-pair rotation")
+    m1 = response[1]
+    pairs, speeds, unrotated = [], [], []
+    for i in range(dim):
+        partners = [j for j in range(dim) if j != i and (m1[j, i].abs() > 0 or m1[i, j].abs() > 0)]
+        if not partners:
+            unrotated.append(i)
+        elif len(partners) > 1:
+            raise SiteError(site.layer, head.name, f"{where} mixes dim {i} with {partners}")
+        elif i < partners[0]:
+            j = partners[0]
+            pairs.append((i, j))
+            speeds.append(math.atan2(abs(m1[j, i].item()), m1[i, i].item()))
+    return RopeLayout(pairs=pairs, speeds=speeds, unrotated=unrotated, layout=_name_layout(pairs, unrotated, dim))
+
+
+def _name_layout(pairs, unrotated, dim) -> str:
+    rotated = 2 * len(pairs)
+    partial = "partial-" if unrotated else ""
+    if pairs and all(j - i == rotated // 2 for i, j in pairs) and max(j for _, j in pairs) == rotated - 1:
+        return partial + "half"
+    if pairs and all(j == i + 1 and i % 2 == 0 for i, j in pairs):
+        return partial + "interleaved"
+    return "other"
+
+
+def _kv_head_map(site: AttentionSite, env) -> tuple[int, ...]:
+    """Which kv head each query head reads, read off the recorded key as fed to the core."""
+    fed, kv = env[site.core.key], env[site.key_head]
+    if site.core.enable_gqa or fed.shape[1] == kv.shape[1]:
+        g = site.n_heads // site.n_kv_heads
+        return tuple(h // g for h in range(site.n_heads))
+    mapping = []
+    for h in range(site.n_heads):
+        match = [j for j in range(site.n_kv_heads) if torch.equal(fed[:, h], kv[:, j])]
+        if not match:
+            raise SiteError(site.layer, site.core.key.name, f"query head {h} reads no single kv head")
+        mapping.append(match[0])
+    return tuple(mapping)

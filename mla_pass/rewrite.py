@@ -1,0 +1,110 @@
+"""Graph surgery: replace each matched attention core by a call to its latent attention module.
+
+Per site, in a copy of the captured graph::
+
+    key_rope_full = mla.{i}.rope_key(x)                       # only the kept rotated dims
+    key_rope      = <copy of the model's RoPE region>(key_rope_full)
+    out_BHSDv     = mla.{i}(x, query_raw, query, key_rope, mask[, past_latent, past_rope_key])
+
+``out`` replaces the core's output; the old k/v projections, repeat_kv and the core become
+dead and are removed. With ``with_cache=True`` the program gains inputs ``attention_mask
+[B, T+S]`` and per site ``past_latent [B, T, C]`` (+ ``past_rope_key [B, Hkv, T, R]`` where
+RoPE is kept) and returns ``(logits, present...)`` in the same order. Its mask is causal over
+the cache plus padding from ``attention_mask`` (the model's own mask computation, which only
+knows the current tokens, becomes dead code).
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from . import graph as G
+from .latent_attention import LatentAttention
+from .match import AttentionSite
+
+MODULES = "mla"
+
+
+@dataclass(frozen=True)
+class CacheTensor:
+    name: str        # "past_key_values.{i}.latent" | "past_key_values.{i}.rope_key"
+    site: int
+    kind: str        # "latent" | "rope_key"
+
+
+class CacheMask(torch.nn.Module):
+    """attention_mask [B, T+S] (1 = real token) → bool [B, 1, S, T+S]: causal over the cache."""
+
+    def forward(self, attention_mask, input_ids):
+        s, total = input_ids.shape[1], attention_mask.shape[1]
+        causal = torch.ones(s, total, dtype=torch.bool, device=input_ids.device).tril(total - s)
+        return attention_mask.bool()[:, None, None, :] & causal[None, None]
+
+
+def rewrite(gm: fx.GraphModule, sites: list[AttentionSite], modules: dict[int, LatentAttention],
+            root: torch.nn.Module, *, with_cache: bool) -> tuple[fx.GraphModule, list[CacheTensor]]:
+    """A new GraphModule (owned by ``root``, which must hold ``mla.{i}`` and the model's
+    parameters under the captured names) with every site in ``modules`` replaced."""
+    graph, mapping = G.clone_graph(gm.graph)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    output = next(n for n in graph.nodes if n.op == "output")
+    cache: list[CacheTensor] = []
+    cache_nodes: dict[tuple[int, str], fx.Node] = {}
+    mask_node = None
+    if with_cache:
+        with graph.inserting_after(placeholders[-1]):
+            attention_mask = graph.placeholder("attention_mask")
+        last = attention_mask
+        for site in sites:
+            if site.index not in modules:
+                continue
+            kinds = ["latent"] + (["rope_key"] if modules[site.index].rope_key is not None else [])
+            for kind in kinds:
+                with graph.inserting_after(last):
+                    last = graph.placeholder(f"past_{site.index}_{kind}")
+                cache_nodes[(site.index, kind)] = last
+                cache.append(CacheTensor(f"past_key_values.{site.index}.{kind}", site.index, kind))
+        with graph.inserting_after(last):
+            mask_node = graph.call_module("cache_mask", (attention_mask, placeholders[0]))
+        if not hasattr(root, "cache_mask"):
+            root.add_module("cache_mask", CacheMask())
+
+    presents: list[fx.Node] = []
+    for site in sites:
+        if site.index not in modules:
+            continue
+        module = modules[site.index]
+        m = lambda n: mapping[n]  # noqa: E731
+        core_out = m(site.core.output)
+        with graph.inserting_before(core_out):
+            key_rope = None
+            if module.rope_key is not None:
+                full = graph.call_module(f"{MODULES}.{site.index}.rope_key", (m(site.hidden),))
+                copied = G.copy_region(graph, [m(n) for n in site.key_rope_nodes], {m(site.key_raw): full})
+                key_rope = copied[m(site.key_head)]
+            mask = mask_node if with_cache else (m(site.core.mask) if site.core.mask is not None else None)
+            args = (m(site.hidden), m(site.query_raw), m(site.core.query), key_rope, mask)
+            if with_cache:
+                past_rope = cache_nodes.get((site.index, "rope_key"))
+                args += (cache_nodes[(site.index, "latent")], past_rope)
+            call = graph.call_module(f"{MODULES}.{site.index}", args)
+            if with_cache:
+                out = graph.call_function(operator.getitem, (call, 0))
+                presents.append(graph.call_function(operator.getitem, (call, 1)))
+                if past_rope is not None:
+                    presents.append(graph.call_function(operator.getitem, (call, 2)))
+            else:
+                out = call
+        core_out.replace_all_uses_with(out)
+    logits = output.args[0]
+    while isinstance(logits, (tuple, list)) and len(logits) == 1:   # export's pytree output spec
+        logits = logits[0]
+    output.args = ((logits, *presents),) if with_cache else (logits,)
+    staging = fx.GraphModule(root, graph)          # dead-code elimination needs an owning module
+    staging.graph.eliminate_dead_code()
+    staging.graph.lint()
+    final_graph, _ = G.clone_graph(staging.graph)   # rebuilt so unused weights are not carried
+    return fx.GraphModule(root, final_graph), cache
