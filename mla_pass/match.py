@@ -245,7 +245,8 @@ def build_site(index: int, core: AttentionCore, gm: fx.GraphModule, env: dict,
         gqa_form = "mha"
     else:
         gqa_form = "repeat_kv"
-    fused = _projection_node(key_raw, hidden) is _projection_node(value_head, hidden)
+    fused = _projection_input(key_raw, position_dependent, want="projection") is \
+        _projection_input(value_head, position_dependent, want="projection")
     return AttentionSite(
         index=index, layer=layer, core=core, hidden=hidden, query_raw=query_raw, query_rope_nodes=query_rope,
         key_raw=key_raw, key_head=key_head, key_rope_nodes=key_rope, value_head=value_head,
@@ -277,21 +278,17 @@ def _head_layout_node(start: fx.Node, env, batch, seq, dim, heads: int | None = 
         node = node.args[0]
 
 
-def _projection_node(node: fx.Node, hidden: fx.Node) -> fx.Node | None:
-    for a in [node, *G.ancestors(node)]:
-        if a.op == "call_function" and a.target in _PROJECTION_OPS and hidden in G.ancestors(a):
-            return a
-    return None
-
-
-def _projection_input(node: fx.Node, dependent: set[fx.Node]) -> fx.Node | None:
+def _projection_input(node: fx.Node, dependent: set[fx.Node], want: str = "input") -> fx.Node | None:
     """Walk back along the one data input through affine steps to the first weight multiply;
-    return what it multiplies (views skipped), i.e. the hidden state."""
+    return what it multiplies (views skipped), i.e. the hidden state (or, with
+    ``want="projection"``, the multiply itself)."""
     while node.op == "call_function":
         data = [a for a in node.all_input_nodes if a in dependent and G.is_tensor_like(a)]
         if node.target in _PROJECTION_OPS:
             if len(data) != 1:
                 return None
+            if want == "projection":
+                return node
             x = data[0]
             while G.is_layout_op(x):
                 x = x.args[0]

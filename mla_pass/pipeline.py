@@ -53,8 +53,24 @@ def find_sites(captured: Captured) -> tuple[list[AttentionSite], list[SiteError]
             extract_site_weights(captured.gm, site, captured.env)
             sites.append(site)
         except SiteError as e:
+            e.cached_values_per_token = _kv_values_of_core(core, captured.env)
             errors.append(e)
     return sites, errors
+
+
+def _kv_values_of_core(core, env) -> int:
+    """K+V values cached per token by a site we could not convert (fewest heads on k's path)."""
+    from .match import _head_layout_node
+    q = env[core.query]
+    total = 0
+    for fed in (core.key, core.value):
+        val = env.get(fed)
+        if not isinstance(val, torch.Tensor) or val.dim() != 4:
+            return 0
+        node = _head_layout_node(fed, env, q.shape[0], q.shape[2], val.shape[-1])
+        heads = env[node].shape[1] if node is not None else val.shape[1]
+        total += heads * val.shape[-1]
+    return total
 
 
 def site_layouts(captured: Captured, site: AttentionSite) -> dict:
@@ -140,16 +156,17 @@ def build(captured: Captured, config: MLAConfig, *, calibration=None, plans: dic
     program.add_submodule("cache_mask", root.cache_mask)
     _unshare_with_source(program)
     report = [report_row(s, plans[s.index]) for s in sites]
-    report += [_refusal_row(e) for e in errors]
+    report += [refusal_row(e) for e in errors]
     report.sort(key=lambda r: r.index)
     return MLAModel(program, step.graph, cache, plans, report, config, captured.takes_positions,
                     captured.vocab_size, captured.source)
 
 
-def _refusal_row(e: SiteError) -> SiteReport:
+def refusal_row(e: SiteError) -> SiteReport:
     return SiteReport(index=-1, layer=e.layer, n_heads=0, n_kv_heads=0, head_dim=0, rope_layout="?",
                       rotary_pairs=0, gqa_form="?", qkv_bias=False, fused_qkv=False,
-                      original_values_per_token=0, converted_values_per_token=None, note=e.reason)
+                      original_values_per_token=getattr(e, "cached_values_per_token", 0),
+                      converted_values_per_token=None, note=e.reason)
 
 
 @torch.no_grad()

@@ -149,9 +149,11 @@ def _probe_rope(gm, site, env, raw: fx.Node, head: fx.Node, nodes: list[fx.Node]
     if not torch.allclose(got, want, atol=1e-4, rtol=1e-4):
         raise SiteError(site.layer, head.name, f"{where} is not a per-dim-pair rotation")
     m1 = response[1]
+    linked = (m1 != 0) | (m1.T != 0)
+    linked.fill_diagonal_(False)
     pairs, speeds, unrotated = [], [], []
     for i in range(dim):
-        partners = [j for j in range(dim) if j != i and (m1[j, i].abs() > 0 or m1[i, j].abs() > 0)]
+        partners = linked[i].nonzero().flatten().tolist()
         if not partners:
             unrotated.append(i)
         elif len(partners) > 1:

@@ -1,0 +1,179 @@
+"""Command line: ``mla-pass inspect | convert | demo``."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def _load_source(spec: str, cache_dir: str | None):
+    """A model from a name (the embedded default), a Hugging Face folder, or a saved mla-pass folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import assets
+    from .model import CONFIG_FILE
+
+    if spec == DEFAULT_MODEL:
+        return assets.load_smollm2(cache_dir)
+    path = Path(spec)
+    if (path / CONFIG_FILE).is_file():
+        from .persist import load
+        return load(path), None
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"error: {spec} is neither '{DEFAULT_MODEL}', a Hugging Face model folder (config.json) "
+                         f"nor a folder saved by mla-pass ({CONFIG_FILE})")
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except Exception:  # a model folder without tokenizer files is still inspectable
+        tok = None
+    return model, tok
+
+
+def cmd_inspect(args) -> int:
+    import torch
+
+    from .inspect import format_table, inspect_model
+    model, _ = _load_source(args.model, args.cache_dir)
+    rows = inspect_model(model)
+    print(format_table(rows))
+    ok = [r for r in rows if r.index >= 0]
+    size = torch.empty((), dtype=torch.float16).element_size()
+    total = sum(r.original_values_per_token for r in ok) * size
+    print(f"\n{len(ok)} attention sites; original KV cache {total:,} bytes/token in fp16")
+    converted = [r for r in ok if r.converted_values_per_token is not None]
+    if converted:
+        mla_total = sum(r.converted_values_per_token for r in converted) * size
+        print(f"converted cache {mla_total:,} bytes/token ({100 * (1 - mla_total / total):.2f}% smaller)")
+    refused = [r for r in rows if r.index < 0]
+    for r in refused:
+        print(f"not convertible: {r.layer}: {r.note}")
+    return 0
+
+
+def _config_from_args(args):
+    from .config import MLAConfig
+    return MLAConfig(d_kv=args.d_kv, rope_freqs=args.rope_freqs, rope_strategy=args.rope_strategy,
+                     svd=args.svd, best_effort=args.best_effort)
+
+
+def _calibration_tokens(tokenizer, cache_dir, windows: int = 8, length: int = 512):
+    import torch
+
+    from . import assets
+    if tokenizer is None:
+        raise SystemExit("error: calibration needs the model's tokenizer files in the model folder")
+    ids = tokenizer(assets.read_text("alice29.txt", cache_dir), return_tensors="pt").input_ids[0]
+    ids = ids[: windows * length]
+    return ids[: (len(ids) // length) * length].reshape(-1, length).to(torch.long)
+
+
+def cmd_convert(args) -> int:
+    from .inspect import format_table
+    from .pipeline import convert
+    model, tok = _load_source(args.model, args.cache_dir)
+    config = _config_from_args(args)
+    calib = _calibration_tokens(tok, args.cache_dir) if config.needs_calibration else None
+    t0 = time.perf_counter()
+    mla = convert(model, config, calibration=calib)
+    print(format_table(mla.report))
+    before, after = mla.original_kv_cache_bytes_per_token(), mla.kv_cache_bytes_per_token()
+    print(f"\nconverted in {time.perf_counter() - t0:.1f} s; KV cache {before:,} → {after:,} bytes/token "
+          f"in fp16 ({100 * (1 - after / before):.2f}% smaller)")
+    out = mla.save(args.out)
+    if tok is not None:
+        tok.save_pretrained(str(out))
+    print(f"saved to {out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Fetch the embedded default model, show its sites, prove the full-rank rewrite exact on
+    real text, then convert at a budget and compare cache size and a sample generation."""
+    import torch
+
+    from . import assets
+    from .config import MLAConfig
+    from .inspect import format_table
+    from .pipeline import convert
+
+    print(f"fetching {DEFAULT_MODEL} and text into {args.cache_dir or assets.default_cache_dir()} (once)")
+    model, tok = assets.load_smollm2(args.cache_dir)
+    text = assets.read_text("lcet10.txt", args.cache_dir)
+    ids = tok(text, return_tensors="pt").input_ids[:, 2000:2000 + args.tokens]
+    prompt = tok(args.prompt, return_tensors="pt").input_ids
+
+    t0 = time.perf_counter()
+    exact = convert(model, MLAConfig())
+    print(format_table(exact.report))
+    with torch.no_grad():
+        diff = (exact(ids) - model(ids).logits).abs().max().item()
+    same = torch.equal(exact.generate(prompt, max_new_tokens=32), model.generate(prompt, max_new_tokens=32, do_sample=False))
+    print(f"\nfull rank, all rotary pairs ({time.perf_counter() - t0:.0f} s): max |Δlogits| = {diff:.2e} on "
+          f"{ids.shape[1]} tokens of lcet10.txt; 32 greedy tokens identical: {same}")
+
+    config = _config_from_args(args)
+    calib = _calibration_tokens(tok, args.cache_dir) if config.needs_calibration else None
+    mla = convert(model, config, calibration=calib)
+    before, after = mla.original_kv_cache_bytes_per_token(), mla.kv_cache_bytes_per_token()
+    with torch.no_grad():
+        ref = model(ids).logits.log_softmax(-1)
+        new = mla(ids).log_softmax(-1)
+    kl = (ref.exp() * (ref - new)).sum(-1).mean().item()
+    agree = (ref.argmax(-1) == new.argmax(-1)).float().mean().item()
+    nll = lambda lp: -lp[0, :-1].gather(-1, ids[0, 1:, None]).mean().exp().item()  # noqa: E731
+    print(f"\n{config} (training-free)")
+    print(f"| model | KV bytes/token (fp16) | perplexity | top-1 agreement | KL to original |")
+    print(f"|---|---|---|---|---|")
+    print(f"| original | {before:,} | {nll(ref):.1f} | 100% | 0 |")
+    print(f"| converted | {after:,} (−{100 * (1 - after / before):.2f}%) | {nll(new):.1f} | {100 * agree:.0f}% | {kl:.2f} |")
+    for name, m in (("original", model), ("converted", mla)):
+        out = m.generate(prompt, max_new_tokens=24) if m is mla else m.generate(prompt, max_new_tokens=24, do_sample=False)
+        print(f"{name:>9}: {tok.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)!r}")
+    print("\n(no recovery yet: training-free conversion at this budget loses quality; see the README's limits)")
+    return 0
+
+
+def _add_mla_options(p):
+    p.add_argument("--d-kv", type=int, default=None, help="latent width per kv head (default: full rank)")
+    p.add_argument("--rope-freqs", type=int, default=None, help="rotary pairs kept per head (default: all)")
+    p.add_argument("--rope-strategy", default="high", choices=["high", "low", "uniform", "2-norm"])
+    p.add_argument("--svd", default="joint", choices=["joint", "split"])
+    p.add_argument("--best-effort", action="store_true", help="leave unsupported sites untouched instead of failing")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="mla-pass", description=__doc__)
+    parser.add_argument("--cache-dir", default=None, help="where fetched models and text are kept "
+                        "(default ~/.cache/mla-pass)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="list the attention sites the pass finds")
+    p.add_argument("model", help=f"'{DEFAULT_MODEL}', a Hugging Face model folder, or a saved mla-pass folder")
+    p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("convert", help="convert a model and save it")
+    p.add_argument("model")
+    p.add_argument("--out", required=True)
+    _add_mla_options(p)
+    p.set_defaults(func=cmd_convert)
+    p = sub.add_parser("demo", help=f"the main job on {DEFAULT_MODEL}: sites, exactness, savings, a sample")
+    _add_mla_options(p)
+    p.add_argument("--tokens", type=int, default=512, help="held-out tokens to compare logits on")
+    p.add_argument("--prompt", default="The capital of France is")
+    p.set_defaults(func=cmd_demo, d_kv=16, rope_freqs=4)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
