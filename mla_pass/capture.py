@@ -39,6 +39,7 @@ class Captured:
     takes_positions: bool
     vocab_size: int
     source: dict                       # how to rebuild the model (for save/load)
+    generation: dict                   # eos_token_id / pad_token_id, where the model says
 
 
 class _LogitsOnly(torch.nn.Module):
@@ -95,8 +96,10 @@ def capture(model: torch.nn.Module) -> Captured:
     env = G.record_values(gm, *args)
     source = {"kind": "transformers", "class": type(model).__name__, "config": model.config.to_dict()} if hf \
         else {"kind": "module", "class": f"{type(model).__module__}.{type(model).__qualname__}"}
+    gen_cfg = getattr(model, "generation_config", None)
+    generation = {k: getattr(gen_cfg, k, None) for k in ("eos_token_id", "pad_token_id")} if gen_cfg else {}
     return Captured(gm=gm, env=env, example_inputs=args, takes_positions=takes_positions,
-                    vocab_size=vocab, source=source)
+                    vocab_size=vocab, source=source, generation=generation)
 
 
 def _strip_guards(gm: fx.GraphModule) -> None:

@@ -126,12 +126,12 @@ def cmd_demo(args) -> int:
         new = mla(ids).log_softmax(-1)
     kl = (ref.exp() * (ref - new)).sum(-1).mean().item()
     agree = (ref.argmax(-1) == new.argmax(-1)).float().mean().item()
-    nll = lambda lp: -lp[0, :-1].gather(-1, ids[0, 1:, None]).mean().exp().item()  # noqa: E731
+    ppl = lambda lp: (-lp[0, :-1].gather(-1, ids[0, 1:, None]).mean()).exp().item()  # noqa: E731
     print(f"\n{config} (training-free)")
     print(f"| model | KV bytes/token (fp16) | perplexity | top-1 agreement | KL to original |")
     print(f"|---|---|---|---|---|")
-    print(f"| original | {before:,} | {nll(ref):.1f} | 100% | 0 |")
-    print(f"| converted | {after:,} (−{100 * (1 - after / before):.2f}%) | {nll(new):.1f} | {100 * agree:.0f}% | {kl:.2f} |")
+    print(f"| original | {before:,} | {ppl(ref):.1f} | 100% | 0 |")
+    print(f"| converted | {after:,} (−{100 * (1 - after / before):.2f}%) | {ppl(new):.1f} | {100 * agree:.0f}% | {kl:.2f} |")
     for name, m in (("original", model), ("converted", mla)):
         out = m.generate(prompt, max_new_tokens=24) if m is mla else m.generate(prompt, max_new_tokens=24, do_sample=False)
         print(f"{name:>9}: {tok.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)!r}")

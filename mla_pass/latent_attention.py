@@ -137,7 +137,7 @@ class LatentAttention(nn.Module):
         form = self.form if self.form != "auto" else ("absorbed" if q_nope.shape[2] == 1 else "decompressed")
         if form == "absorbed":
             out = absorbed_attention(q_nope, q_rope, latent, k_rope, self.up_key, self.up_value, self.value_bias,
-                                     self.kv_head_of_query, p.scale, mask, is_causal, p.softcap)
+                                     self.kv_head_of_query, p.scale, mask, is_causal, p.softcap, self.key_bias)
         else:
             k_nope, v = self.decompress(latent)
             out = decompressed_attention(q_nope, q_rope, k_nope, k_rope, v, self.kv_head_of_query, p.scale,

@@ -47,7 +47,7 @@ class MLAModel(nn.Module):
 
     def __init__(self, program: fx.GraphModule, step_graph: fx.Graph, cache: list[CacheTensor],
                  plans: dict[int, SitePlan], report: list[SiteReport], config: MLAConfig,
-                 takes_positions: bool, vocab_size: int, source: dict):
+                 takes_positions: bool, vocab_size: int, source: dict, generation: dict | None = None):
         super().__init__()
         self.program = program
         self._step_graph = step_graph
@@ -59,6 +59,7 @@ class MLAModel(nn.Module):
         self.takes_positions = takes_positions
         self.vocab_size = vocab_size
         self.source = source
+        self.generation = generation or {}      # eos/pad token ids of the source model
 
     # -- running --------------------------------------------------------------------------------
     def _apply(self, fn, recurse=True):
@@ -124,35 +125,45 @@ class MLAModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, attention_mask: torch.Tensor | None = None,
-                 eos_token_id: int | None = None) -> torch.Tensor:
-        """Greedy decoding over the latent cache → [B, S + max_new_tokens] (left-pad batches and
-        pass ``attention_mask``; finished rows repeat ``eos_token_id``)."""
+                 eos_token_id: int | list[int] | None = "default", pad_token_id: int | None = None) -> torch.Tensor:
+        """Greedy decoding over the latent cache → [B, S + n] with n ≤ ``max_new_tokens``.
+
+        Like Hugging Face ``generate(do_sample=False)``: stops when every row has produced an
+        end token (default: the source model's ``eos_token_id``; ``None`` never stops early),
+        finished rows are filled with ``pad_token_id`` (default: the first end token). Batches
+        of different lengths are left-padded with ``attention_mask`` marking real tokens.
+        """
         input_ids = self._check_ids(input_ids)
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        stop = self.generation.get("eos_token_id") if eos_token_id == "default" else eos_token_id
+        stop = [] if stop is None else ([stop] if isinstance(stop, int) else list(stop))
+        if pad_token_id is None:
+            pad_token_id = self.generation.get("pad_token_id") if eos_token_id == "default" else None
+            pad_token_id = pad_token_id if pad_token_id is not None else (stop[0] if stop else 0)
+        stop_t = torch.tensor(stop, dtype=torch.long, device=input_ids.device)
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device).long()
         tokens = input_ids
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        if not self.takes_positions:
-            logger.warning("no position_ids in this model's forward: generating without a cache")
-            for _ in range(max_new_tokens):
-                nxt = self.forward(tokens).argmax(-1)[:, -1]
-                tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        if max_new_tokens == 0:
             return tokens
-        logits, *cache = self.step_with_cache(input_ids, mask, self.empty_cache(input_ids.shape[0]))
+        if self.takes_positions:
+            logits, *cache = self.step_with_cache(input_ids, mask, self.empty_cache(input_ids.shape[0]))
+        else:
+            logger.warning("no position_ids in this model's forward: generating without a cache")
+            logits = self.forward(tokens)
         for i in range(max_new_tokens):
             nxt = logits[:, -1].argmax(-1)
-            if eos_token_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
-                done |= nxt == eos_token_id
+            nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
+            done |= torch.isin(nxt, stop_t)
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            if i + 1 == max_new_tokens or (eos_token_id is not None and bool(done.all())):
+            if i + 1 == max_new_tokens or bool(done.all()):
                 break
-            logits, *cache = self.step_with_cache(nxt[:, None], mask, cache)
-        if tokens.shape[1] < input_ids.shape[1] + max_new_tokens:       # stopped early on eos
-            pad = tokens.new_full((tokens.shape[0], input_ids.shape[1] + max_new_tokens - tokens.shape[1]), eos_token_id)
-            tokens = torch.cat([tokens, pad], dim=1)
+            if self.takes_positions:
+                logits, *cache = self.step_with_cache(nxt[:, None], mask, cache)
+            else:
+                logits = self.forward(tokens)
         return tokens
 
     def _check_ids(self, input_ids) -> torch.Tensor:

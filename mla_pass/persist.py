@@ -46,6 +46,7 @@ def save_model(mla: MLAModel, path: Path) -> Path:
         "source": mla.source,
         "takes_positions": mla.takes_positions,
         "vocab_size": mla.vocab_size,
+        "generation": mla.generation,
         "aliases": aliases,
         "weights_sha256": _sha256(weights),
         "kv_cache_bytes_per_token_fp16": mla.kv_cache_bytes_per_token(torch.float16),
@@ -108,6 +109,7 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None) -> MLAMo
             f"{weights} does not fit the rebuilt model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
             f"wrong shape {bad_shape[:5]}; the checkpoint and the source architecture disagree")
     mla.program.load_state_dict(tensors, strict=True)
+    mla.generation = meta.get("generation", mla.generation)
     return mla
 
 

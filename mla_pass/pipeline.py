@@ -159,7 +159,7 @@ def build(captured: Captured, config: MLAConfig, *, calibration=None, plans: dic
     report += [refusal_row(e) for e in errors]
     report.sort(key=lambda r: r.index)
     return MLAModel(program, step.graph, cache, plans, report, config, captured.takes_positions,
-                    captured.vocab_size, captured.source)
+                    captured.vocab_size, captured.source, captured.generation)
 
 
 def refusal_row(e: SiteError) -> SiteReport:

@@ -8,7 +8,7 @@ decompressed: k_nope = W_uk·c + b, v = W_uv·c + b, then ordinary attention ove
               scores are the original ones).
 absorbed:     q_latent_h = W_ukʲᵀ q_nope_h, score = q_latent·c_t + q_rope·k_rope_t; the output
               is W_uvʲ Σ_t a_t c_t + b_v. The key bias adds q_nope·b_k, the same for every key of
-              a query, so softmax drops it and the absorbed form can too.
+              a query: softmax alone would drop it, softcapping (tanh) would not, so it is kept.
 """
 from __future__ import annotations
 
@@ -46,10 +46,13 @@ def decompressed_attention(q_nope_BHSN, q_rope_BHSR, k_nope_BHkvTN, k_rope_BHkvT
 
 
 def absorbed_attention(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_BHkvTR, up_key_HkvNC, up_value_HkvVC,
-                       b_value_HkvV, kv_head_of_query, scale: float, mask=None, is_causal=False, softcap=None):
+                       b_value_HkvV, kv_head_of_query, scale: float, mask=None, is_causal=False, softcap=None,
+                       b_key_HkvN=None):
     up_key_HNC = up_key_HkvNC.index_select(0, kv_head_of_query)
     q_latent_BHSC = torch.einsum("bhsn,hnc->bhsc", q_nope_BHSN, up_key_HNC)
     scores = torch.einsum("bhsc,btc->bhst", q_latent_BHSC, latent_BTC)
+    if b_key_HkvN is not None:
+        scores = scores + (q_nope_BHSN * b_key_HkvN.index_select(0, kv_head_of_query)[None, :, None, :]).sum(-1, keepdim=True)
     if k_rope_BHkvTR.shape[-1]:
         scores = scores + q_rope_BHSR @ expand_kv(k_rope_BHkvTR, kv_head_of_query).transpose(-1, -2)
     probs = attention_probs_apply(scores * scale, mask, is_causal, softcap).to(latent_BTC.dtype)
