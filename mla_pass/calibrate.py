@@ -45,7 +45,7 @@ def rope_pair_norms(gm: fx.GraphModule, sites: list[AttentionSite], layouts: dic
     for site in sites:
         if not site.rope.pairs:
             continue
-        for kind, node in (("q", site.query_raw), ("k", site.key_raw)):
+        for kind, node in (("query", site.query_raw), ("key", site.key_raw)):
             target = mapping[node]
             obs = _PairNormObserver(site.rope.pairs, layouts[site.index][kind])
             name = f"_mla_observer_{site.index}_{kind}"
@@ -65,8 +65,8 @@ def rope_pair_norms(gm: fx.GraphModule, sites: list[AttentionSite], layouts: dic
             if takes_positions:
                 args += (torch.arange(batch.shape[1], device=device).expand_as(batch).contiguous(),)
             probe(*args)
-    return {s.index: (observers[(s.index, "q")].mean(), observers[(s.index, "k")].mean())
-            for s in sites if (s.index, "q") in observers}
+    return {s.index: (observers[(s.index, "query")].mean(), observers[(s.index, "key")].mean())
+            for s in sites if (s.index, "query") in observers}
 
 
 def _as_batches(tokens) -> torch.Tensor:

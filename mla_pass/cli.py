@@ -128,8 +128,8 @@ def cmd_demo(args) -> int:
     agree = (ref.argmax(-1) == new.argmax(-1)).float().mean().item()
     ppl = lambda lp: (-lp[0, :-1].gather(-1, ids[0, 1:, None]).mean()).exp().item()  # noqa: E731
     print(f"\n{config} (training-free)")
-    print(f"| model | KV bytes/token (fp16) | perplexity | top-1 agreement | KL to original |")
-    print(f"|---|---|---|---|---|")
+    print("| model | KV bytes/token (fp16) | perplexity | top-1 agreement | KL to original |")
+    print("|---|---|---|---|---|")
     print(f"| original | {before:,} | {ppl(ref):.1f} | 100% | 0 |")
     print(f"| converted | {after:,} (−{100 * (1 - after / before):.2f}%) | {ppl(new):.1f} | {100 * agree:.0f}% | {kl:.2f} |")
     for name, m in (("original", model), ("converted", mla)):

@@ -132,7 +132,10 @@ class LatentAttention(nn.Module):
         cached = past_latent is not None
         if cached:
             latent = torch.cat([past_latent, latent], dim=1)
-            k_rope = torch.cat([past_rope_key, k_rope], dim=2) if past_rope_key is not None else k_rope
+            if past_rope_key is not None:
+                k_rope = torch.cat([past_rope_key, k_rope], dim=2)
+            else:                                  # no rope keys cached: zero-width over all keys
+                k_rope = latent.new_zeros(latent.shape[0], p.n_kv_heads, latent.shape[1], 0)
         is_causal = p.is_causal and not cached
         form = self.form if self.form != "auto" else ("absorbed" if q_nope.shape[2] == 1 else "decompressed")
         if form == "absorbed":

@@ -77,8 +77,10 @@ class MLAModel(nn.Module):
         """"auto" (decompressed for prompts, absorbed for one-token steps), "absorbed" or "decompressed"."""
         if form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-        for m in self.program.mla.values():
-            m.form = form
+        from .latent_attention import LatentAttention
+        for m in self.program.modules():
+            if isinstance(m, LatentAttention):
+                m.form = form
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -4,7 +4,7 @@ import torch
 
 import mla_pass
 from mla_pass import MLAConfig
-from tests.helpers import tiny_llama
+from helpers import tiny_llama
 
 
 class NoAttention(torch.nn.Module):

@@ -207,11 +207,6 @@ def test_generation_end_token_like_hf():
     assert torch.equal(got, want), f"end token {eos}\nmla: {got.tolist()}\nhf:  {want.tolist()}"
 
 
-NO_ROPE_CACHE_BUG = ("library bug: at a site without cached RoPE keys (no RoPE, or rope_freqs=0) the decompressed "
-                     "form over a non-empty cache concatenates k_nope [.., past+new, ..] with a k_rope of only the "
-                     "new tokens (LatentAttention.forward never extends k_rope when past_rope_key is None): "
-                     "RuntimeError 'Sizes of tensors must match'")
-
 
 def chunked_logits(mla, ids, bounds):
     """Logits of ``ids`` fed through the cache in chunks ``ids[:, a:b]`` (several tokens per step)."""
@@ -230,8 +225,6 @@ CHUNKS = [(0, 4), (4, 7), (7, 8), (8, 10)]
 def test_family_chunked_prefill_exact(family, request):
     """Multi-token steps over a non-empty cache (chunked prefill) give the original logits."""
     fam, model, mla, _ = family
-    if fam.rope_layout == "none":
-        request.applymarker(pytest.mark.xfail(reason=NO_ROPE_CACHE_BUG, strict=True, raises=RuntimeError))
     ids = prompt((2, 10), VOCAB, seed=11)
     assert_close(chunked_logits(mla, ids, CHUNKS), hf_logits(model, ids), f"{fam.name} chunked prefill")
 
@@ -342,8 +335,6 @@ def test_tiny_greedy_generation_exact(tiny):
 
 def test_tiny_chunked_prefill_exact(tiny, request):
     name, cfg, model, mla = tiny
-    if cfg.rope == "none":
-        request.applymarker(pytest.mark.xfail(reason=NO_ROPE_CACHE_BUG, strict=True, raises=RuntimeError))
     ids = prompt((2, 10), cfg.vocab, seed=11)
     with torch.no_grad():
         want = model(ids)
@@ -374,20 +365,11 @@ def latent_modules(mla):
 
 
 def use_form(mla, form):
-    """``mla.set_form(form)``; while set_form is broken (see test_set_form_public_api) the form is
-    set on the latent attention modules directly, which is what set_form is meant to do."""
-    try:
-        mla.set_form(form)
-    except AttributeError:
-        for m in latent_modules(mla):
-            m.form = form
+    """``mla.set_form(form)``, checked on every latent attention module."""
+    mla.set_form(form)
     assert latent_modules(mla) and all(m.form == form for m in latent_modules(mla))
 
 
-@pytest.mark.xfail(reason="library bug: MLAModel.set_form iterates self.program.mla.values(), but the fx "
-                          "GraphModule holds 'mla' as a plain nn.Module (not the ModuleDict), so it raises "
-                          "AttributeError: 'Module' object has no attribute 'values'", strict=True,
-                   raises=AttributeError)
 def test_set_form_public_api():
     mla = mla_pass.convert(TinyDecoder(TinyConfig(layers=1)), progress=False)
     with pytest.raises(ValueError):
@@ -514,7 +496,6 @@ def test_rope_freqs_zero_has_no_rope_key_cache():
     assert mla.generate(ids, max_new_tokens=4).shape == (2, 9)
 
 
-@pytest.mark.xfail(reason=NO_ROPE_CACHE_BUG, strict=True, raises=RuntimeError)
 def test_rope_freqs_zero_decompressed_decode():
     model = TinyDecoder(TinyConfig(layers=1))
     mla = mla_pass.convert(model, MLAConfig(d_kv=3, rope_freqs=0), progress=False)
@@ -577,9 +558,6 @@ def test_rope_strategy_counts(strategy, keep):
             assert_close(mla(ids), model(ids), f"{strategy} keeping all pairs")
 
 
-@pytest.mark.xfail(reason="library bug: calibrate.rope_pair_norms indexes layouts[site.index]['q'/'k'] but "
-                          "pipeline.site_layouts returns keys 'query'/'key': KeyError 'q' for any 2-norm conversion",
-                   strict=True, raises=KeyError)
 def test_rope_strategy_two_norm_with_calibration():
     cfg = TinyConfig(layers=2)
     model = TinyDecoder(cfg)

@@ -6,7 +6,7 @@ import torch
 
 import mla_pass
 from mla_pass.persist import CheckpointError
-from tests.helpers import tiny_llama, tiny_qwen2
+from helpers import tiny_llama, tiny_qwen2
 
 
 @pytest.fixture(scope="module")

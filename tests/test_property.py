@@ -17,7 +17,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mla_pass
-from mla_pass.latent_attention import LatentAttention
 from tiny_decoder import TinyConfig, TinyDecoder, greedy_reference
 
 torch.set_num_threads(int(os.environ.get("MLA_PASS_TEST_THREADS", "1")))
@@ -54,14 +53,7 @@ def tiny_configs(draw) -> TinyConfig:
 
 
 def use_form(mla, form: str) -> None:
-    """``mla.set_form``, falling back to setting the modules' form while set_form is broken
-    (library bug, see test_families.py::test_set_form_public_api)."""
-    try:
-        mla.set_form(form)
-    except AttributeError:
-        for m in mla.modules():
-            if isinstance(m, LatentAttention):
-                m.form = form
+    mla.set_form(form)
 
 
 def assert_greedy_equivalent(model, prompt: torch.Tensor, got: torch.Tensor) -> None:
