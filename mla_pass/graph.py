@@ -22,6 +22,7 @@ _LAYOUT_OPS = {
     aten.transpose.int, aten.permute.default, aten.expand.default,
     aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
     aten.contiguous.default, aten.clone.default, aten.alias.default, aten.detach.default,
+    aten.broadcast_to.default, aten.flatten.using_ints, aten.unflatten.int, aten.lift_fresh_copy.default,
 }
 _CAST_OPS = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default}
 

@@ -35,6 +35,7 @@ _AFFINE_STEP_OPS = {
     aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor,
     aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.slice.Tensor,
     aten.select.int, aten.narrow.default, aten.unbind.int,
+    aten.index.Tensor, aten.index_select.default,          # constant-index gathers (Falcon's fused qkv)
 }
 
 

@@ -85,6 +85,11 @@ class MLAModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
         input_ids = self._check_ids(input_ids)
+        if attention_mask is not None and not self.can_cache:
+            if not bool(attention_mask.bool().all()):
+                raise NotImplementedError("padding masks need the cached program, which this model cannot use "
+                                          "(no position_ids input, or sites left untouched)")
+            attention_mask = None
         if attention_mask is None:
             if position_ids is None:
                 position_ids = self._positions(torch.ones_like(input_ids))
@@ -102,11 +107,24 @@ class MLAModel(nn.Module):
             out.append(torch.zeros(shape, dtype=p.dtype, device=p.device))
         return out
 
+    @property
+    def untouched_sites(self) -> list[SiteReport]:
+        return [r for r in self.report if r.converted_values_per_token is None]
+
+    @property
+    def can_cache(self) -> bool:
+        """Cached decoding needs positions as an input and every site converted."""
+        return self.takes_positions and not self.untouched_sites
+
     def step_with_cache(self, input_ids, attention_mask, past: list[torch.Tensor], position_ids=None):
         """One call of the decode-step program; ``attention_mask`` covers past and new tokens."""
         if not self.takes_positions:
             raise NotImplementedError("this model's forward takes no position_ids, so it cannot decode from a "
                                       "cache; generate() recomputes the whole sequence instead")
+        if self.untouched_sites:
+            raise NotImplementedError(f"{len(self.untouched_sites)} attention site(s) were left untouched "
+                                      "(best_effort), and they keep no cache: generate() recomputes the whole "
+                                      "sequence instead")
         if len(past) != len(self.cache_spec):
             raise ValueError(f"expected {len(self.cache_spec)} cache tensors, got {len(past)}")
         batch, new = input_ids.shape
@@ -149,10 +167,14 @@ class MLAModel(nn.Module):
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         if max_new_tokens == 0:
             return tokens
-        if self.takes_positions:
+        if self.can_cache:
             logits, *cache = self.step_with_cache(input_ids, mask, self.empty_cache(input_ids.shape[0]))
         else:
-            logger.warning("no position_ids in this model's forward: generating without a cache")
+            if attention_mask is not None and not bool(attention_mask.bool().all()):
+                raise NotImplementedError("padded batches need the cached program, which this model cannot use "
+                                          "(no position_ids input, or sites left untouched)")
+            logger.warning("generating without a cache (no position_ids input, or sites left untouched): "
+                           "every step recomputes the whole sequence")
             logits = self.forward(tokens)
         for i in range(max_new_tokens):
             nxt = logits[:, -1].argmax(-1)
@@ -162,7 +184,7 @@ class MLAModel(nn.Module):
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             if i + 1 == max_new_tokens or bool(done.all()):
                 break
-            if self.takes_positions:
+            if self.can_cache:
                 logits, *cache = self.step_with_cache(nxt[:, None], mask, cache)
             else:
                 logits = self.forward(tokens)
