@@ -40,14 +40,31 @@ class SitePlan:
     key_bias: bool
     value_bias: bool
     svd: str
+    key_norm: str | None = None      # "head" | "all": k is RMS-normalised before RoPE (Qwen3, OLMo2)
+    key_norm_eps: float = 0.0
+    key_norm_bias: bool = False
 
     @property
     def rope_width(self) -> int:
         return len(self.rope_dims[0]) if self.rope_dims else 0
 
     @property
+    def key_scale_groups(self) -> int:
+        return {None: 0, "head": self.n_kv_heads, "all": 1}[self.key_norm]
+
+    @property
+    def cache_kinds(self) -> list[str]:
+        """The cache tensors of this site, in graph I/O order."""
+        return ["latent"] + (["rope_key"] if self.rope_width else []) + (["key_scale"] if self.key_norm else [])
+
+    def cache_shape(self, kind: str, batch: int, length: int) -> tuple[int, ...]:
+        return {"latent": (batch, length, self.latent_dim),
+                "rope_key": (batch, self.n_kv_heads, length, self.rope_width),
+                "key_scale": (batch, self.key_scale_groups, length)}[kind]
+
+    @property
     def cached_values_per_token(self) -> int:
-        return self.latent_dim + self.n_kv_heads * self.rope_width
+        return self.latent_dim + self.n_kv_heads * self.rope_width + self.key_scale_groups
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,6 +101,9 @@ class LatentAttention(nn.Module):
         self.key_bias = nn.Parameter(torch.zeros(p.n_kv_heads, n_nope)) if p.key_bias else None
         self.value_bias = nn.Parameter(torch.zeros(p.n_kv_heads, p.value_dim)) if p.value_bias else None
         self.rope_key = RopeKeyProjection(p) if p.rope_width else None
+        if p.key_norm:   # the unweighted k projection, to compute each token's RMS scale
+            self.key_norm_weight = nn.Parameter(torch.zeros(p.n_kv_heads * p.head_dim, p.hidden))
+            self.key_norm_bias = nn.Parameter(torch.zeros(p.n_kv_heads * p.head_dim)) if p.key_norm_bias else None
         rope = torch.tensor(p.rope_dims, dtype=torch.long).reshape(p.n_kv_heads, p.rope_width)
         nope = torch.tensor([[d for d in range(p.head_dim) if d not in set(dims)] for dims in
                              rope.tolist()], dtype=torch.long).reshape(p.n_kv_heads, n_nope)
@@ -114,6 +134,14 @@ class LatentAttention(nn.Module):
         b, j, s, _ = key_rope_full_BHkvSD.shape
         return key_rope_full_BHkvSD.gather(-1, self.rope_dims[None, :, None, :].expand(b, j, s, -1))
 
+    def key_scale(self, x_BSD):
+        """rsqrt(mean(t²) + eps) of the pre-norm key, per token and group → [B, G, S] (float32 math)."""
+        p = self.plan
+        b, s_len = x_BSD.shape[:2]
+        t = nn.functional.linear(x_BSD, self.key_norm_weight, self.key_norm_bias).float()
+        t = t.reshape(b, s_len, p.n_kv_heads, p.head_dim) if p.key_norm == "head" else t.reshape(b, s_len, 1, -1)
+        return torch.rsqrt(t.pow(2).mean(-1) + p.key_norm_eps).transpose(1, 2).to(x_BSD.dtype)
+
     def decompress(self, latent_BTC):
         k_nope = torch.einsum("btc,jnc->bjtn", latent_BTC, self.up_key)
         v = torch.einsum("btc,jvc->bjtv", latent_BTC, self.up_value)
@@ -124,27 +152,40 @@ class LatentAttention(nn.Module):
         return k_nope, v
 
     # -- the call the graph makes --------------------------------------------------------------
-    def forward(self, x_BSD, query_raw, query, key_rope_full, mask, past_latent=None, past_rope_key=None):
+    def forward(self, x_BSD, query_raw, query, key_rope_full, mask, *past):
+        """Without ``past``: out [B,H,S,Dv]. With the cache tensors of ``plan.cache_kinds``
+        (each holding T earlier tokens): (out, *present) with T+S tokens each."""
         p = self.plan
         q_nope, q_rope = self.split_query(query_raw, query)
-        latent = nn.functional.linear(x_BSD, self.down)                      # [B, S, C]
-        k_rope = self.rope_keys(key_rope_full, x_BSD)                        # [B, Hkv, S, R]
-        cached = past_latent is not None
+        new = {"latent": nn.functional.linear(x_BSD, self.down),                      # [B, S, C]
+               "rope_key": self.rope_keys(key_rope_full, x_BSD)}                      # [B, Hkv, S, R]
+        if p.key_norm:
+            new["key_scale"] = self.key_scale(x_BSD)                                  # [B, G, S]
+            new["rope_key"] = new["rope_key"] * new["key_scale"].expand(-1, p.n_kv_heads, -1)[..., None]
+        cached = len(past) > 0
         if cached:
-            latent = torch.cat([past_latent, latent], dim=1)
-            if past_rope_key is not None:
-                k_rope = torch.cat([past_rope_key, k_rope], dim=2)
-            else:                                  # no rope keys cached: zero-width over all keys
-                k_rope = latent.new_zeros(latent.shape[0], p.n_kv_heads, latent.shape[1], 0)
+            if len(past) != len(p.cache_kinds):
+                raise ValueError(f"{p.layer}: expected cache tensors {p.cache_kinds}, got {len(past)}")
+            for kind, old in zip(p.cache_kinds, past):
+                new[kind] = torch.cat([old, new[kind]], dim=1 if kind == "latent" else 2)
+        latent = new["latent"]
+        if "rope_key" not in p.cache_kinds:            # no rope keys: zero-width over all keys
+            new["rope_key"] = latent.new_zeros(latent.shape[0], p.n_kv_heads, latent.shape[1], 0)
+        key_scale = None
+        if p.key_norm:
+            key_scale = new["key_scale"].expand(-1, p.n_kv_heads, -1)                  # [B, Hkv, T]
         is_causal = p.is_causal and not cached
         form = self.form if self.form != "auto" else ("absorbed" if q_nope.shape[2] == 1 else "decompressed")
         if form == "absorbed":
-            out = absorbed_attention(q_nope, q_rope, latent, k_rope, self.up_key, self.up_value, self.value_bias,
-                                     self.kv_head_of_query, p.scale, mask, is_causal, p.softcap, self.key_bias)
+            out = absorbed_attention(q_nope, q_rope, latent, new["rope_key"], self.up_key, self.up_value,
+                                     self.value_bias, self.kv_head_of_query, p.scale, mask, is_causal, p.softcap,
+                                     self.key_bias, key_scale)
         else:
             k_nope, v = self.decompress(latent)
-            out = decompressed_attention(q_nope, q_rope, k_nope, k_rope, v, self.kv_head_of_query, p.scale,
+            if key_scale is not None:
+                k_nope = k_nope * key_scale[..., None]
+            out = decompressed_attention(q_nope, q_rope, k_nope, new["rope_key"], v, self.kv_head_of_query, p.scale,
                                          mask, is_causal, p.softcap)
         if cached:
-            return out, latent, (k_rope if past_rope_key is not None else None)
+            return (out, *(new[kind] for kind in p.cache_kinds))
         return out

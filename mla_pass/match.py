@@ -64,6 +64,16 @@ class AttentionCore:
 
 
 @dataclass
+class KeyNormMatch:
+    """k = w ⊙ t · rsqrt(mean_group(t²) + eps) with t affine in x (Qwen3: group = one head;
+    OLMo2: group = the whole projection)."""
+    norm_in: fx.Node        # t
+    norm_out: fx.Node
+    eps: float
+    group: str              # "head" | "all"
+
+
+@dataclass
 class AttentionSite:
     """One attention block, as the rewrite needs it. Weights are filled in by ``probe``."""
     index: int
@@ -83,6 +93,8 @@ class AttentionSite:
     gqa_form: str                        # "mha" | "repeat_kv" | "enable_gqa"
     fused_qkv: bool
     rope_tables: list[str] = field(default_factory=list)   # names of the cos/sin source nodes
+    key_norm: KeyNormMatch | None = None                  # RMSNorm between k's projection and RoPE
+    key_norm_weights: object | None = None                # filled by probe
     # filled by probe.extract_site_weights
     kv_head_of_query: tuple[int, ...] = ()
     weights: object | None = None
@@ -246,13 +258,14 @@ def build_site(index: int, core: AttentionCore, gm: fx.GraphModule, env: dict,
         gqa_form = "mha"
     else:
         gqa_form = "repeat_kv"
+    key_norm = _find_key_norm(layer, hidden, key_raw, env, n_kv, head_dim)
     fused = _projection_input(key_raw, position_dependent, want="projection") is \
         _projection_input(value_head, position_dependent, want="projection")
     return AttentionSite(
         index=index, layer=layer, core=core, hidden=hidden, query_raw=query_raw, query_rope_nodes=query_rope,
         key_raw=key_raw, key_head=key_head, key_rope_nodes=key_rope, value_head=value_head,
         n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim, value_dim=value_dim, gqa_form=gqa_form,
-        fused_qkv=fused, rope_tables=[t.name for t in k_tables])
+        fused_qkv=fused, rope_tables=[t.name for t in k_tables], key_norm=key_norm)
 
 
 def _layout_of(val: torch.Tensor, batch: int, seq: int) -> str | None:
@@ -310,3 +323,41 @@ def _split_rope(source: fx.Node, head: fx.Node, position_dependent: set[fx.Node]
         if tables:
             return dom, nodes, tables
     return head, [], []
+
+
+def _find_key_norm(layer, hidden, key_raw, env, n_kv, head_dim) -> KeyNormMatch | None:
+    """An RMSNorm on k's path: rsqrt(mean(t²) + eps) scaling t, then a weight (any form)."""
+    between = G.region(hidden, key_raw)
+    rsqrts = [n for n in between if n.op == "call_function" and n.target is aten.rsqrt.default]
+    if not rsqrts:
+        return None
+    if len(rsqrts) > 1:
+        raise SiteError(layer, rsqrts[1].name, "more than one normalisation on the key path")
+    add = rsqrts[0].args[0]
+    eps = _scalar_arg(add) if add.target is aten.add.Tensor else None
+    mean = _tensor_arg(add) if eps is not None else None
+    if mean is None or mean.target is not aten.mean.dim:
+        raise SiteError(layer, rsqrts[0].name, "normalisation on the key path is not an RMSNorm (rsqrt(mean(x²)+eps))")
+    square = mean.args[0]
+    if square.target is aten.pow.Tensor_Scalar and square.args[1] == 2:
+        t = square.args[0]
+    elif square.target is aten.mul.Tensor and square.args[0] is square.args[1]:
+        t = square.args[0]
+    else:
+        raise SiteError(layer, square.name, "normalisation on the key path does not average squares")
+    while t.op == "call_function" and t.target in {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout}:
+        t = t.args[0]
+    dims = [d % env[t].dim() for d in mean.args[1]]
+    shape = env[t].shape
+    if dims != [env[t].dim() - 1]:
+        raise SiteError(layer, mean.name, f"key RMSNorm averages over dims {dims}, not the last one")
+    if shape[-1] == head_dim and env[t].dim() == 4:
+        group = "head"
+    elif shape[-1] == n_kv * head_dim:
+        group = "all"
+    else:
+        raise SiteError(layer, mean.name, f"key RMSNorm over {shape[-1]} values is neither one head nor all heads")
+    out = key_raw
+    while G.is_layout_op(out):
+        out = out.args[0]
+    return KeyNormMatch(norm_in=t, norm_out=out, eps=float(eps), group=group)

@@ -100,12 +100,8 @@ class MLAModel(nn.Module):
 
     def empty_cache(self, batch: int) -> list[torch.Tensor]:
         p = next(self.program.parameters())
-        out = []
-        for t in self.cache_spec:
-            plan = self.plans[t.site]
-            shape = (batch, 0, plan.latent_dim) if t.kind == "latent" else (batch, plan.n_kv_heads, 0, plan.rope_width)
-            out.append(torch.zeros(shape, dtype=p.dtype, device=p.device))
-        return out
+        return [torch.zeros(self.plans[t.site].cache_shape(t.kind, batch, 0), dtype=p.dtype, device=p.device)
+                for t in self.cache_spec]
 
     @property
     def untouched_sites(self) -> list[SiteReport]:
@@ -128,14 +124,16 @@ class MLAModel(nn.Module):
         if len(past) != len(self.cache_spec):
             raise ValueError(f"expected {len(self.cache_spec)} cache tensors, got {len(past)}")
         batch, new = input_ids.shape
+        past_len = past[0].shape[1] if past else 0
+        dtype = next(self.program.parameters()).dtype
         for spec, t in zip(self.cache_spec, past):
-            plan = self.plans[spec.site]
-            want = (batch, None, plan.latent_dim) if spec.kind == "latent" else (batch, plan.n_kv_heads, None, plan.rope_width)
-            got = tuple(t.shape)
-            if len(got) != len(want) or any(w is not None and w != g for w, g in zip(want, got)):
-                raise ValueError(f"cache tensor {spec.name} has shape {got}, expected "
-                                 f"{tuple('T' if w is None else w for w in want)}")
-        past_len = past[0].shape[1] if past and self.cache_spec[0].kind == "latent" else 0
+            want = self.plans[spec.site].cache_shape(spec.kind, batch, past_len)
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != want:
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"cache tensor {spec.name} has shape {got}, expected {want} "
+                                 f"(batch {batch}, {past_len} cached tokens)")
+            if t.dtype != dtype:
+                raise ValueError(f"cache tensor {spec.name} has dtype {t.dtype}, expected {dtype}")
         if attention_mask.shape != (batch, past_len + new):
             raise ValueError(f"attention_mask must be [batch, past + new] = {(batch, past_len + new)}, "
                              f"got {tuple(attention_mask.shape)}")

@@ -48,7 +48,10 @@ def plan_site(site: AttentionSite, config: MLAConfig, stats: dict | None, layout
         rope_dims=rope_dims, rotated_dims=sorted(d for pair in rope.pairs for d in pair),
         kv_head_of_query=list(site.kv_head_of_query), scale=float(site.scale), softcap=site.core.softcap,
         is_causal=site.core.is_causal, query_raw_layout=layouts["query"], key_raw_layout=layouts["key"],
-        key_bias=site.weights.b_key is not None, value_bias=site.weights.b_value is not None, svd=config.svd)
+        key_bias=site.weights.b_key is not None, value_bias=site.weights.b_value is not None, svd=config.svd,
+        key_norm=site.key_norm.group if site.key_norm else None,
+        key_norm_eps=site.key_norm.eps if site.key_norm else 0.0,
+        key_norm_bias=bool(site.key_norm and site.key_norm_weights.full_bias is not None))
 
 
 @torch.no_grad()
@@ -67,6 +70,11 @@ def initialise(module: LatentAttention, site: AttentionSite) -> None:
         module.key_bias.copy_(idx(w.b_key, nope_dims))
     if module.value_bias is not None:
         module.value_bias.copy_(w.b_value)
+    if p.key_norm:
+        norm = site.key_norm_weights
+        module.key_norm_weight.copy_(norm.full_weight.reshape(-1, p.hidden))
+        if module.key_norm_bias is not None:
+            module.key_norm_bias.copy_(norm.full_bias.reshape(-1))
     if module.rope_key is not None:
         module.rope_key.weight.copy_(idx(w.w_key, rope_dims).reshape(-1, p.hidden))
         if module.rope_key.bias is not None:

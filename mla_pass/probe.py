@@ -32,6 +32,15 @@ class SiteWeights:
 
 
 @dataclass
+class KeyNormWeights:
+    """What computing the per-token key scale needs: s = rsqrt(mean_group((A·x + a)²) + eps)."""
+    full_weight: torch.Tensor     # A [Hkv, Dh, D]
+    full_bias: torch.Tensor | None
+    eps: float
+    group: str                    # "head" | "all"
+
+
+@dataclass
 class RopeLayout:
     """Which dims rotate together and how fast; pairs are (i, j) with i < j."""
     pairs: list[tuple[int, int]]
@@ -48,9 +57,12 @@ def extract_site_weights(gm: fx.GraphModule, site: AttentionSite, env: dict) -> 
     """Fill ``site.weights``, ``site.rope`` and ``site.kv_head_of_query`` (or raise SiteError)."""
     x_val = env[site.hidden]
     batch, seq = env[site.core.query].shape[0], env[site.core.query].shape[2]
-    w_k, b_k = _affine_map(gm, site, env, site.key_raw, batch, seq)
-    w_v, b_v = _affine_map(gm, site, env, site.value_head, batch, seq)
     dtype = x_val.dtype
+    if site.key_norm is None:
+        w_k, b_k = _affine_map(gm, site, env, site.key_raw, batch, seq)
+    else:
+        w_k, b_k = _normed_key(gm, site, env, batch, seq)
+    w_v, b_v = _affine_map(gm, site, env, site.value_head, batch, seq)
     site.weights = SiteWeights(
         w_key=w_k.to(dtype), b_key=None if b_k is None else b_k.to(dtype),
         w_value=w_v.to(dtype), b_value=None if b_v is None else b_v.to(dtype))
@@ -73,12 +85,15 @@ def layout_of(site_val: torch.Tensor, batch: int, seq: int) -> str:
     return _layout_of(site_val, batch, seq)
 
 
-def _affine_map(gm, site, env, target: fx.Node, batch: int, seq: int):
-    """W [Hkv, Dout, D], b [Hkv, Dout] | None of the affine path hidden → target (BHSD or BSHD)."""
+def _affine_map(gm, site, env, target: fx.Node, batch: int, seq: int, heads_fn=None):
+    """W [Hkv, Dout, D], b [Hkv, Dout] | None of the affine path hidden → target (BHSD or BSHD,
+    or any layout ``heads_fn`` maps to BHSD)."""
     nodes = G.region(site.hidden, target)
     x_rec = env[site.hidden]
     d = x_rec.shape[-1]
-    layout = layout_of(env[target], batch, seq)
+    if heads_fn is None:
+        layout = layout_of(env[target], batch, seq)
+        heads_fn = lambda t: to_heads(t, layout)  # noqa: E731
     wide = torch.float64
 
     def cast(v):
@@ -89,7 +104,7 @@ def _affine_map(gm, site, env, target: fx.Node, batch: int, seq: int):
             out = G.run_region(gm, nodes, env, {site.hidden: x}, cast=cast)[target]
         except Exception as e:  # an op that cannot run on a probe is not affine in our sense
             raise SiteError(site.layer, target.name, f"path from '{site.hidden.name}' could not be probed: {e}") from e
-        return to_heads(out, layout)  # [B, Hkv, S, Dout]
+        return heads_fn(out)  # [B, Hkv, S, Dout]
 
     tokens = batch * seq
     zero = torch.zeros(x_rec.shape, dtype=wide)
@@ -106,7 +121,7 @@ def _affine_map(gm, site, env, target: fx.Node, batch: int, seq: int):
     w = torch.cat(cols).permute(1, 2, 0).contiguous()     # [Hkv, Dout, D]
     # verify on the recorded hidden state (fp32 recompute, relative tolerance)
     recomputed = torch.einsum("hod,bsd->bhso", w, x_rec.to(wide)) + bias[None, :, None, :]
-    reference = to_heads(env[target], layout).to(wide)
+    reference = heads_fn(env[target]).to(wide)
     err = (recomputed - reference).abs().max().item()
     tol = 1e-4 * max(1.0, reference.abs().max().item())
     if err > tol:
@@ -114,6 +129,40 @@ def _affine_map(gm, site, env, target: fx.Node, batch: int, seq: int):
                         f"(reconstruction error {err:.2e}); q/k normalisation is not supported yet")
     has_bias = bias.abs().max().item() > 0
     return w, (bias if has_bias else None)
+
+
+def _normed_key(gm, site, env, batch, seq):
+    """k = w ⊙ t·rsqrt(mean(t²)+eps), t = A·x + a: returns w⊙A, w⊙a and records A, a, eps."""
+    norm = site.key_norm
+    n_kv, dh = site.n_kv_heads, site.head_dim
+
+    def heads(t):
+        if norm.group == "all":
+            t = t.reshape(*t.shape[:2], n_kv, dh)
+            return t.transpose(1, 2)
+        return to_heads(t, layout_of(t, batch, seq))
+
+    a_w, a_b = _affine_map(gm, site, env, norm.norm_in, batch, seq, heads_fn=heads)
+    ones = torch.ones_like(env[norm.norm_in])
+    f_ones = G.run_region(gm, G.region(norm.norm_in, norm.norm_out), env, {norm.norm_in: ones})[norm.norm_out]
+    weight = (heads(f_ones)[0, :, 0, :].double() * (1.0 + norm.eps) ** 0.5)          # [Hkv, Dh]
+    # verify the whole normalised key on the recorded run
+    x = env[site.hidden].double()
+    t = torch.einsum("hod,bsd->bhso", a_w, x) + (0 if a_b is None else a_b[None, :, None, :])
+    ms = t.pow(2).mean(-1, keepdim=True) if norm.group == "head" else t.pow(2).mean((1, 3), keepdim=True)
+    recon = weight[None, :, None, :] * t * torch.rsqrt(ms + norm.eps)
+    key_layout = layout_of(env[site.key_raw], batch, seq)
+    ref = to_heads(env[site.key_raw], key_layout).double()
+    err = (recon - ref).abs().max().item()
+    if err > 1e-4 * max(1.0, ref.abs().max().item()):
+        raise SiteError(site.layer, norm.norm_out.name, f"key normalisation is not w·t·rsqrt(mean(t²)+eps) "
+                        f"(reconstruction error {err:.2e})")
+    dtype = env[site.hidden].dtype
+    site.key_norm_weights = KeyNormWeights(full_weight=a_w.to(dtype), full_bias=None if a_b is None else a_b.to(dtype),
+                                           eps=norm.eps, group=norm.group)
+    w_k = weight[:, :, None] * a_w
+    b_k = None if a_b is None else weight * a_b
+    return w_k, b_k
 
 
 def _probe_rope(gm, site, env, raw: fx.Node, head: fx.Node, nodes: list[fx.Node], batch, seq) -> RopeLayout:

@@ -9,7 +9,7 @@ Per site, in a copy of the captured graph::
 ``out`` replaces the core's output; the old k/v projections, repeat_kv and the core become
 dead and are removed. With ``with_cache=True`` the program gains inputs ``attention_mask
 [B, T+S]`` and per site ``past_latent [B, T, C]`` (+ ``past_rope_key [B, Hkv, T, R]`` where
-RoPE is kept) and returns ``(logits, present...)`` in the same order. Its mask is causal over
+RoPE is kept, + ``past_key_scale [B, G, T]`` where k is RMS-normalised) and returns ``(logits, present...)`` in the same order. Its mask is causal over
 the cache plus padding from ``attention_mask`` (the model's own mask computation, which only
 knows the current tokens, becomes dead code).
 """
@@ -32,7 +32,7 @@ MODULES = "mla"
 class CacheTensor:
     name: str        # "past_key_values.{i}.latent" | "past_key_values.{i}.rope_key"
     site: int
-    kind: str        # "latent" | "rope_key"
+    kind: str        # "latent" | "rope_key" | "key_scale"
 
 
 class CacheMask(torch.nn.Module):
@@ -61,8 +61,7 @@ def rewrite(gm: fx.GraphModule, sites: list[AttentionSite], modules: dict[int, L
         for site in sites:
             if site.index not in modules:
                 continue
-            kinds = ["latent"] + (["rope_key"] if modules[site.index].rope_key is not None else [])
-            for kind in kinds:
+            for kind in modules[site.index].plan.cache_kinds:
                 with graph.inserting_after(last):
                     last = graph.placeholder(f"past_{site.index}_{kind}")
                 cache_nodes[(site.index, kind)] = last
@@ -87,15 +86,12 @@ def rewrite(gm: fx.GraphModule, sites: list[AttentionSite], modules: dict[int, L
                 key_rope = copied[m(site.key_head)]
             mask = mask_node if with_cache else (m(site.core.mask) if site.core.mask is not None else None)
             args = (m(site.hidden), m(site.query_raw), m(site.core.query), key_rope, mask)
-            if with_cache:
-                past_rope = cache_nodes.get((site.index, "rope_key"))
-                args += (cache_nodes[(site.index, "latent")], past_rope)
+            kinds = module.plan.cache_kinds if with_cache else []
+            args += tuple(cache_nodes[(site.index, kind)] for kind in kinds)
             call = graph.call_module(f"{MODULES}.{site.index}", args)
             if with_cache:
                 out = graph.call_function(operator.getitem, (call, 0))
-                presents.append(graph.call_function(operator.getitem, (call, 1)))
-                if past_rope is not None:
-                    presents.append(graph.call_function(operator.getitem, (call, 2)))
+                presents += [graph.call_function(operator.getitem, (call, 1 + k)) for k in range(len(kinds))]
             else:
                 out = call
         core_out.replace_all_uses_with(out)

@@ -30,6 +30,9 @@ FAMILIES = {
                                 ffn_dim=128, word_embed_proj_dim=64), "none"),
     "cohere": (lambda: T.CohereConfig(**KW, num_key_value_heads=2), "interleaved"),
     "phi": (lambda: T.PhiConfig(**KW, partial_rotary_factor=0.5), "partial-half"),
+    # RMS-normalised keys before RoPE: the per-token scale is cached beside the latent
+    "qwen3": (lambda: T.Qwen3Config(**KW, num_key_value_heads=2, head_dim=16), "half"),       # per head
+    "olmo2": (lambda: T.Olmo2Config(**KW, num_key_value_heads=2), "half"),                    # whole projection
 }
 
 
@@ -60,7 +63,6 @@ def test_unlisted_family_is_exact(name):
 
 
 @pytest.mark.parametrize("name, factory, reason", [
-    ("olmo2", lambda: T.Olmo2Config(**KW, num_key_value_heads=2), "not affine"),             # k norm over all heads
     ("bloom", lambda: T.BloomConfig(vocab_size=128, hidden_size=64, n_layer=2, n_head=4), "aten.where"),  # ALiBi
 ])
 def test_unsupported_families_are_refused_with_a_reason(name, factory, reason):
@@ -73,3 +75,34 @@ def test_unsupported_families_are_refused_with_a_reason(name, factory, reason):
     with torch.no_grad():
         assert torch.allclose(mla(ids), model(ids).logits, atol=1e-5)
     assert mla.generate(ids, max_new_tokens=3, eos_token_id=None).shape == (1, 9)   # recomputes, no cache
+
+
+@pytest.mark.parametrize("name, groups", [("qwen3", 2), ("olmo2", 1)])
+def test_key_norm_scale_is_cached_and_absorbed_exactly(name, groups):
+    """Reduced rank with RMS-normalised keys: absorbed decode == decompressed == full forward,
+    and the cache carries one scale per kv head (Qwen3) or per token (OLMo2)."""
+    model = _model(FAMILIES[name][0])
+    mla = mla_pass.convert(model, mla_pass.MLAConfig(d_kv=4, rope_freqs=2), progress=False)
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(5))
+    follow = torch.randint(0, 128, (2, 3), generator=torch.Generator().manual_seed(6))
+    runs = {}
+    for form in ("absorbed", "decompressed"):
+        mla.set_form(form)
+        mask = torch.ones(2, 7, dtype=torch.long)
+        logits, *cache = mla.step_with_cache(ids, mask, mla.empty_cache(2))
+        outs = [logits]
+        for i in range(follow.shape[1]):
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+            logits, *cache = mla.step_with_cache(follow[:, i:i + 1], mask, cache)
+            outs.append(logits)
+        runs[form] = torch.cat(outs, dim=1)
+    mla.set_form("auto")
+    with torch.no_grad():
+        full = mla(torch.cat([ids, follow], dim=1))
+    for form, got in runs.items():
+        err = (got - full).abs().max().item()
+        assert err <= 1e-4, f"{name} {form} cached decode vs full forward: {err:.2e} > 1e-4"
+    assert mla.plans[0].cache_kinds == ["latent", "rope_key", "key_scale"]
+    scale = cache[2]
+    assert tuple(scale.shape) == (2, groups, 10)
+    assert mla.kv_cache_bytes_per_token(torch.float16) == 2 * (2 * 4 + 2 * 4 + groups) * 2

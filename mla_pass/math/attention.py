@@ -47,12 +47,14 @@ def decompressed_attention(q_nope_BHSN, q_rope_BHSR, k_nope_BHkvTN, k_rope_BHkvT
 
 def absorbed_attention(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_BHkvTR, up_key_HkvNC, up_value_HkvVC,
                        b_value_HkvV, kv_head_of_query, scale: float, mask=None, is_causal=False, softcap=None,
-                       b_key_HkvN=None):
+                       b_key_HkvN=None, key_scale_BHkvT=None):
     up_key_HNC = up_key_HkvNC.index_select(0, kv_head_of_query)
     q_latent_BHSC = torch.einsum("bhsn,hnc->bhsc", q_nope_BHSN, up_key_HNC)
     scores = torch.einsum("bhsc,btc->bhst", q_latent_BHSC, latent_BTC)
     if b_key_HkvN is not None:
         scores = scores + (q_nope_BHSN * b_key_HkvN.index_select(0, kv_head_of_query)[None, :, None, :]).sum(-1, keepdim=True)
+    if key_scale_BHkvT is not None:        # RMS-normalised keys: k_nope_t = s_t·(W_uk c_t + b)
+        scores = scores * expand_kv(key_scale_BHkvT, kv_head_of_query)[:, :, None, :]
     if k_rope_BHkvTR.shape[-1]:
         scores = scores + q_rope_BHSR @ expand_kv(k_rope_BHkvTR, kv_head_of_query).transpose(-1, -2)
     probs = attention_probs_apply(scores * scale, mask, is_causal, softcap).to(latent_BTC.dtype)
