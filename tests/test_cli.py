@@ -1,0 +1,41 @@
+"""The CLI on a tiny Hugging Face folder: inspect, convert (saves), inspect the saved folder."""
+import pytest
+
+from helpers import tiny_llama
+from mla_pass.cli import main
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf") / "tiny-llama"
+    tiny_llama().save_pretrained(str(path))
+    return path
+
+
+def test_inspect_hf_folder(hf_dir, capsys):
+    assert main(["inspect", str(hf_dir)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("self_attn") == 2
+    assert "2 attention sites; original KV cache 256 bytes/token in fp16" in out
+
+
+def test_convert_then_inspect_saved(hf_dir, tmp_path, capsys):
+    out_dir = tmp_path / "mla"
+    assert main(["convert", str(hf_dir), "--out", str(out_dir), "--d-kv", "4", "--rope-freqs", "2"]) == 0
+    printed = capsys.readouterr().out
+    # per layer: 2 kv heads × 4 latent + 2 kv heads × 4 rope dims = 16 values → 2 layers × 16 × 2 bytes
+    assert "KV cache 256 → 64 bytes/token in fp16 (75.00% smaller)" in printed
+    assert (out_dir / "model.safetensors").is_file() and (out_dir / "mla_config.json").is_file()
+    assert main(["inspect", str(out_dir)]) == 0
+    assert "converted cache 64 bytes/token (75.00% smaller)" in capsys.readouterr().out
+
+
+def test_bad_model_path(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="neither"):
+        main(["inspect", str(tmp_path / "nowhere")])
+
+
+def test_bad_rank_is_a_clean_error(hf_dir, tmp_path, capsys):
+    assert main(["convert", str(hf_dir), "--out", str(tmp_path / "x"), "--d-kv", "999"]) == 2
+    assert "above the full rank" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
