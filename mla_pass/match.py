@@ -199,7 +199,7 @@ def _untranspose_last_two(kt: fx.Node) -> fx.Node | None:
         dims = {d % 4 for d in kt.args[1:3]}
         if dims == {2, 3}:
             return kt.args[0]
-    if kt.target is aten.permute.default and list(kt.args[1])[-2:] in ([0, 1, 3, 2][-2:], [3, 2]):
+    if kt.target is aten.permute.default and [d % 4 for d in kt.args[1]] == [0, 1, 3, 2]:
         return kt.args[0]
     return None
 

@@ -1,8 +1,6 @@
 """The converted model: forward, greedy generation over the latent cache, save/load."""
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -18,9 +16,7 @@ from .rewrite import CacheTensor
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "mla_config.json"
+CONFIG_FILE = "mla_config.json"     # marks a folder written by MLAModel.save
 
 
 @dataclass
@@ -219,14 +215,3 @@ class MLAModel(nn.Module):
         from .persist import save_model
         return save_model(self, Path(path))
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _json_dump(obj, path: Path) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True))

@@ -7,16 +7,19 @@ weights file, so a truncated or edited checkpoint is refused instead of loading 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from .config import MLAConfig
 from .latent_attention import SitePlan
-from .model import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, MLAModel, _json_dump, _sha256
+from .model import CONFIG_FILE, MLAModel
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
 
 
 class CheckpointError(ValueError):
@@ -149,4 +152,15 @@ def _rebuild_source(source: dict) -> torch.nn.Module:
     return model.eval()
 
 
-__all__ = ["load", "save_model", "CheckpointError", "asdict"]
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _json_dump(obj, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)

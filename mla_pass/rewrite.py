@@ -4,14 +4,19 @@ Per site, in a copy of the captured graph::
 
     key_rope_full = mla.{i}.rope_key(x)                       # only the kept rotated dims
     key_rope      = <copy of the model's RoPE region>(key_rope_full)
-    out_BHSDv     = mla.{i}(x, query_raw, query, key_rope, mask[, past_latent, past_rope_key])
+    out_BHSDv     = mla.{i}(x, query_raw, query, key_rope, mask[, *past])
 
 ``out`` replaces the core's output; the old k/v projections, repeat_kv and the core become
 dead and are removed. With ``with_cache=True`` the program gains inputs ``attention_mask
 [B, T+S]`` and per site ``past_latent [B, T, C]`` (+ ``past_rope_key [B, Hkv, T, R]`` where
-RoPE is kept, + ``past_key_scale [B, G, T]`` where k is RMS-normalised) and returns ``(logits, present...)`` in the same order. Its mask is causal over
-the cache plus padding from ``attention_mask`` (the model's own mask computation, which only
-knows the current tokens, becomes dead code).
+RoPE is kept, + ``past_key_scale [B, G, T]`` where k is RMS-normalised) and returns
+``(logits, *present)`` in the same order. Its mask is causal over the cache plus padding from
+``attention_mask`` (the model's own mask computation, which only knows the current tokens,
+becomes dead code).
+
+Guarantee: at full rank with every rotary pair kept the program computes the original
+function (tests: ≤ 1e-4 on fp32 logits); otherwise the error is the one the plan's rank and
+kept pairs imply. Sites that ``match`` refused are not touched.
 """
 from __future__ import annotations
 
