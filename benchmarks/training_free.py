@@ -49,6 +49,11 @@ def main() -> None:
         ("partial RoPE only, r=16, high", MLAConfig(rope_freqs=16)),
         ("MHA2MLA recipe, d_kv=32, r=4", MLAConfig.mha2mla(32, 4)),
         ("MHA2MLA recipe, d_kv=8, r=4", MLAConfig.mha2mla(8, 4)),
+        ("2-norm + activation-aware SVD, d_kv=32, r=4", MLAConfig(d_kv=32, rope_freqs=4, rope_strategy="2-norm",
+                                                                 activation_aware=True)),
+        ("2-norm + activation-aware SVD, d_kv=8, r=4", MLAConfig(d_kv=8, rope_freqs=4, rope_strategy="2-norm",
+                                                                activation_aware=True)),
+        ("high r=12 + activation-aware SVD, d_kv=16", MLAConfig(d_kv=16, rope_freqs=12, activation_aware=True)),
     ]
     for name, cfg in recipes:
         t0 = time.perf_counter()

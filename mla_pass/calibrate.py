@@ -1,11 +1,14 @@
 """Run the captured program on calibration tokens and collect per-site statistics.
 
 Observers are spliced into a copy of the graph after the nodes of interest (no model hooks),
-reduce each batch to running sums, and keep nothing else, so memory stays bounded.
+reduce each batch to running sums, and keep nothing else, so memory stays bounded:
+- rotary pair norms of the raw (pre-RoPE) q and k, for ``rope_strategy="2-norm"``;
+- the Gram matrix Σ x xᵀ of the K/V projections' input, for activation-aware SVD.
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -15,6 +18,19 @@ from .math.rope import pair_norms
 from .match import AttentionSite
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SiteStats:
+    query_pair_norms: torch.Tensor | None = None     # [H, P], mean over tokens
+    key_pair_norms: torch.Tensor | None = None       # [Hkv, P]
+    gram: torch.Tensor | None = None                 # [D, D] float64, mean of x xᵀ
+    tokens: int = 0
+
+
+@dataclass
+class CalibrationStats:
+    sites: dict[int, SiteStats] = field(default_factory=dict)
 
 
 class _PairNormObserver(torch.nn.Module):
@@ -36,40 +52,66 @@ class _PairNormObserver(torch.nn.Module):
         return self.total / max(self.tokens, 1)
 
 
-def rope_pair_norms(gm: fx.GraphModule, sites: list[AttentionSite], layouts: dict, tokens: torch.Tensor,
-                    takes_positions: bool, batch_size: int = 4, progress: bool = True) -> dict:
-    """{site index: (mean ‖q^(k)‖ [H, P], mean ‖k^(k)‖ [Hkv, P])} on raw (pre-RoPE) projections."""
-    tokens = _as_batches(tokens)
+class _GramObserver(torch.nn.Module):
+    """Accumulates Σ x xᵀ (float64) of a [B, S, D] input, passes it through."""
+
+    def __init__(self):
+        super().__init__()
+        self.total, self.tokens = None, 0
+
+    def forward(self, x):
+        flat = x.detach().reshape(-1, x.shape[-1]).double()
+        g = flat.T @ flat
+        self.total = g if self.total is None else self.total + g
+        self.tokens += flat.shape[0]
+        return x
+
+
+def collect(gm: fx.GraphModule, sites: list[AttentionSite], layouts: dict, tokens, takes_positions: bool, *,
+            rope_norms: bool, gram: bool, batch_size: int = 4, progress: bool = True) -> CalibrationStats:
+    tokens = as_token_batches(tokens)
     probe, mapping = clone_graph_module(gm)
-    observers = {}
+    observers: dict[tuple[int, str], torch.nn.Module] = {}
+
+    def observe(site, kind, node, obs):
+        target = mapping[node]
+        name = f"_mla_observer_{site.index}_{kind}"
+        probe.add_submodule(name, obs)
+        with probe.graph.inserting_after(target):
+            new = probe.graph.call_module(name, (target,))
+        target.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+        observers[(site.index, kind)] = obs
+
     for site in sites:
-        if not site.rope.pairs:
-            continue
-        for kind, node in (("query", site.query_raw), ("key", site.key_raw)):
-            target = mapping[node]
-            obs = _PairNormObserver(site.rope.pairs, layouts[site.index][kind])
-            name = f"_mla_observer_{site.index}_{kind}"
-            probe.add_submodule(name, obs)
-            with probe.graph.inserting_after(target):
-                new = probe.graph.call_module(name, (target,))
-            target.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
-            observers[(site.index, kind)] = obs
+        if rope_norms and site.rope.pairs:
+            observe(site, "query", site.query_raw, _PairNormObserver(site.rope.pairs, layouts[site.index]["query"]))
+            observe(site, "key", site.key_raw, _PairNormObserver(site.rope.pairs, layouts[site.index]["key"]))
+        if gram:
+            observe(site, "gram", site.hidden, _GramObserver())
     probe.recompile()
     from tqdm.auto import tqdm
-    batches = list(torch.split(tokens, batch_size))
     device = next(gm.parameters()).device
     with torch.no_grad():
-        for batch in tqdm(batches, desc="calibrating", disable=not progress, leave=False):
+        for batch in tqdm(list(torch.split(tokens, batch_size)), desc="calibrating", disable=not progress, leave=False):
             batch = batch.to(device)
             args = (batch,)
             if takes_positions:
                 args += (torch.arange(batch.shape[1], device=device).expand_as(batch).contiguous(),)
             probe(*args)
-    return {s.index: (observers[(s.index, "query")].mean(), observers[(s.index, "key")].mean())
-            for s in sites if (s.index, "query") in observers}
+    stats = CalibrationStats()
+    for site in sites:
+        s = SiteStats()
+        if (site.index, "query") in observers:
+            s.query_pair_norms = observers[(site.index, "query")].mean()
+            s.key_pair_norms = observers[(site.index, "key")].mean()
+        if (site.index, "gram") in observers:
+            obs = observers[(site.index, "gram")]
+            s.gram, s.tokens = obs.total / max(obs.tokens, 1), obs.tokens
+        stats.sites[site.index] = s
+    return stats
 
 
-def _as_batches(tokens) -> torch.Tensor:
+def as_token_batches(tokens) -> torch.Tensor:
     t = torch.as_tensor(tokens)
     if t.dim() == 1:
         t = t[None]

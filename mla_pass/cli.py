@@ -59,7 +59,7 @@ def cmd_inspect(args) -> int:
 def _config_from_args(args):
     from .config import MLAConfig
     return MLAConfig(d_kv=args.d_kv, rope_freqs=args.rope_freqs, rope_strategy=args.rope_strategy,
-                     svd=args.svd, best_effort=args.best_effort)
+                     svd=args.svd, activation_aware=args.activation_aware, best_effort=args.best_effort)
 
 
 def _calibration_tokens(tokenizer, cache_dir, windows: int = 8, length: int = 512):
@@ -144,6 +144,8 @@ def _add_mla_options(p):
     p.add_argument("--rope-freqs", type=int, default=None, help="rotary pairs kept per head (default: all)")
     p.add_argument("--rope-strategy", default="high", choices=["high", "low", "uniform", "2-norm"])
     p.add_argument("--svd", default="joint", choices=["joint", "split"])
+    p.add_argument("--activation-aware", action="store_true",
+                   help="factorise on calibration activations (8 × 512 tokens of alice29.txt)")
     p.add_argument("--best-effort", action="store_true", help="leave unsupported sites untouched instead of failing")
 
 

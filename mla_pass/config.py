@@ -21,17 +21,22 @@ class MLAConfig:
             tokens, per layer and kv head, as in MHA2MLA; needs ``calibration=``).
         svd: ``"joint"`` factorises [W_k_nope; W_v] together; ``"split"`` factorises them
             separately with half the latent each.
+        activation_aware: factorise to minimise ‖(W − Ŵ)·X‖ on calibration activations X instead
+            of ‖W − Ŵ‖ (needs ``calibration=``); still exact at full rank.
+        damping: ridge added to the activation covariance, relative to its mean diagonal.
         best_effort: leave sites that cannot be rewritten exactly untouched (with a warning and
             a line in the report) instead of raising.
 
     Example:
         >>> MLAConfig(d_kv=16, rope_freqs=4, rope_strategy="high")
-        MLAConfig(d_kv=16, rope_freqs=4, rope_strategy='high', svd='joint', best_effort=False)
+        MLAConfig(d_kv=16, rope_freqs=4, rope_strategy='high', svd='joint', activation_aware=False, damping=0.01, best_effort=False)
     """
     d_kv: int | None = None
     rope_freqs: int | None = None
     rope_strategy: str = "high"
     svd: str = "joint"
+    activation_aware: bool = False
+    damping: float = 1e-2
     best_effort: bool = False
 
     def __post_init__(self):
@@ -44,21 +49,27 @@ class MLAConfig:
                              f"to keep all, got {self.rope_freqs!r}")
         if self.rope_strategy not in ROPE_STRATEGIES:
             raise ValueError(f"rope_strategy must be one of {ROPE_STRATEGIES}, got {self.rope_strategy!r}")
+        if not (isinstance(self.damping, (int, float)) and self.damping >= 0):
+            raise ValueError(f"damping must be a non-negative number, got {self.damping!r}")
         if self.svd not in SVD_MODES:
             raise ValueError(f"svd must be one of {SVD_MODES}, got {self.svd!r}")
 
     @classmethod
     def mha2mla(cls, d_kv: int, rope_freqs: int = 4) -> "MLAConfig":
         """The published MHA2MLA recipe: 2-norm frequency selection + weight-only joint SVD."""
-        return cls(d_kv=d_kv, rope_freqs=rope_freqs, rope_strategy="2-norm", svd="joint")
+        return cls(d_kv=d_kv, rope_freqs=rope_freqs, rope_strategy="2-norm", svd="joint", activation_aware=False)
 
     @property
     def is_exact(self) -> bool:
         return self.d_kv is None and self.rope_freqs is None
 
     @property
-    def needs_calibration(self) -> bool:
+    def needs_rope_statistics(self) -> bool:
         return self.rope_strategy == "2-norm" and self.rope_freqs is not None
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.needs_rope_statistics or self.activation_aware
 
     def to_dict(self) -> dict:
         return asdict(self)

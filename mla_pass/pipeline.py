@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import graph as G
-from .calibrate import rope_pair_norms
+from .calibrate import collect
 from .capture import Captured, capture
 from .config import MLAConfig
 from .latent_attention import LatentAttention, SitePlan
@@ -110,9 +110,15 @@ def convert(model: nn.Module, config: MLAConfig | None = None, calibration: torc
     if isinstance(model, MLAModel):
         raise ValueError("this model is already converted; convert the original model instead")
     if config.needs_calibration and calibration is None:
-        raise ValueError("rope_strategy='2-norm' ranks rotary frequencies on real activations: pass "
-                         "calibration=token_ids (e.g. a few 512-token windows of text)")
+        what = "rope_strategy='2-norm'" if config.needs_rope_statistics else "activation_aware=True"
+        raise ValueError(f"{what} needs real activations: pass calibration=token_ids (e.g. a few 512-token "
+                         "windows of text)")
+    if calibration is not None:
+        from .calibrate import as_token_batches
+        calibration = as_token_batches(calibration)
     captured = capture(model)
+    if calibration is not None and int(calibration.max()) >= captured.vocab_size:
+        raise ValueError(f"calibration token ids must be below the vocabulary size {captured.vocab_size}")
     return build(captured, config, calibration=calibration, progress=progress)
 
 
@@ -130,10 +136,11 @@ def build(captured: Captured, config: MLAConfig, *, calibration=None, plans: dic
         warnings.warn(f"left untouched: {e}", stacklevel=2)
     layouts = {s.index: site_layouts(captured, s) for s in sites}
     initialise_weights = plans is None or not from_checkpoint
+    stats = None
+    if plans is None and config.needs_calibration:
+        stats = collect(captured.gm, sites, layouts, calibration, captured.takes_positions,
+                        rope_norms=config.needs_rope_statistics, gram=config.activation_aware, progress=progress)
     if plans is None:
-        stats = None
-        if config.needs_calibration:
-            stats = rope_pair_norms(captured.gm, sites, layouts, calibration, captured.takes_positions, progress=progress)
         try:
             plans = {s.index: plan_site(s, config, stats, layouts[s.index]) for s in sites}
         except PlanError as e:
@@ -145,7 +152,8 @@ def build(captured: Captured, config: MLAConfig, *, calibration=None, plans: dic
     for site in sites:
         module = LatentAttention(plans[site.index]).to(captured.env[site.hidden].dtype)
         if initialise_weights:
-            initialise(module, site)
+            gram = stats.sites[site.index].gram if stats is not None and config.activation_aware else None
+            initialise(module, site, gram=gram, damping=config.damping)
         modules[str(site.index)] = module
     root = captured.gm
     root.add_module(MODULES, modules)

@@ -23,11 +23,11 @@ def plan_site(site: AttentionSite, config: MLAConfig, stats: dict | None, layout
                         f"{site.layer} rotates per head; use at most {n_pairs} (or None to keep all)")
     scores = None
     if config.rope_strategy == "2-norm" and keep < n_pairs:
-        if stats is None or site.index not in stats:
+        site_stats = stats.sites.get(site.index) if stats is not None else None
+        if site_stats is None or site_stats.query_pair_norms is None:
             raise PlanError("rope_strategy='2-norm' ranks frequencies on real activations: pass calibration "
                             "token ids to convert(..., calibration=ids)")
-        q_norms, k_norms = stats[site.index]
-        scores = two_norm_scores(q_norms, k_norms, site.kv_head_of_query)
+        scores = two_norm_scores(site_stats.query_pair_norms, site_stats.key_pair_norms, site.kv_head_of_query)
     chosen = select_pairs(config.rope_strategy, rope.speeds, keep, site.n_kv_heads, scores)
     rope_dims = [sorted(d for k in pairs for d in rope.pairs[k]) for pairs in chosen]
     rows_key = site.n_kv_heads * (site.head_dim - 2 * keep)
@@ -55,14 +55,16 @@ def plan_site(site: AttentionSite, config: MLAConfig, stats: dict | None, layout
 
 
 @torch.no_grad()
-def initialise(module: LatentAttention, site: AttentionSite) -> None:
-    """Fill a module's weights from the site's pretrained K/V projections (SVD)."""
+def initialise(module: LatentAttention, site: AttentionSite, gram: torch.Tensor | None = None,
+               damping: float = 1e-2) -> None:
+    """Fill a module's weights from the site's pretrained K/V projections (SVD; activation-aware
+    when ``gram``, the mean x·xᵀ of the projections' input, is given)."""
     p, w = module.plan, site.weights
     rope_dims = module.rope_dims                                   # [Hkv, R]
     nope_dims = module.nope_dims                                   # [Hkv, N]
     idx = lambda t, dims: torch.stack([t[j, dims[j]] for j in range(p.n_kv_heads)])  # noqa: E731
     w_key_nope = idx(w.w_key, nope_dims)                           # [Hkv, N, D]
-    low = factorize_kv(w_key_nope, w.w_value, p.latent_dim, p.svd)
+    low = factorize_kv(w_key_nope, w.w_value, p.latent_dim, p.svd, gram=gram, damping=damping)
     module.down.copy_(low.down)
     module.up_key.copy_(low.up_key)
     module.up_value.copy_(low.up_value)

@@ -62,6 +62,16 @@ def test_two_norm_needs_calibration(model):
         mla_pass.convert(model, MLAConfig(rope_freqs=2, rope_strategy="2-norm"))
 
 
+def test_activation_aware_needs_calibration(model):
+    with pytest.raises(ValueError, match="activation_aware=True needs real activations"):
+        mla_pass.convert(model, MLAConfig(d_kv=8, activation_aware=True))
+
+
+def test_calibration_ids_beyond_vocabulary(model):
+    with pytest.raises(ValueError, match="below the vocabulary size 128"):
+        mla_pass.convert(model, MLAConfig(d_kv=8, activation_aware=True), calibration=torch.full((2, 8), 500))
+
+
 def test_bad_calibration_tokens(model):
     with pytest.raises(ValueError, match="calibration must be"):
         mla_pass.convert(model, MLAConfig(rope_freqs=2, rope_strategy="2-norm"), calibration=torch.rand(4, 8))

@@ -611,3 +611,14 @@ def test_svd_split_full_rank_exact_hf_neox():
     mla = mla_pass.convert(model, MLAConfig(svd="split"), progress=False)
     ids = prompt((2, 7), VOCAB)
     assert_close(mla(ids), hf_logits(model, ids), "gpt-neox svd=split full rank")
+
+
+@pytest.mark.parametrize("svd", ["joint", "split"])
+def test_activation_aware_full_rank_is_exact(svd):
+    model = TinyDecoder(TinyConfig(layers=2, qkv_bias=True))
+    calibration = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    mla = mla_pass.convert(model, MLAConfig(activation_aware=True, svd=svd), calibration=calibration, progress=False)
+    ids = prompt((2, 7), 64)
+    with torch.no_grad():
+        err = (mla(ids) - model(ids)).abs().max().item()
+    assert err <= 1e-4, f"activation-aware {svd} full rank: max |Δlogits| {err:.2e} > 1e-4"

@@ -69,3 +69,34 @@ def test_absorbed_equals_decompressed(softcap):
     out = absorbed_attention(q_nope, q_rope, latent, k_rope, up_k, up_v, b_v, kv_map, 0.3, mask, softcap=softcap,
                              b_key_HkvN=b_k)
     assert (ref - out).abs().max() < 1e-4
+
+
+def _activations(d=40, n=400, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g) * torch.logspace(0, -2, d)      # anisotropic, like real activations
+    return torch.randn(n, d, generator=g) @ mix.T
+
+
+@pytest.mark.parametrize("mode", ["joint", "split"])
+def test_activation_aware_is_exact_at_full_rank(mode):
+    g = torch.Generator().manual_seed(1)
+    wk, wv = torch.randn(2, 6, 40, generator=g), torch.randn(2, 8, 40, generator=g)
+    x = _activations().double()
+    low = factorize_kv(wk, wv, full_latent_dim(12, 16, 40, mode), mode, gram=x.T @ x / len(x))
+    assert (torch.einsum("jnc,cd->jnd", low.up_key, low.down) - wk).abs().max() < 1e-4
+    assert (torch.einsum("jvc,cd->jvd", low.up_value, low.down) - wv).abs().max() < 1e-4
+
+
+def test_activation_aware_beats_weight_only_on_the_activations():
+    g = torch.Generator().manual_seed(2)
+    wk, wv = torch.randn(2, 6, 40, generator=g), torch.randn(2, 8, 40, generator=g)
+    x = _activations()
+    w = torch.cat([wk.reshape(-1, 40), wv.reshape(-1, 40)])
+
+    def output_error(low):
+        rec = torch.cat([low.up_key.reshape(-1, 8), low.up_value.reshape(-1, 8)]) @ low.down
+        return ((w - rec) @ x.T).norm().item()
+
+    plain = output_error(factorize_kv(wk, wv, 8))
+    aware = output_error(factorize_kv(wk, wv, 8, gram=(x.T @ x / len(x)).double(), damping=1e-4))
+    assert aware < 0.8 * plain, (aware, plain)

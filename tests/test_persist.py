@@ -12,7 +12,9 @@ from helpers import tiny_llama, tiny_qwen2
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     model = tiny_qwen2()
-    mla = mla_pass.convert(model, mla_pass.MLAConfig(d_kv=8, rope_freqs=3))
+    calibration = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    mla = mla_pass.convert(model, mla_pass.MLAConfig(d_kv=8, rope_freqs=3, rope_strategy="2-norm",
+                                                     activation_aware=True), calibration=calibration)
     path = tmp_path_factory.mktemp("ckpt") / "qwen2-mla"
     mla.save(path)
     return mla, path
