@@ -19,6 +19,8 @@ _EXPORTS = {
     "UnsupportedAttentionError": "mla_pass.pipeline",
     "NoAttentionError": "mla_pass.pipeline",
     "CheckpointError": "mla_pass.persist",
+    "recover": "mla_pass.recovery",
+    "RecoveryConfig": "mla_pass.recovery",
 }
 
 __all__ = sorted(_EXPORTS)
