@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from .graph import clone_graph_module
+from .graph import clone_graph_module, insert_observer, run_on_tokens
 from .math.rope import pair_norms
 from .match import AttentionSite
 
@@ -74,12 +74,7 @@ def collect(gm: fx.GraphModule, sites: list[AttentionSite], layouts: dict, token
     observers: dict[tuple[int, str], torch.nn.Module] = {}
 
     def observe(site, kind, node, obs):
-        target = mapping[node]
-        name = f"_mla_observer_{site.index}_{kind}"
-        probe.add_submodule(name, obs)
-        with probe.graph.inserting_after(target):
-            new = probe.graph.call_module(name, (target,))
-        target.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+        insert_observer(probe, mapping[node], f"_mla_observer_{site.index}_{kind}", obs)
         observers[(site.index, kind)] = obs
 
     for site in sites:
@@ -89,15 +84,7 @@ def collect(gm: fx.GraphModule, sites: list[AttentionSite], layouts: dict, token
         if gram:
             observe(site, "gram", site.hidden, _GramObserver())
     probe.recompile()
-    from tqdm.auto import tqdm
-    device = next(gm.parameters()).device
-    with torch.no_grad():
-        for batch in tqdm(list(torch.split(tokens, batch_size)), desc="calibrating", disable=not progress, leave=False):
-            batch = batch.to(device)
-            args = (batch,)
-            if takes_positions:
-                args += (torch.arange(batch.shape[1], device=device).expand_as(batch).contiguous(),)
-            probe(*args)
+    run_on_tokens(probe, tokens, takes_positions, batch_size=batch_size, desc="calibrating", progress=progress)
     stats = CalibrationStats()
     for site in sites:
         s = SiteStats()

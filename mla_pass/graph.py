@@ -212,3 +212,27 @@ def clone_graph_module(gm: fx.GraphModule):
     """A new GraphModule over a copy of ``gm``'s graph, sharing its parameters and submodules."""
     graph, mapping = clone_graph(gm.graph)
     return fx.GraphModule(gm, graph), mapping
+
+
+def insert_observer(gm: fx.GraphModule, target: fx.Node, name: str, observer: torch.nn.Module) -> fx.Node:
+    """Splice ``observer`` (an identity module that records) after ``target``; returns its node."""
+    gm.add_submodule(name, observer)
+    with gm.graph.inserting_after(target):
+        new = gm.graph.call_module(name, (target,))
+    target.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+    return new
+
+
+def run_on_tokens(gm: fx.GraphModule, tokens: torch.Tensor, takes_positions: bool, *, batch_size: int,
+                  desc: str, progress: bool) -> None:
+    """Run a captured program over token batches (positions 0..L-1), for its observers' sake."""
+    from tqdm.auto import tqdm
+
+    device = next(gm.parameters()).device
+    with torch.no_grad():
+        for batch in tqdm(list(torch.split(tokens, batch_size)), desc=desc, disable=not progress, leave=False):
+            batch = batch.to(device)
+            args = (batch,)
+            if takes_positions:
+                args += (torch.arange(batch.shape[1], device=device).expand_as(batch).contiguous(),)
+            gm(*args)

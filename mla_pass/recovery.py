@@ -18,7 +18,7 @@ import torch
 
 from .calibrate import as_token_batches
 from .capture import capture
-from .graph import clone_graph_module
+from .graph import clone_graph_module, insert_observer, run_on_tokens
 from .latent_attention import LatentAttention
 from .model import MLAModel
 
@@ -81,8 +81,6 @@ class _Keep(torch.nn.Module):
 def record_attention_io(original: torch.nn.Module, tokens: torch.Tensor, batch_size: int = 4,
                         progress: bool = True) -> dict[int, dict[str, torch.Tensor]]:
     """Per site of the original model: x, query_raw, query, key_head, mask, out over ``tokens``."""
-    from tqdm.auto import tqdm
-
     from .pipeline import find_sites
     captured = capture(original)
     sites, _ = find_sites(captured)
@@ -94,24 +92,11 @@ def record_attention_io(original: torch.nn.Module, tokens: torch.Tensor, batch_s
         if site.core.mask is not None:
             nodes["mask"] = site.core.mask
         for name, node in nodes.items():
-            obs = _Keep()
-            target = mapping[node]
-            sub = f"_mla_keep_{site.index}_{name}"
-            probe.add_submodule(sub, obs)
-            with probe.graph.inserting_after(target):
-                new = probe.graph.call_module(sub, (target,))
-            target.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
-            keep[(site.index, name)] = obs
+            keep[(site.index, name)] = _Keep()
+            insert_observer(probe, mapping[node], f"_mla_keep_{site.index}_{name}", keep[(site.index, name)])
     probe.recompile()
-    device = next(original.parameters()).device
-    with torch.no_grad():
-        for batch in tqdm(list(torch.split(tokens, batch_size)), desc="recording activations",
-                          disable=not progress, leave=False):
-            batch = batch.to(device)
-            args = (batch,)
-            if captured.takes_positions:
-                args += (torch.arange(batch.shape[1], device=device).expand_as(batch).contiguous(),)
-            probe(*args)
+    run_on_tokens(probe, tokens, captured.takes_positions, batch_size=batch_size, desc="recording activations",
+                  progress=progress)
     return {s.index: {name: torch.cat(obs.values) for (i, name), obs in keep.items() if i == s.index}
             for s in sites}
 
