@@ -35,12 +35,16 @@ class RecoveryConfig:
         batch_size: calibration sequences per step.
         train: which module weights move (any of ``TRAINABLE``).
         seed: makes batch order and results reproducible.
+        sequential: feed each site the inputs the *converted* model gives it (earlier sites
+            already refitted), so it also learns to undo upstream error; targets stay the
+            original's. Costs one partial forward pass per site.
     """
     steps: int = 150
     lr: float = 1e-3
     batch_size: int = 2
     train: tuple[str, ...] = TRAINABLE
     seed: int = 0
+    sequential: bool = False
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or not self.lr > 0:
@@ -130,10 +134,60 @@ def recover(mla: MLAModel, original: torch.nn.Module, tokens, config: RecoveryCo
     report = RecoveryReport()
     bar = tqdm(sorted(modules), desc="reconstructing", disable=not progress)
     for index in bar:
-        before, after = _fit_site(modules[index], records.pop(index), config)
+        rec = records.pop(index)
+        if config.sequential:
+            rec.update(_converted_inputs(mla, modules[index], tokens))
+        else:
+            rec["key_rope_full"] = _replayed_rope_keys(modules[index], rec)
+        before, after = _fit_site(modules[index], rec, config)
         report.sites.append(SiteRecovery(modules[index].plan.layer, before, after))
         bar.set_postfix(loss=f"{before:.3f}→{after:.3f}")
     return report
+
+
+class _Stop(Exception):
+    pass
+
+
+def _converted_inputs(mla: MLAModel, module: LatentAttention, tokens: torch.Tensor,
+                      batch_size: int = 4) -> dict[str, torch.Tensor]:
+    """The arguments the converted forward program passes to ``module`` on ``tokens``
+    (each pass stops right after that call)."""
+    seen: dict[str, list] = {"x": [], "query_raw": [], "query": [], "key_rope_full": [], "mask": []}
+
+    def grab(_mod, args):
+        for name, value in zip(seen, args):
+            seen[name].append(None if value is None else value.detach().to("cpu"))
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(grab)
+    device = next(mla.program.parameters()).device
+    try:
+        with torch.no_grad():
+            for batch in torch.split(tokens, batch_size):
+                batch = batch.to(device)
+                args = (batch,) + ((torch.arange(batch.shape[1], device=device).expand_as(batch).contiguous(),)
+                                   if mla.takes_positions else ())
+                try:
+                    mla.program(*args)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    return {name: torch.cat(vals) for name, vals in seen.items() if vals and vals[0] is not None}
+
+
+def _replayed_rope_keys(module: LatentAttention, rec: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The module's rope-key input, from the original's rotated keys (exact: the rope-key rows
+    are the original key's; normalised keys are un-scaled, the module scales them itself)."""
+    if module.rope_key is None:
+        return None
+    key = rec["key_head"]
+    if module.plan.key_norm:
+        with torch.no_grad():
+            scale = module.key_scale(rec["x"].to(module.down.device)).to(key.device)
+        key = key / scale.expand(-1, module.plan.n_kv_heads, -1)[..., None]
+    return key
 
 
 def _fit_site(module: LatentAttention, rec: dict[str, torch.Tensor], config: RecoveryConfig) -> tuple[float, float]:
@@ -149,14 +203,11 @@ def _fit_site(module: LatentAttention, rec: dict[str, torch.Tensor], config: Rec
 
     def batch_loss(idx) -> torch.Tensor:
         x = rec["x"][idx].to(device)
-        key_full = rec["key_head"][idx].to(device)
-        if module.plan.key_norm:      # recorded keys are normalised; the module scales them itself
-            key_full = key_full / module.key_scale(x).expand(-1, module.plan.n_kv_heads, -1)[..., None]
+        key_full = rec["key_rope_full"][idx].to(device) if rec.get("key_rope_full") is not None else None
         mask = None
         if "mask" in rec:
             mask = (rec["mask"][idx] if mask_per_sequence else rec["mask"][: len(idx)]).to(device)
-        out = module(x, rec["query_raw"][idx].to(device), rec["query"][idx].to(device),
-                     key_full if module.rope_key is not None else None, mask)
+        out = module(x, rec["query_raw"][idx].to(device), rec["query"][idx].to(device), key_full, mask)
         target = rec["out"][idx].to(device)
         return (out - target).pow(2).sum() / target.pow(2).sum().clamp(min=1e-12)
 

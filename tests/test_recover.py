@@ -60,3 +60,13 @@ def test_bad_recovery_arguments():
         mla_pass.recover(mla, model, torch.full((2, 8), 999), progress=False)
     with pytest.raises(ValueError, match="not in the original model"):
         mla_pass.recover(mla, tiny_llama(layers=1), torch.randint(0, 128, (2, 8)), progress=False)
+
+
+def test_sequential_reconstruction():
+    model = tiny_llama(layers=3)
+    calibration = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+    mla = mla_pass.convert(model, MLAConfig(d_kv=2, rope_freqs=2), progress=False)
+    kl_before = _kl(model, mla, calibration)
+    report = mla_pass.recover(mla, model, calibration, RecoveryConfig(steps=60, sequential=True), progress=False)
+    assert len(report.sites) == 3 and all(s.loss_after <= s.loss_before for s in report.sites)
+    assert _kl(model, mla, calibration) < kl_before
