@@ -67,7 +67,7 @@ class _GramObserver(torch.nn.Module):
         return x
 
 
-def collect(gm: fx.GraphModule, sites: list[AttentionSite], layouts: dict, tokens, takes_positions: bool, *,
+def collect(gm: fx.GraphModule, sites: list[AttentionSite], tokens, takes_positions: bool, *,
             rope_norms: bool, gram: bool, batch_size: int = 4, progress: bool = True) -> CalibrationStats:
     tokens = as_token_batches(tokens)
     probe, mapping = clone_graph_module(gm)
@@ -79,8 +79,8 @@ def collect(gm: fx.GraphModule, sites: list[AttentionSite], layouts: dict, token
 
     for site in sites:
         if rope_norms and site.rope.pairs:
-            observe(site, "query", site.query_raw, _PairNormObserver(site.rope.pairs, layouts[site.index]["query"]))
-            observe(site, "key", site.key_raw, _PairNormObserver(site.rope.pairs, layouts[site.index]["key"]))
+            observe(site, "query", site.query_raw, _PairNormObserver(site.rope.pairs, site.raw_layouts["query"]))
+            observe(site, "key", site.key_raw, _PairNormObserver(site.rope.pairs, site.raw_layouts["key"]))
         if gram:
             observe(site, "gram", site.hidden, _GramObserver())
     probe.recompile()

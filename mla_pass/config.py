@@ -60,10 +60,6 @@ class MLAConfig:
         return cls(d_kv=d_kv, rope_freqs=rope_freqs, rope_strategy="2-norm", svd="joint", activation_aware=False)
 
     @property
-    def is_exact(self) -> bool:
-        return self.d_kv is None and self.rope_freqs is None
-
-    @property
     def needs_rope_statistics(self) -> bool:
         return self.rope_strategy == "2-norm" and self.rope_freqs is not None
 

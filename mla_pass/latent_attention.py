@@ -79,7 +79,7 @@ class RopeKeyProjection(nn.Module):
         self.n_kv, self.head_dim, self.layout = n_kv, plan.head_dim, plan.key_raw_layout
         self.weight = nn.Parameter(torch.zeros(n_kv * r2, plan.hidden))
         self.bias = nn.Parameter(torch.zeros(n_kv * r2)) if plan.key_bias else None
-        self.register_buffer("dims", torch.tensor(plan.rope_dims, dtype=torch.long).reshape(n_kv, r2), persistent=True)
+        self.register_buffer("dims", torch.tensor(plan.rope_dims, dtype=torch.long).reshape(n_kv, r2), persistent=False)
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         b, s = x_BSD.shape[:2]

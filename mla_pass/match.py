@@ -44,6 +44,7 @@ class SiteError(ValueError):
 
     def __init__(self, layer: str, node: str, reason: str):
         self.layer, self.node, self.reason = layer, node, reason
+        self.cached_values_per_token = 0     # what the untouched site keeps caching, when known
         super().__init__(f"attention at {layer} (node '{node}'): {reason}")
 
 
@@ -92,6 +93,7 @@ class AttentionSite:
     value_dim: int
     gqa_form: str                        # "mha" | "repeat_kv" | "enable_gqa"
     fused_qkv: bool
+    raw_layouts: dict[str, str]          # {"query"|"key": "BHSD"|"BSHD"} of query_raw / key_raw
     rope_tables: list[str] = field(default_factory=list)   # names of the cos/sin source nodes
     key_norm: KeyNormMatch | None = None                  # RMSNorm between k's projection and RoPE
     key_norm_weights: object | None = None                # filled by probe
@@ -247,8 +249,9 @@ def build_site(index: int, core: AttentionCore, gm: fx.GraphModule, env: dict,
     query_raw, query_rope, _ = _split_rope(q_source, core.query, position_dependent)
     if bool(key_rope) != bool(query_rope):
         raise SiteError(layer, core.anchor.name, "RoPE is applied to only one of q and k")
+    layouts = {"query": layout_of(env[query_raw], batch, seq), "key": layout_of(env[key_raw], batch, seq)}
     for raw in (key_raw, query_raw):
-        if _layout_of(env[raw], batch, seq) is None:
+        if layouts["query" if raw is query_raw else "key"] is None:
             raise SiteError(layer, raw.name, f"RoPE input has shape {tuple(env[raw].shape)}, expected "
                             "[batch, heads, seq, head_dim] or [batch, seq, heads, head_dim]")
 
@@ -265,10 +268,23 @@ def build_site(index: int, core: AttentionCore, gm: fx.GraphModule, env: dict,
         index=index, layer=layer, core=core, hidden=hidden, query_raw=query_raw, query_rope_nodes=query_rope,
         key_raw=key_raw, key_head=key_head, key_rope_nodes=key_rope, value_head=value_head,
         n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim, value_dim=value_dim, gqa_form=gqa_form,
-        fused_qkv=fused, rope_tables=[t.name for t in k_tables], key_norm=key_norm)
+        fused_qkv=fused, raw_layouts=layouts, rope_tables=[t.name for t in k_tables], key_norm=key_norm)
 
 
-def _layout_of(val: torch.Tensor, batch: int, seq: int) -> str | None:
+def kv_values_per_token(core: AttentionCore, env) -> int:
+    """K+V values cached per token by a core left as it is (fewest heads on k's and v's path)."""
+    q = env[core.query]
+    total = 0
+    for fed in (core.key, core.value):
+        val = env.get(fed)
+        if not isinstance(val, torch.Tensor) or val.dim() != 4:
+            return 0
+        node = _head_layout_node(fed, env, q.shape[0], q.shape[2], val.shape[-1])
+        total += (env[node].shape[1] if node is not None else val.shape[1]) * val.shape[-1]
+    return total
+
+
+def layout_of(val: torch.Tensor, batch: int, seq: int) -> str | None:
     if val.dim() != 4 or val.shape[0] != batch:
         return None
     if val.shape[2] == seq and val.shape[1] != seq:

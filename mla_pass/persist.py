@@ -102,7 +102,7 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None) -> MLAMo
             raise CheckpointError(f"{CONFIG_FILE} ties {alias} to {target}, which is not in {WEIGHTS_FILE}")
         tensors[alias] = tensors[target]
     with torch.device("cpu"):
-        mla = build(capture(model), config, plans=plans, from_checkpoint=True, progress=False)
+        mla = build(capture(model), config, plans=plans, progress=False)
     expected = mla.program.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

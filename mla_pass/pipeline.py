@@ -17,10 +17,10 @@ from .calibrate import collect
 from .capture import Captured, capture
 from .config import MLAConfig
 from .latent_attention import LatentAttention, SitePlan
-from .match import AttentionSite, SiteError, build_site, find_attention_cores
+from .match import AttentionSite, SiteError, build_site, find_attention_cores, kv_values_per_token
 from .model import MLAModel, SiteReport
 from .plan import PlanError, initialise, plan_site
-from .probe import extract_site_weights, layout_of
+from .probe import extract_site_weights
 from .rewrite import MODULES, CacheMask, rewrite
 
 logger = logging.getLogger(__name__)
@@ -53,31 +53,9 @@ def find_sites(captured: Captured) -> tuple[list[AttentionSite], list[SiteError]
             extract_site_weights(captured.gm, site, captured.env)
             sites.append(site)
         except SiteError as e:
-            e.cached_values_per_token = _kv_values_of_core(core, captured.env)
+            e.cached_values_per_token = kv_values_per_token(core, captured.env)
             errors.append(e)
     return sites, errors
-
-
-def _kv_values_of_core(core, env) -> int:
-    """K+V values cached per token by a site we could not convert (fewest heads on k's path)."""
-    from .match import _head_layout_node
-    q = env[core.query]
-    total = 0
-    for fed in (core.key, core.value):
-        val = env.get(fed)
-        if not isinstance(val, torch.Tensor) or val.dim() != 4:
-            return 0
-        node = _head_layout_node(fed, env, q.shape[0], q.shape[2], val.shape[-1])
-        heads = env[node].shape[1] if node is not None else val.shape[1]
-        total += heads * val.shape[-1]
-    return total
-
-
-def site_layouts(captured: Captured, site: AttentionSite) -> dict:
-    q = captured.env[site.core.query]
-    batch, seq = q.shape[0], q.shape[2]
-    return {"query": layout_of(captured.env[site.query_raw], batch, seq),
-            "key": layout_of(captured.env[site.key_raw], batch, seq)}
 
 
 def report_row(site: AttentionSite, plan: SitePlan | None, note: str = "") -> SiteReport:
@@ -123,7 +101,7 @@ def convert(model: nn.Module, config: MLAConfig | None = None, calibration: torc
 
 
 def build(captured: Captured, config: MLAConfig, *, calibration=None, plans: dict[int, SitePlan] | None = None,
-          from_checkpoint: bool = False, progress: bool = True) -> MLAModel:
+          progress: bool = True) -> MLAModel:
     """The pipeline after capture. With ``plans`` (from a saved model) no calibration or SVD runs
     and modules are created empty, ready for ``load_state_dict``."""
     sites, errors = find_sites(captured)
@@ -134,18 +112,17 @@ def build(captured: Captured, config: MLAConfig, *, calibration=None, plans: dic
         raise UnsupportedAttentionError(errors)
     for e in errors:
         warnings.warn(f"left untouched: {e}", stacklevel=2)
-    layouts = {s.index: site_layouts(captured, s) for s in sites}
-    initialise_weights = plans is None or not from_checkpoint
+    initialise_weights = plans is None
     stats = None
-    if plans is None and config.needs_calibration:
-        stats = collect(captured.gm, sites, layouts, calibration, captured.takes_positions,
-                        rope_norms=config.needs_rope_statistics, gram=config.activation_aware, progress=progress)
     if plans is None:
+        if config.needs_calibration:
+            stats = collect(captured.gm, sites, calibration, captured.takes_positions,
+                            rope_norms=config.needs_rope_statistics, gram=config.activation_aware, progress=progress)
         try:
-            plans = {s.index: plan_site(s, config, stats, layouts[s.index]) for s in sites}
+            plans = {s.index: plan_site(s, config, stats) for s in sites}
         except PlanError as e:
             raise ValueError(str(e)) from None
-    if plans is not None and sorted(plans) != [s.index for s in sites]:
+    elif sorted(plans) != [s.index for s in sites]:
         raise ValueError(f"saved plans cover sites {sorted(plans)} but the model has sites "
                          f"{[s.index for s in sites]}: the model does not match the checkpoint")
     modules = nn.ModuleDict()
@@ -173,7 +150,7 @@ def build(captured: Captured, config: MLAConfig, *, calibration=None, plans: dic
 def refusal_row(e: SiteError) -> SiteReport:
     return SiteReport(index=-1, layer=e.layer, n_heads=0, n_kv_heads=0, head_dim=0, rope_layout="?",
                       rotary_pairs=0, gqa_form="?", qkv_bias=False, fused_qkv=False,
-                      original_values_per_token=getattr(e, "cached_values_per_token", 0),
+                      original_values_per_token=e.cached_values_per_token,
                       converted_values_per_token=None, note=e.reason)
 
 

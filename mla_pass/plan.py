@@ -14,7 +14,7 @@ class PlanError(ValueError):
     pass
 
 
-def plan_site(site: AttentionSite, config: MLAConfig, stats: dict | None, layouts: dict) -> SitePlan:
+def plan_site(site: AttentionSite, config: MLAConfig, stats) -> SitePlan:
     rope = site.rope
     n_pairs = rope.n_pairs
     keep = n_pairs if config.rope_freqs is None else config.rope_freqs
@@ -47,7 +47,7 @@ def plan_site(site: AttentionSite, config: MLAConfig, stats: dict | None, layout
         head_dim=site.head_dim, value_dim=site.value_dim, hidden=hidden, latent_dim=latent,
         rope_dims=rope_dims, rotated_dims=sorted(d for pair in rope.pairs for d in pair),
         kv_head_of_query=list(site.kv_head_of_query), scale=float(site.scale), softcap=site.core.softcap,
-        is_causal=site.core.is_causal, query_raw_layout=layouts["query"], key_raw_layout=layouts["key"],
+        is_causal=site.core.is_causal, query_raw_layout=site.raw_layouts["query"], key_raw_layout=site.raw_layouts["key"],
         key_bias=site.weights.b_key is not None, value_bias=site.weights.b_value is not None, svd=config.svd,
         key_norm=site.key_norm.group if site.key_norm else None,
         key_norm_eps=site.key_norm.eps if site.key_norm else 0.0,

@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from . import graph as G
-from .match import AttentionSite, SiteError
+from .match import AttentionSite, SiteError, layout_of
 
 
 @dataclass
@@ -71,8 +71,8 @@ def extract_site_weights(gm: fx.GraphModule, site: AttentionSite, env: dict) -> 
     site.weights = SiteWeights(
         w_key=w_k.to(dtype), b_key=None if b_k is None else b_k.to(dtype),
         w_value=w_v.to(dtype), b_value=None if b_v is None else b_v.to(dtype))
-    key_rope = _probe_rope(gm, site, env, site.key_raw, site.key_head, site.key_rope_nodes, batch, seq)
-    query_rope = _probe_rope(gm, site, env, site.query_raw, site.core.query, site.query_rope_nodes, batch, seq)
+    key_rope = _probe_rope(gm, site, env, "key", site.key_raw, site.key_head, site.key_rope_nodes)
+    query_rope = _probe_rope(gm, site, env, "query", site.query_raw, site.core.query, site.query_rope_nodes)
     if key_rope.pairs != query_rope.pairs or not torch.allclose(
             torch.tensor(key_rope.speeds), torch.tensor(query_rope.speeds), rtol=1e-4, atol=1e-7):
         raise SiteError(site.layer, site.core.anchor.name, "q and k are rotated differently")
@@ -83,11 +83,6 @@ def extract_site_weights(gm: fx.GraphModule, site: AttentionSite, env: dict) -> 
 def to_heads(t: torch.Tensor, layout: str) -> torch.Tensor:
     """[B,H,S,D] from either BHSD or BSHD."""
     return t if layout == "BHSD" else t.transpose(1, 2)
-
-
-def layout_of(site_val: torch.Tensor, batch: int, seq: int) -> str:
-    from .match import _layout_of
-    return _layout_of(site_val, batch, seq)
 
 
 def _affine_map(gm, site, env, target: fx.Node, batch: int, seq: int, heads_fn=None):
@@ -157,8 +152,7 @@ def _normed_key(gm, site, env, batch, seq):
     t = torch.einsum("hod,bsd->bhso", a_w, x) + (0 if a_b is None else a_b[None, :, None, :])
     ms = t.pow(2).mean(-1, keepdim=True) if norm.group == "head" else t.pow(2).mean((1, 3), keepdim=True)
     recon = weight[None, :, None, :] * t * torch.rsqrt(ms + norm.eps)
-    key_layout = layout_of(env[site.key_raw], batch, seq)
-    ref = to_heads(env[site.key_raw], key_layout).double()
+    ref = to_heads(env[site.key_raw], site.raw_layouts["key"]).double()
     err = (recon - ref).abs().max().item()
     if err > _tolerance(env[site.hidden].dtype) * max(1.0, ref.abs().max().item()):
         raise SiteError(site.layer, norm.norm_out.name, f"key normalisation is not w·t·rsqrt(mean(t²)+eps) "
@@ -171,11 +165,11 @@ def _normed_key(gm, site, env, batch, seq):
     return w_k, b_k
 
 
-def _probe_rope(gm, site, env, raw: fx.Node, head: fx.Node, nodes: list[fx.Node], batch, seq) -> RopeLayout:
+def _probe_rope(gm, site, env, kind: str, raw: fx.Node, head: fx.Node, nodes: list[fx.Node]) -> RopeLayout:
     dim = env[head].shape[-1]
     if not nodes:
         return RopeLayout(pairs=[], speeds=[], unrotated=list(range(dim)), layout="none")
-    raw_layout = layout_of(env[raw], batch, seq)
+    raw_layout = site.raw_layouts[kind]
     shape = env[raw].shape
 
     def run(probe_bhsd):

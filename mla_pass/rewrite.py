@@ -51,8 +51,8 @@ class CacheMask(torch.nn.Module):
 
 def rewrite(gm: fx.GraphModule, sites: list[AttentionSite], modules: dict[int, LatentAttention],
             root: torch.nn.Module, *, with_cache: bool) -> tuple[fx.GraphModule, list[CacheTensor]]:
-    """A new GraphModule (owned by ``root``, which must hold ``mla.{i}`` and the model's
-    parameters under the captured names) with every site in ``modules`` replaced."""
+    """A new GraphModule (owned by ``root``, which must hold ``mla.{i}``, ``cache_mask`` and the
+    model's parameters under the captured names) with every site in ``modules`` replaced."""
     graph, mapping = G.clone_graph(gm.graph)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     output = next(n for n in graph.nodes if n.op == "output")
@@ -73,8 +73,6 @@ def rewrite(gm: fx.GraphModule, sites: list[AttentionSite], modules: dict[int, L
                 cache.append(CacheTensor(f"past_key_values.{site.index}.{kind}", site.index, kind))
         with graph.inserting_after(last):
             mask_node = graph.call_module("cache_mask", (attention_mask, placeholders[0]))
-        if not hasattr(root, "cache_mask"):
-            root.add_module("cache_mask", CacheMask())
 
     presents: list[fx.Node] = []
     for site in sites:

@@ -147,24 +147,17 @@ def test_family_attention_implementation_is_what_the_test_claims(family):
         assert model.config._attn_implementation == fam.attn_implementation
 
 
+@pytest.mark.parametrize("cached", [False, True], ids=["forward", "step_program"])
 @pytest.mark.parametrize("shape", PROMPT_SHAPES, ids=lambda s: f"b{s[0]}s{s[1]}")
-def test_family_logits_exact(family, shape):
+def test_family_logits_exact(family, shape, cached):
+    """The forward program, and the decode-step program with an empty cache."""
     fam, model, mla, _ = family
-    ids = prompt(shape, VOCAB)
+    ids = prompt(shape, VOCAB, seed=2) if cached else prompt(shape, VOCAB)
     want = hf_logits(model, ids)
     with torch.no_grad():
-        got = mla(ids)
-    assert_close(got, want, f"{fam.name} full-rank logits")
-
-
-@pytest.mark.parametrize("shape", PROMPT_SHAPES, ids=lambda s: f"b{s[0]}s{s[1]}")
-def test_family_logits_exact_through_cached_program(family, shape):
-    fam, model, mla, _ = family
-    ids = prompt(shape, VOCAB, seed=2)
-    want = hf_logits(model, ids)
-    with torch.no_grad():
-        got = mla(ids, attention_mask=torch.ones_like(ids))
-    assert_close(got, want, f"{fam.name} full-rank logits via step program (empty cache)")
+        got = mla(ids, attention_mask=torch.ones_like(ids)) if cached else mla(ids)
+    what = "via step program (empty cache)" if cached else ""
+    assert_close(got, want, f"{fam.name} full-rank logits {what}".strip())
 
 
 @pytest.mark.parametrize("shape", PROMPT_SHAPES, ids=lambda s: f"b{s[0]}s{s[1]}")
