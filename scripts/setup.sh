@@ -9,5 +9,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[hf,test]"
+.venv/bin/python -m pip install -q -e ".[hf,onnx,triton,bench,test]"
 .venv/bin/python -c "import torch, transformers, mla_pass; print('torch', torch.__version__, '| transformers', transformers.__version__, '| mla_pass', mla_pass.__version__)"
