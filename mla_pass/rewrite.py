@@ -16,7 +16,8 @@ becomes dead code).
 
 Guarantee: at full rank with every rotary pair kept the program computes the original
 function (tests: ≤ 1e-4 on fp32 logits); otherwise the error is the one the plan's rank and
-kept pairs imply. Sites that ``match`` refused are not touched.
+kept pairs imply. Sites that ``match`` refused are not touched. With ``KVCacheAttention`` modules (cache kinds
+``key``/``value``, with_cache only) the same surgery yields the unconverted baseline's step program.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import torch
 import torch.fx as fx
 
 from . import graph as G
+from .kv_attention import KVCacheAttention
 from .latent_attention import LatentAttention
 from .match import AttentionSite
 
@@ -49,7 +51,7 @@ class CacheMask(torch.nn.Module):
         return attention_mask.bool()[:, None, None, :] & causal[None, None]
 
 
-def rewrite(gm: fx.GraphModule, sites: list[AttentionSite], modules: dict[int, LatentAttention],
+def rewrite(gm: fx.GraphModule, sites: list[AttentionSite], modules: dict[int, LatentAttention | KVCacheAttention],
             root: torch.nn.Module, *, with_cache: bool) -> tuple[fx.GraphModule, list[CacheTensor]]:
     """A new GraphModule (owned by ``root``, which must hold ``mla.{i}``, ``cache_mask`` and the
     model's parameters under the captured names) with every site in ``modules`` replaced."""
@@ -82,13 +84,16 @@ def rewrite(gm: fx.GraphModule, sites: list[AttentionSite], modules: dict[int, L
         m = lambda n: mapping[n]  # noqa: E731
         core_out = m(site.core.output)
         with graph.inserting_before(core_out):
-            key_rope = None
-            if module.rope_key is not None:
-                full = graph.call_module(f"{MODULES}.{site.index}.rope_key", (m(site.hidden),))
-                copied = G.copy_region(graph, [m(n) for n in site.key_rope_nodes], {m(site.key_raw): full})
-                key_rope = copied[m(site.key_head)]
             mask = mask_node if with_cache else (m(site.core.mask) if site.core.mask is not None else None)
-            args = (m(site.hidden), m(site.query_raw), m(site.core.query), key_rope, mask)
+            if isinstance(module, KVCacheAttention):     # the baseline: the site's own rotated k and v
+                args = (m(site.core.query), m(site.key_head), m(site.value_head), mask)
+            else:
+                key_rope = None
+                if module.rope_key is not None:
+                    full = graph.call_module(f"{MODULES}.{site.index}.rope_key", (m(site.hidden),))
+                    copied = G.copy_region(graph, [m(n) for n in site.key_rope_nodes], {m(site.key_raw): full})
+                    key_rope = copied[m(site.key_head)]
+                args = (m(site.hidden), m(site.query_raw), m(site.core.query), key_rope, mask)
             kinds = module.plan.cache_kinds if with_cache else []
             args += tuple(cache_nodes[(site.index, kind)] for kind in kinds)
             call = graph.call_module(f"{MODULES}.{site.index}", args)

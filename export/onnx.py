@@ -1,0 +1,213 @@
+"""Export a decode-step program to ONNX with the KV cache as graph inputs and outputs.
+
+``to_onnx(mla_or_model, out_dir)`` writes one self-contained folder (``runtime/manifest.py``
+describes it): ``model.onnx`` + ``model.onnx.data`` (weights stored once, as external data),
+``manifest.json`` and ``tokenizer.json``. A converted ``MLAModel`` exports its step program
+(``past_key_values.{i}.latent`` / ``.rope_key`` cache); any other decoder is first turned into
+the unconverted baseline (``mla_pass.baseline``, ``past_key_values.{i}.key`` / ``.value``)
+through the same capture → match → rewrite path, so every comparison is like for like.
+
+The program is exported with ``torch.onnx.export(dynamo=True)``; batch, new tokens and past
+tokens are dynamic (example sizes are ≥ 2 and distinct: size-1 dims would be specialised).
+After writing, the folder is checked: onnxruntime runs a prefill and a decode step on random
+tokens and must agree with PyTorch (fp32: 1e-4 on logits), or the export is refused.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from mla_pass.runtime.manifest import CacheEntry, Manifest
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
+EXAMPLE = {"batch": 2, "new": 3, "past": 5}     # ≥ 2 and distinct, so none is specialised
+DEFAULT_MAX_LENGTH = 2048
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+class _OnnxStep(nn.Module):
+    """The step program with the runtime's input order: ids, mask, positions, *past."""
+
+    def __init__(self, step: nn.Module):
+        super().__init__()
+        self.step = step
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        return tuple(self.step(input_ids, position_ids, attention_mask, *past))
+
+
+def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", tokenizer=None,
+            max_length: int | None = None, opset: int = 23, verify: bool = True) -> Path:
+    """Write ``model`` (an ``MLAModel`` or an unconverted decoder) to ``out_dir`` for the runtime.
+
+    Args:
+        dtype: ``"float32"`` or ``"float16"`` for weights, activations and cache.
+        tokenizer: a Hugging Face tokenizer, a ``tokenizer.json`` path or a folder holding one;
+            without it the folder runs on token ids only.
+        max_length: prompt + generated tokens the runtime allows (default: the model's
+            ``max_position_embeddings``, else 2048).
+        verify: run the written model once in onnxruntime against PyTorch.
+    Returns the folder.
+    """
+    from mla_pass.model import MLAModel
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty: choose a new folder or delete it first")
+    if isinstance(model, MLAModel):
+        if not model.can_cache:
+            raise ValueError("this converted model cannot decode from a cache (sites left untouched, or its forward "
+                             "takes no position_ids), so it has no step program to export")
+        kind, step, spec, plans = "mla", model.step, model.cache_spec, model.plans
+        vocab, source, generation = model.vocab_size, model.source, model.generation
+        mla_config = model.config.to_dict()
+    elif isinstance(model, nn.Module):
+        from mla_pass.baseline import kv_step_program
+        program = kv_step_program(model)
+        kind, step, spec, plans = "original", program.step, program.cache_spec, program.plans
+        vocab, source, generation = program.vocab_size, program.source, program.generation
+        mla_config = None
+    else:
+        raise TypeError(f"expected an MLAModel or a torch decoder, got {type(model).__name__}")
+
+    step = _cast(step, DTYPES[dtype])
+    wrapper = _OnnxStep(step).eval()
+    args, names, shapes = _example(step, spec, plans, vocab, DTYPES[dtype])
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:   # written whole, then moved: no half-written folder
+        staging = Path(tmp)
+        with torch.no_grad(), warnings.catch_warnings(), _quiet("torch.onnx"):
+            warnings.simplefilter("ignore")
+            try:
+                program = torch.onnx.export(wrapper, args, dynamo=True, opset_version=opset,
+                                            input_names=names["inputs"], output_names=names["outputs"],
+                                            dynamic_shapes=shapes, verbose=False)
+            except Exception as e:
+                raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {e}") from e
+            program.save(str(staging / MODEL_FILE), external_data=True)
+        has_tokenizer = _write_tokenizer(tokenizer, staging / TOKENIZER_FILE)
+        entries = [_cache_entry(t, plans[t.site], dtype) for t in spec]
+        eos = generation.get("eos_token_id")
+        manifest = Manifest(
+            kind=kind, dtype=dtype, vocab_size=vocab, max_length=max_length or _max_length(source),
+            cache=entries, eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
+            bos_token_id=(source.get("config") or {}).get("bos_token_id"), pad_token_id=generation.get("pad_token_id"),
+            model_file=MODEL_FILE, tokenizer_file=TOKENIZER_FILE if has_tokenizer else None,
+            mla_config=mla_config, source={k: v for k, v in source.items() if k != "config"},
+            notes={"exporter": f"torch.onnx.export(dynamo=True, opset {opset})", "torch": torch.__version__})
+        if verify:
+            _verify(staging, manifest, wrapper, args, dtype)
+        manifest.write(staging)
+        for f in staging.iterdir():
+            shutil.move(str(f), out / f.name)
+    return out
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    """The exporter logs a line per optional library it does not find (torchvision): not ours to show."""
+    log = logging.getLogger(logger_name)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _cast(step: nn.Module, dtype: torch.dtype) -> nn.Module:
+    if all(p.dtype == dtype for p in step.parameters()):
+        return step
+    return copy.deepcopy(step).to(dtype)
+
+
+def _example(step, spec, plans, vocab, dtype):
+    b, s, t = EXAMPLE["batch"], EXAMPLE["new"], EXAMPLE["past"]
+    gen = torch.Generator().manual_seed(0)
+    device = next(step.parameters()).device
+    ids = torch.randint(0, vocab, (b, s), generator=gen).to(device)
+    mask = torch.ones(b, t + s, dtype=torch.long, device=device)
+    mask[1, :2] = 0                                              # one left-padded row
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -s:]
+    past = [torch.randn(plans[c.site].cache_shape(c.kind, b, t), generator=gen).to(device, dtype) * 0.5
+            for c in spec]
+    batch, new, total, past_len = (torch.export.Dim.DYNAMIC,) * 4
+    shapes = ({0: batch, 1: new}, {0: batch, 1: total}, {0: batch, 1: new},     # *past is one argument
+              tuple({0: batch, _time_axis(c.kind): past_len} for c in spec))
+    names = {"inputs": ["input_ids", "attention_mask", "position_ids"] + [c.name for c in spec],
+             "outputs": ["logits"] + [_present_name(c.name) for c in spec]}
+    return (ids, mask, pos, *past), names, shapes
+
+
+def _time_axis(kind: str) -> int:
+    return 1 if kind == "latent" else 2
+
+
+def _present_name(past_name: str) -> str:
+    return past_name.replace("past_key_values.", "present.", 1)
+
+
+def _cache_entry(spec, plan, dtype: str) -> CacheEntry:
+    shape = list(plan.cache_shape(spec.kind, -1, -2))
+    shape = ["batch" if d == -1 else "past" if d == -2 else int(d) for d in shape]
+    return CacheEntry(input=spec.name, output=_present_name(spec.name), shape=shape, dtype=dtype,
+                      time_axis=shape.index("past"))
+
+
+def _max_length(source: dict) -> int:
+    return int((source.get("config") or {}).get("max_position_embeddings") or DEFAULT_MAX_LENGTH)
+
+
+def _write_tokenizer(tokenizer, path: Path) -> bool:
+    if tokenizer is None:
+        return False
+    if isinstance(tokenizer, (str, Path)):
+        src = Path(tokenizer)
+        src = src / TOKENIZER_FILE if src.is_dir() else src
+        if not src.is_file():
+            raise FileNotFoundError(f"no {TOKENIZER_FILE} at {src}: pass the tokenizer object or its folder")
+        shutil.copyfile(src, path)
+        return True
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    if backend is None or not hasattr(backend, "save"):
+        raise TypeError(f"cannot save {type(tokenizer).__name__} as {TOKENIZER_FILE}: pass a fast Hugging Face "
+                        "tokenizer, a tokenizers.Tokenizer, or the path of a tokenizer.json")
+    backend.save(str(path))
+    return True
+
+
+def _verify(folder: Path, manifest: Manifest, wrapper: nn.Module, args: tuple, dtype: str) -> None:
+    """Run the written model in onnxruntime on the example step; refuse the export on mismatch."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(folder / manifest.model_file), providers=["CPUExecutionProvider"])
+    names = ["input_ids", "attention_mask", "position_ids"] + [e.input for e in manifest.cache]
+    feeds = {n: a.detach().cpu().numpy() for n, a in zip(names, args)}
+    got = session.run(None, feeds)
+    with torch.no_grad():
+        want = [t.float().cpu().numpy() for t in wrapper(*args)]
+    tol = 1e-4 if dtype == "float32" else 5e-2
+    for name, g, w in zip(["logits"] + [e.output for e in manifest.cache], got, want):
+        scale = max(1.0, float(np.abs(w).max()))
+        err = float(np.abs(g.astype(np.float32) - w).max()) if g.shape == w.shape else float("inf")
+        if not err <= tol * scale:
+            raise ExportError(f"onnxruntime disagrees with PyTorch on output {name}: shape {g.shape} vs {w.shape}, "
+                              f"max |Δ| {err:.2e} (allowed {tol * scale:.1e}); the export is not usable")
