@@ -12,7 +12,9 @@ Cache shapes are lists whose symbolic entries are ``"batch"`` and ``"past"`` (``
 ``time_axis``); every other entry is a fixed size. The MLA export has per attention site
 ``past_key_values.{i}.latent [B,T,C]`` and ``past_key_values.{i}.rope_key [B,Hkv,T,2r]``; the
 export of an unconverted model has ``past_key_values.{i}.key|value [B,Hkv,T,D]``: the runtime
-treats both alike. ``files`` holds the SHA-256 of every other file in the folder, so a corrupted
+treats both alike. With ``cache_update="in_place"`` the past inputs are instead preallocated
+buffers (any length ≥ T+S) that the program updates at index T and returns as present (see the
+field). ``files`` holds the SHA-256 of every other file in the folder, so a corrupted
 or swapped file is refused before a session is built.
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ MANIFEST_FILE = "manifest.json"
 FORMAT = "mla-pass-onnx"
 VERSION = 1
 DTYPES = ("float32", "float16", "int8", "uint8")
+CACHE_UPDATES = ("concat", "in_place")
 
 
 class ManifestError(ValueError):
@@ -67,6 +70,11 @@ class Manifest:
     source: dict = field(default_factory=dict)
     notes: dict = field(default_factory=dict)  # how it was exported (attention formulation, quantization)
     files: dict[str, str] = field(default_factory=dict)
+    # "concat": present = concat(past, new) holds T+S tokens (a new tensor each step).
+    # "in_place": each past input is a preallocated buffer of any length ≥ T+S; the program writes
+    # the S new tokens at index T (T = attention_mask length − S, e.g. with TensorScatter) and
+    # returns the same buffer as present, which the runtime binds to the same memory (no copy).
+    cache_update: str = "concat"
     format: str = FORMAT
     version: int = VERSION
 
@@ -116,6 +124,8 @@ class Manifest:
             raise ManifestError(f"manifest kind must be 'mla' or 'original', got {self.kind!r}")
         if self.dtype not in ("float32", "float16"):
             raise ManifestError(f"manifest dtype must be float32 or float16, got {self.dtype!r}")
+        if self.cache_update not in CACHE_UPDATES:
+            raise ManifestError(f"manifest cache_update must be one of {CACHE_UPDATES}, got {self.cache_update!r}")
         for e in self.cache:
             if e.dtype not in DTYPES:
                 raise ManifestError(f"cache entry {e.input} has unknown dtype {e.dtype!r}")
