@@ -1,4 +1,4 @@
-"""Command line: ``mla-pass inspect | convert | demo``."""
+"""Command line: ``mla-pass inspect | convert | demo | generate``."""
 from __future__ import annotations
 
 import argparse
@@ -139,6 +139,28 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    """Stream a generation from an exported folder with the torch-free runtime (no torch import)."""
+    from mla_pass.runtime import OnnxEngine
+
+    engine = OnnxEngine(args.folder, providers=[args.provider] if args.provider else None, threads=args.threads)
+
+    def on_token(row, token, piece):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    sys.stdout.write(args.prompt)
+    result = engine.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             top_k=args.top_k, top_p=args.top_p, stop=args.stop, seed=args.seed, on_token=on_token)
+    c, m = result.completions[0], engine.manifest
+    decode_rate = result.decode_steps / result.decode_seconds if result.decode_seconds > 0 else float("nan")
+    print(f"\n[{len(c.token_ids)} tokens, {result.tokens_per_second:.1f} tokens/s (prompt {len(c.prompt_ids)} tokens "
+          f"in {result.prefill_seconds:.2f} s, decode {decode_rate:.1f} tokens/s), KV cache "
+          f"{m.kv_cache_bytes_per_token():,} bytes/token ({m.kind}), stopped: {c.finish_reason}, "
+          f"{engine.session.get_providers()[0]}]")
+    return 0
+
+
 def _add_mla_options(p):
     p.add_argument("--d-kv", type=int, default=None, help="latent width per kv head (default: full rank)")
     p.add_argument("--rope-freqs", type=int, default=None, help="rotary pairs kept per head (default: all)")
@@ -168,6 +190,19 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=512, help="held-out tokens to compare logits on")
     p.add_argument("--prompt", default="The capital of France is")
     p.set_defaults(func=cmd_demo, d_kv=16, rope_freqs=4)
+    p = sub.add_parser("generate", help="stream a generation from an exported ONNX folder (no torch needed)")
+    p.add_argument("folder", help="a folder written by mla_pass.export.to_onnx")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    p.add_argument("--provider", default=None, help="cpu, cuda or an onnxruntime provider name "
+                   "(default: CUDA if available, else CPU)")
+    p.set_defaults(func=cmd_generate)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -358,3 +358,22 @@ def test_incremental_decoder_on_smollm2_tokenizer():
     pieces = [dec.push(i) for i in ids]
     assert "".join(pieces) + dec.flush() == tok.decode(ids) == text
     assert not any("\ufffd" in p for p in pieces)
+
+
+def test_cli_generate_streams_without_torch(folders, tokenizer):
+    folder, spec = folders["mla", "concat"]
+    code = ("import sys; from mla_pass.cli import main; "
+            f"rc = main(['generate', {str(folder)!r}, '--prompt', 'the cat sat on', '--max-new-tokens', '6', "
+            "'--threads', '1']); assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    ids = tokenizer.encode("the cat sat on").ids
+    want = tokenizer.decode(reference_greedy(spec, ids, 6))
+    text, summary = proc.stdout.rsplit("\n", 2)[:2]
+    assert text == "the cat sat on" + want
+    assert summary.startswith("[6 tokens, ") and "KV cache 192 bytes/token (mla)" in summary   # 2 layers × (16 + 2·4) × 4 B
+
+
+def test_cli_generate_reports_bad_folder(tmp_path):
+    from mla_pass.cli import main
+    assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2
