@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .math.attention import absorbed_attention, decompressed_attention
+from .kernels.dispatch import absorbed_decode
+from .math.attention import decompressed_attention
 
 FORMS = ("auto", "absorbed", "decompressed")
 
@@ -116,6 +117,7 @@ class LatentAttention(nn.Module):
                         ("query_rotated", rotated_q)):
             self.register_buffer(name, t, persistent=False)
         self.form = "auto"
+        self.decode_kernel = True    # the fused Triton decode on CUDA where it applies (kernels/dispatch.py)
 
     # -- pieces -------------------------------------------------------------------------------
     def split_query(self, query_raw, query):
@@ -177,9 +179,9 @@ class LatentAttention(nn.Module):
         is_causal = p.is_causal and not cached
         form = self.form if self.form != "auto" else ("absorbed" if q_nope.shape[2] == 1 else "decompressed")
         if form == "absorbed":
-            out = absorbed_attention(q_nope, q_rope, latent, new["rope_key"], self.up_key, self.up_value,
-                                     self.value_bias, self.kv_head_of_query, p.scale, mask, is_causal, p.softcap,
-                                     self.key_bias, key_scale)
+            out = absorbed_decode(q_nope, q_rope, latent, new["rope_key"], self.up_key, self.up_value,
+                                  self.value_bias, self.kv_head_of_query, p.scale, mask, is_causal, p.softcap,
+                                  self.key_bias, key_scale, kv_heads=p.kv_head_of_query, use_kernel=self.decode_kernel)
         else:
             k_nope, v = self.decompress(latent)
             if key_scale is not None:

@@ -416,13 +416,13 @@ def test_reduced_absorbed_matches_decompressed(reduced, monkeypatch):
     follow = prompt((2, DECODE_STEPS), vocab, seed=8)
     calls = {"absorbed": 0, "decompressed": 0}
     import mla_pass.latent_attention as la
-    for kind in calls:
-        real = getattr(la, f"{kind}_attention")
+    for kind, fn in (("absorbed", "absorbed_decode"), ("decompressed", "decompressed_attention")):
+        real = getattr(la, fn)
 
         def counting(*a, _real=real, _kind=kind, **k):
             calls[_kind] += 1
             return _real(*a, **k)
-        monkeypatch.setattr(la, f"{kind}_attention", counting)
+        monkeypatch.setattr(la, fn, counting)
     layers = len(mla.report)
     steps = 1 + DECODE_STEPS
     absorbed = cached_logits(mla, ids, follow, "absorbed")

@@ -45,22 +45,35 @@ def decompressed_attention(q_nope_BHSN, q_rope_BHSR, k_nope_BHkvTN, k_rope_BHkvT
     return (probs.to(v.dtype) @ v)
 
 
+def latent_query(q_nope_BHSN, up_key_HkvNC, kv_head_of_query):
+    """W_ukʲᵀ q_nope_h: the query in latent space → [B, H, S, C]."""
+    return torch.einsum("bhsn,hnc->bhsc", q_nope_BHSN, up_key_HkvNC.index_select(0, kv_head_of_query))
+
+
+def key_bias_score(q_nope_BHSN, b_key_HkvN, kv_head_of_query):
+    """q_nope_h·b_k: the key bias's share of every score of a query → [B, H, S, 1]."""
+    return (q_nope_BHSN * b_key_HkvN.index_select(0, kv_head_of_query)[None, :, None, :]).sum(-1, keepdim=True)
+
+
+def latent_output(out_latent_BHSC, up_value_HkvVC, b_value_HkvV, kv_head_of_query):
+    """W_uvʲ (Σ_t a_t c_t) [+ b_v] → [B, H, S, V]."""
+    out = torch.einsum("bhsc,hvc->bhsv", out_latent_BHSC, up_value_HkvVC.index_select(0, kv_head_of_query))
+    if b_value_HkvV is not None:
+        out = out + b_value_HkvV.index_select(0, kv_head_of_query)[None, :, None, :]
+    return out
+
+
 def absorbed_attention(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_BHkvTR, up_key_HkvNC, up_value_HkvVC,
                        b_value_HkvV, kv_head_of_query, scale: float, mask=None, is_causal=False, softcap=None,
                        b_key_HkvN=None, key_scale_BHkvT=None):
-    up_key_HNC = up_key_HkvNC.index_select(0, kv_head_of_query)
-    q_latent_BHSC = torch.einsum("bhsn,hnc->bhsc", q_nope_BHSN, up_key_HNC)
+    q_latent_BHSC = latent_query(q_nope_BHSN, up_key_HkvNC, kv_head_of_query)
     scores = torch.einsum("bhsc,btc->bhst", q_latent_BHSC, latent_BTC)
     if b_key_HkvN is not None:
-        scores = scores + (q_nope_BHSN * b_key_HkvN.index_select(0, kv_head_of_query)[None, :, None, :]).sum(-1, keepdim=True)
+        scores = scores + key_bias_score(q_nope_BHSN, b_key_HkvN, kv_head_of_query)
     if key_scale_BHkvT is not None:        # RMS-normalised keys: k_nope_t = s_t·(W_uk c_t + b)
         scores = scores * expand_kv(key_scale_BHkvT, kv_head_of_query)[:, :, None, :]
     if k_rope_BHkvTR.shape[-1]:
         scores = scores + q_rope_BHSR @ expand_kv(k_rope_BHkvTR, kv_head_of_query).transpose(-1, -2)
     probs = attention_probs_apply(scores * scale, mask, is_causal, softcap).to(latent_BTC.dtype)
     out_latent_BHSC = torch.einsum("bhst,btc->bhsc", probs, latent_BTC)
-    up_value_HVC = up_value_HkvVC.index_select(0, kv_head_of_query)
-    out = torch.einsum("bhsc,hvc->bhsv", out_latent_BHSC, up_value_HVC)
-    if b_value_HkvV is not None:
-        out = out + b_value_HkvV.index_select(0, kv_head_of_query)[None, :, None, :]
-    return out
+    return latent_output(out_latent_BHSC, up_value_HkvVC, b_value_HkvV, kv_head_of_query)

@@ -1,0 +1,97 @@
+"""Where the converted model's absorbed decode picks the fused kernel or the PyTorch math.
+
+    absorbed_decode(same arguments as math.attention.absorbed_attention, kv_heads=host ints)
+        kernel_refusal(...) is None:  q_latent = W_ukᵀ q_nope          (torch)
+                                      o_latent = decode_attention(...)  (Triton, fused)
+                                      out      = W_uv o_latent + b_v    (torch)
+        otherwise:                    absorbed_attention(...)           (PyTorch, unchanged)
+
+The kernel is used only when every precondition holds; each refusal is a reason string (logged
+once per reason at DEBUG level). Preconditions, all read from shapes/dtypes/devices (no data-
+dependent check, so no host-device sync on the decode path):
+  - tensors on a CUDA device and triton importable; not inside torch.compile / torch.export tracing
+    (the kernel is not a registered custom op, so traced graphs keep the PyTorch form);
+  - one query (S = 1) and ``is_causal`` False: prefill keeps the decompressed SDPA path;
+  - mask None, or one row of keys per sequence ([B or 1, 1, 1, T]; bool = attend, or float =
+    added); per-head or per-query masks fall back;
+  - latent dtype fp16, bf16 or fp32; no autograd (the kernel has no backward).
+Softcapping, a key bias, RMS-normalised keys (key_scale), any kv-head map and a rope width of 0
+are handled in the kernel.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import Callable, Sequence
+
+import torch
+
+from ..math.attention import absorbed_attention, key_bias_score, latent_output, latent_query
+
+log = logging.getLogger(__name__)
+_logged: set[str] = set()
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def kernel_refusal(q_nope_BHSN, latent_BTC, mask, is_causal: bool, *tensors) -> str | None:
+    """Why the fused kernel cannot take this call, or None when it can."""
+    if q_nope_BHSN.shape[2] != 1:
+        return f"{q_nope_BHSN.shape[2]} queries: the kernel is for one-token decode steps"
+    if is_causal:
+        return "is_causal with a single query (top-left causal): only the PyTorch form handles it"
+    if latent_BTC.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"latent dtype {latent_BTC.dtype}"
+    if mask is not None:
+        b, t = latent_BTC.shape[:2]
+        if mask.dim() != 4 or mask.shape[1:3] != (1, 1) or mask.shape[0] not in (1, b) or mask.shape[3] != t:
+            return f"mask of shape {tuple(mask.shape)}: the kernel takes one key row per sequence [B,1,1,{t}]"
+        if mask.dtype != torch.bool and not mask.is_floating_point():
+            return f"mask dtype {mask.dtype}"
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q_nope_BHSN, latent_BTC, *tensors)):
+        return "autograd is recording: the kernel has no backward"
+    if torch.compiler.is_compiling():
+        return "inside torch.compile/torch.export tracing: the traced graph keeps the PyTorch form"
+    if not latent_BTC.is_cuda:
+        return f"tensors on {latent_BTC.device}, the kernel needs CUDA"
+    if not triton_available():
+        return "triton is not installed (pip install 'mla-pass[triton]')"
+    return None
+
+
+def fused_absorbed(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_BHkvTR, up_key_HkvNC, up_value_HkvVC,
+                   b_value_HkvV, kv_head_of_query, kv_heads: Sequence[int], scale: float, mask=None, softcap=None,
+                   b_key_HkvN=None, key_scale_BHkvT=None, *, impl: Callable | None = None):
+    """The absorbed form for S = 1 around a ``decode_attention``-contract core (``impl``; default
+    the Triton kernel). Tests pass ``decode_attention_reference`` to check this glue on CPU."""
+    from .decode_attention import decode_attention
+    impl = impl or decode_attention
+    b, t = latent_BTC.shape[:2]
+    q_latent_BHC = latent_query(q_nope_BHSN, up_key_HkvNC, kv_head_of_query)[:, :, 0]
+    q_bias_BH = key_bias_score(q_nope_BHSN, b_key_HkvN, kv_head_of_query)[:, :, 0, 0] if b_key_HkvN is not None else None
+    key_mask_BT = mask[:, 0, 0, :].expand(b, t) if mask is not None else None
+    out_latent_BHC = impl(q_latent_BHC, q_rope_BHSR[:, :, 0], latent_BTC, k_rope_BHkvTR, scale,
+                          key_mask_BT=key_mask_BT, kv_head_of_query=kv_heads, softcap=softcap,
+                          q_bias_BH=q_bias_BH, key_scale_BHkvT=key_scale_BHkvT)
+    return latent_output(out_latent_BHC[:, :, None], up_value_HkvVC, b_value_HkvV, kv_head_of_query)
+
+
+def absorbed_decode(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_BHkvTR, up_key_HkvNC, up_value_HkvVC,
+                    b_value_HkvV, kv_head_of_query, scale: float, mask=None, is_causal=False, softcap=None,
+                    b_key_HkvN=None, key_scale_BHkvT=None, *, kv_heads: Sequence[int], use_kernel: bool = True):
+    """``absorbed_attention`` with the fused kernel where its preconditions hold (module docstring)."""
+    reason = "disabled" if not use_kernel else kernel_refusal(
+        q_nope_BHSN, latent_BTC, mask, is_causal, q_rope_BHSR, k_rope_BHkvTR, up_key_HkvNC, up_value_HkvVC,
+        b_value_HkvV, b_key_HkvN, key_scale_BHkvT)
+    if reason is None:
+        return fused_absorbed(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_BHkvTR, up_key_HkvNC, up_value_HkvVC,
+                              b_value_HkvV, kv_head_of_query, kv_heads, scale, mask, softcap, b_key_HkvN,
+                              key_scale_BHkvT)
+    if latent_BTC.is_cuda and reason not in _logged:
+        _logged.add(reason)
+        log.debug("latent decode kernel not used: %s", reason)
+    return absorbed_attention(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_BHkvTR, up_key_HkvNC, up_value_HkvVC,
+                              b_value_HkvV, kv_head_of_query, scale, mask, is_causal, softcap, b_key_HkvN,
+                              key_scale_BHkvT)
