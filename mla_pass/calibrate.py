@@ -3,6 +3,8 @@
 Observers are spliced into a copy of the graph after the nodes of interest (no model hooks),
 reduce each batch to running sums, and keep nothing else, so memory stays bounded:
 - rotary pair norms of the raw (pre-RoPE) q and k, for ``rope_strategy="2-norm"``;
+- per rotary pair, the attention-score error of dropping its rotation (and the score energy it
+  carries), for ``rope_strategy="score-error"`` and ``kv_budget``;
 - the Gram matrix Σ x xᵀ of the K/V projections' input, for activation-aware SVD.
 """
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from .graph import clone_graph_module, insert_observer, run_on_tokens
-from .math.rope import pair_norms
+from .math.rope import causal_pairs, pair_norms, pair_score_errors
 from .match import AttentionSite
 
 logger = logging.getLogger(__name__)
@@ -26,6 +28,8 @@ class SiteStats:
     key_pair_norms: torch.Tensor | None = None       # [Hkv, P]
     gram: torch.Tensor | None = None                 # [D, D] float64, mean of x xᵀ
     tokens: int = 0
+    pair_score_error: torch.Tensor | None = None     # [Hkv, P], mean over causal token pairs, Σ over the group
+    pair_score_energy: torch.Tensor | None = None    # [Hkv, P], mean (q_rot·k_rot)² of each pair, same averaging
 
 
 @dataclass
@@ -67,11 +71,54 @@ class _GramObserver(torch.nn.Module):
         return x
 
 
+class _ScoreErrorCollector:
+    """Receives a site's raw and rotated q and k of one batch (in whatever order the program
+    produces them) and, once it has all four, adds their pair score errors to running sums."""
+
+    NAMES = ("query_raw", "query", "key_raw", "key")
+
+    def __init__(self, site: AttentionSite):
+        self.pairs, self.kv_map = site.rope.pairs, site.kv_head_of_query
+        self.layouts = {"query_raw": site.raw_layouts["query"], "key_raw": site.raw_layouts["key"],
+                        "query": "BHSD", "key": "BHSD"}
+        self.pending: dict[str, torch.Tensor] = {}
+        self.error = self.energy = None
+        self.count = 0
+
+    def put(self, name: str, t: torch.Tensor) -> None:
+        self.pending[name] = t if self.layouts[name] == "BHSD" else t.transpose(1, 2)
+        if len(self.pending) < len(self.NAMES):
+            return
+        p = self.pending
+        err, energy = pair_score_errors(p["query_raw"], p["query"], p["key_raw"], p["key"], self.pairs, self.kv_map)
+        self.error = err if self.error is None else self.error + err
+        self.energy = energy if self.energy is None else self.energy + energy
+        self.count += causal_pairs(p["key"].shape[0], p["key"].shape[2])
+        self.pending = {}
+
+    def means(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.error / max(self.count, 1), self.energy / max(self.count, 1)
+
+
+class _SlotObserver(torch.nn.Module):
+    """Hands its input to a collector under a name, passes it through."""
+
+    def __init__(self, collector: _ScoreErrorCollector, name: str):
+        super().__init__()
+        self.collector, self.name = collector, name
+
+    def forward(self, t):
+        self.collector.put(self.name, t.detach())
+        return t
+
+
 def collect(gm: fx.GraphModule, sites: list[AttentionSite], tokens, takes_positions: bool, *,
-            rope_norms: bool, gram: bool, batch_size: int = 4, progress: bool = True) -> CalibrationStats:
+            rope_norms: bool, gram: bool, score_error: bool = False, batch_size: int = 4,
+            progress: bool = True) -> CalibrationStats:
     tokens = as_token_batches(tokens)
     probe, mapping = clone_graph_module(gm)
     observers: dict[tuple[int, str], torch.nn.Module] = {}
+    collectors: dict[int, _ScoreErrorCollector] = {}
 
     def observe(site, kind, node, obs):
         insert_observer(probe, mapping[node], f"_mla_observer_{site.index}_{kind}", obs)
@@ -83,6 +130,12 @@ def collect(gm: fx.GraphModule, sites: list[AttentionSite], tokens, takes_positi
             observe(site, "key", site.key_raw, _PairNormObserver(site.rope.pairs, site.raw_layouts["key"]))
         if gram:
             observe(site, "gram", site.hidden, _GramObserver())
+        if score_error and site.rope.pairs:
+            collector = _ScoreErrorCollector(site)
+            collectors[site.index] = collector
+            for name, node in zip(collector.NAMES, (site.query_raw, site.core.query, site.key_raw, site.key_head)):
+                insert_observer(probe, mapping[node], f"_mla_observer_{site.index}_score_{name}",
+                                _SlotObserver(collector, name))
     probe.recompile()
     run_on_tokens(probe, tokens, takes_positions, batch_size=batch_size, desc="calibrating", progress=progress)
     stats = CalibrationStats()
@@ -94,6 +147,8 @@ def collect(gm: fx.GraphModule, sites: list[AttentionSite], tokens, takes_positi
         if (site.index, "gram") in observers:
             obs = observers[(site.index, "gram")]
             s.gram, s.tokens = obs.total / max(obs.tokens, 1), obs.tokens
+        if site.index in collectors:
+            s.pair_score_error, s.pair_score_energy = collectors[site.index].means()
         stats.sites[site.index] = s
     return stats
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-ROPE_STRATEGIES = ("high", "low", "uniform", "2-norm")
+ROPE_STRATEGIES = ("high", "low", "uniform", "2-norm", "score-error")
 SVD_MODES = ("joint", "split")
 
 
@@ -17,19 +17,30 @@ class MLAConfig:
         rope_freqs: rotary frequency pairs kept per kv head (each costs 2 cached values per kv
             head); ``None`` keeps every pair the model rotates (exact), 0 drops RoPE entirely.
         rope_strategy: which pairs stay rotated: ``"high"`` (fastest), ``"low"`` (slowest),
-            ``"uniform"`` (evenly spaced) or ``"2-norm"`` (largest mean ‖q‖·‖k‖ on calibration
-            tokens, per layer and kv head, as in MHA2MLA; needs ``calibration=``).
+            ``"uniform"`` (evenly spaced), ``"2-norm"`` (largest mean ‖q‖·‖k‖ on calibration
+            tokens, per layer and kv head, as in MHA2MLA) or ``"score-error"`` (largest mean squared
+            change of the attention scores, over causal token pairs of the calibration text, when
+            the pair loses its rotation; summed over the query heads of a group). The last two
+            need ``calibration=``.
         svd: ``"joint"`` factorises [W_k_nope; W_v] together; ``"split"`` factorises them
             separately with half the latent each.
         activation_aware: factorise to minimise ‖(W − Ŵ)·X‖ on calibration activations X instead
             of ‖W − Ŵ‖ (needs ``calibration=``); still exact at full rank.
         damping: ridge added to the activation covariance, relative to its mean diagonal.
+        kv_budget: instead of a fixed ``d_kv`` (and, if ``rope_freqs`` is None, a fixed number of
+            rotary pairs), cache at most this fraction of the original K/V values per token over
+            the whole model, split per site between rotary pairs and latent width where
+            calibration measures the least loss (needs ``calibration=``). Every site keeps at least
+            one rotary pair (if it rotates) and one latent value per kv head.
+        refit: after the SVD fixes the down-projection, refit the up-projections by ridge least
+            squares to the original keys and values on the calibration activations (needs
+            ``calibration=``).
         best_effort: leave sites that cannot be rewritten exactly untouched (with a warning and
             a line in the report) instead of raising.
 
     Example:
         >>> MLAConfig(d_kv=16, rope_freqs=4, rope_strategy="high")
-        MLAConfig(d_kv=16, rope_freqs=4, rope_strategy='high', svd='joint', activation_aware=False, damping=0.01, best_effort=False)
+        MLAConfig(d_kv=16, rope_freqs=4, rope_strategy='high', svd='joint', activation_aware=False, damping=0.01, best_effort=False, kv_budget=None, refit=False)
     """
     d_kv: int | None = None
     rope_freqs: int | None = None
@@ -38,6 +49,8 @@ class MLAConfig:
     activation_aware: bool = False
     damping: float = 1e-2
     best_effort: bool = False
+    kv_budget: float | None = None
+    refit: bool = False
 
     def __post_init__(self):
         if self.d_kv is not None and (not isinstance(self.d_kv, int) or isinstance(self.d_kv, bool) or self.d_kv <= 0):
@@ -53,6 +66,14 @@ class MLAConfig:
             raise ValueError(f"damping must be a non-negative number, got {self.damping!r}")
         if self.svd not in SVD_MODES:
             raise ValueError(f"svd must be one of {SVD_MODES}, got {self.svd!r}")
+        if self.kv_budget is not None:
+            if isinstance(self.kv_budget, bool) or not isinstance(self.kv_budget, (int, float)) \
+                    or not 0 < self.kv_budget <= 1:
+                raise ValueError(f"kv_budget is the fraction of the original KV cache to keep, in (0, 1], "
+                                 f"got {self.kv_budget!r}")
+            if self.d_kv is not None:
+                raise ValueError("give either d_kv (a fixed latent width) or kv_budget (widths chosen per site), "
+                                 "not both")
 
     @classmethod
     def mha2mla(cls, d_kv: int, rope_freqs: int = 4) -> "MLAConfig":
@@ -60,16 +81,44 @@ class MLAConfig:
         return cls(d_kv=d_kv, rope_freqs=rope_freqs, rope_strategy="2-norm", svd="joint", activation_aware=False)
 
     @property
+    def exact(self) -> bool:
+        """Full rank with every rotary pair kept: the rewrite reproduces the model."""
+        return self.d_kv is None and self.rope_freqs is None and self.kv_budget is None
+
+    @property
+    def needs_pair_norms(self) -> bool:
+        return self.rope_strategy == "2-norm" and (self.rope_freqs is not None or self.kv_budget is not None)
+
+    @property
+    def needs_score_error(self) -> bool:
+        drops_pairs = self.rope_freqs is not None or self.kv_budget is not None
+        return (self.rope_strategy == "score-error" and drops_pairs) or \
+            (self.kv_budget is not None and self.rope_freqs is None)
+
+    @property
+    def needs_gram(self) -> bool:
+        return self.activation_aware or self.refit
+
+    @property
     def needs_rope_statistics(self) -> bool:
-        return self.rope_strategy == "2-norm" and self.rope_freqs is not None
+        return self.needs_pair_norms or self.needs_score_error
 
     @property
     def needs_calibration(self) -> bool:
-        return self.needs_rope_statistics or self.activation_aware
+        return self.needs_rope_statistics or self.needs_gram
+
+    @property
+    def calibration_reason(self) -> str:
+        """Which setting needs calibration tokens (for error messages)."""
+        if self.kv_budget is not None:
+            return f"kv_budget={self.kv_budget}"
+        if self.needs_rope_statistics:
+            return f"rope_strategy={self.rope_strategy!r}"
+        return "activation_aware=True" if self.activation_aware else "refit=True"
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "MLAConfig":
-        return cls(**d)
+        return cls(**d)     # fields added later default, so older saved configs still load

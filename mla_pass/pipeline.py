@@ -75,7 +75,8 @@ def convert(model: nn.Module, config: MLAConfig | None = None, calibration: torc
         model: a Hugging Face causal LM or any decoder ``nn.Module`` mapping ``input_ids`` to
             logits (taking ``position_ids`` too enables cached decoding). It is not modified.
         config: an ``MLAConfig``; the default (``d_kv=None, rope_freqs=None``) is exact.
-        calibration: token ids ``[N, L]`` for statistics-driven choices (``rope_strategy="2-norm"``).
+        calibration: token ids ``[N, L]`` for statistics-driven choices (``2-norm`` / ``score-error``
+            selection, activation-aware SVD, ``kv_budget``, ``refit``).
         progress: show progress bars for calibration.
 
     Example:
@@ -88,9 +89,8 @@ def convert(model: nn.Module, config: MLAConfig | None = None, calibration: torc
     if isinstance(model, MLAModel):
         raise ValueError("this model is already converted; convert the original model instead")
     if config.needs_calibration and calibration is None:
-        what = "rope_strategy='2-norm'" if config.needs_rope_statistics else "activation_aware=True"
-        raise ValueError(f"{what} needs real activations: pass calibration=token_ids (e.g. a few 512-token "
-                         "windows of text)")
+        raise ValueError(f"{config.calibration_reason} needs real activations: pass calibration=token_ids (e.g. a "
+                         "few 512-token windows of text)")
     if calibration is not None:
         from .calibrate import as_token_batches
         calibration = as_token_batches(calibration)
@@ -117,9 +117,15 @@ def build(captured: Captured, config: MLAConfig, *, calibration=None, plans: dic
     if plans is None:
         if config.needs_calibration:
             stats = collect(captured.gm, sites, calibration, captured.takes_positions,
-                            rope_norms=config.needs_rope_statistics, gram=config.activation_aware, progress=progress)
+                            rope_norms=config.needs_pair_norms, gram=config.needs_gram,
+                            score_error=config.needs_score_error, progress=progress)
         try:
-            plans = {s.index: plan_site(s, config, stats) for s in sites}
+            if config.kv_budget is not None:
+                from .allocate import allocate_budget
+                split = allocate_budget(sites, config, stats)
+                plans = {s.index: plan_site(s, config, stats, *split[s.index]) for s in sites}
+            else:
+                plans = {s.index: plan_site(s, config, stats) for s in sites}
         except PlanError as e:
             raise ValueError(str(e)) from None
     elif sorted(plans) != [s.index for s in sites]:
@@ -129,8 +135,9 @@ def build(captured: Captured, config: MLAConfig, *, calibration=None, plans: dic
     for site in sites:
         module = LatentAttention(plans[site.index]).to(captured.env[site.hidden].dtype)
         if initialise_weights:
-            gram = stats.sites[site.index].gram if stats is not None and config.activation_aware else None
-            initialise(module, site, gram=gram, damping=config.damping)
+            gram = stats.sites[site.index].gram if stats is not None and config.needs_gram else None
+            initialise(module, site, gram=gram, damping=config.damping, activation_aware=config.activation_aware,
+                       refit=config.refit)
         modules[str(site.index)] = module
     root = captured.gm
     root.add_module(MODULES, modules)

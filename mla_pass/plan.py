@@ -7,34 +7,53 @@ from .config import MLAConfig
 from .latent_attention import LatentAttention, SitePlan
 from .match import AttentionSite
 from .math.rope import select_pairs, two_norm_scores
-from .math.svd import factorize_kv, full_latent_dim
+from .math.svd import factorize_kv, full_latent_dim, refit_up, split_key_width
 
 
 class PlanError(ValueError):
     pass
 
 
-def plan_site(site: AttentionSite, config: MLAConfig, stats) -> SitePlan:
-    rope = site.rope
-    n_pairs = rope.n_pairs
-    keep = n_pairs if config.rope_freqs is None else config.rope_freqs
+def kept_pairs(site: AttentionSite, config: MLAConfig, stats, keep: int) -> list[list[int]]:
+    """Indices (into ``site.rope.pairs``) of the pairs that stay rotated, per kv head."""
+    n_pairs = site.rope.n_pairs
     if keep > n_pairs:
-        raise PlanError(f"rope_freqs={config.rope_freqs} is more than the {n_pairs} rotary frequency pairs "
+        raise PlanError(f"rope_freqs={keep} is more than the {n_pairs} rotary frequency pairs "
                         f"{site.layer} rotates per head; use at most {n_pairs} (or None to keep all)")
     scores = None
-    if config.rope_strategy == "2-norm" and keep < n_pairs:
+    if config.rope_strategy in ("2-norm", "score-error") and keep < n_pairs:
         site_stats = stats.sites.get(site.index) if stats is not None else None
-        if site_stats is None or site_stats.query_pair_norms is None:
-            raise PlanError("rope_strategy='2-norm' ranks frequencies on real activations: pass calibration "
-                            "token ids to convert(..., calibration=ids)")
-        scores = two_norm_scores(site_stats.query_pair_norms, site_stats.key_pair_norms, site.kv_head_of_query)
-    chosen = select_pairs(config.rope_strategy, rope.speeds, keep, site.n_kv_heads, scores)
+        if config.rope_strategy == "2-norm":
+            if site_stats is None or site_stats.query_pair_norms is None:
+                raise PlanError("rope_strategy='2-norm' ranks frequencies on real activations: pass calibration "
+                                "token ids to convert(..., calibration=ids)")
+            scores = two_norm_scores(site_stats.query_pair_norms, site_stats.key_pair_norms, site.kv_head_of_query)
+        else:
+            if site_stats is None or site_stats.pair_score_error is None:
+                raise PlanError("rope_strategy='score-error' measures frequencies on real activations: pass "
+                                "calibration token ids to convert(..., calibration=ids)")
+            scores = site_stats.pair_score_error
+    return select_pairs(config.rope_strategy, site.rope.speeds, keep, site.n_kv_heads, scores)
+
+
+def plan_site(site: AttentionSite, config: MLAConfig, stats, keep: int | None = None,
+              latent: int | None = None) -> SitePlan:
+    """The site's plan; ``keep`` (rotary pairs per kv head) and ``latent`` (latent width) override
+    the config's ``rope_freqs`` and ``d_kv`` (a budget allocation sets them per site)."""
+    rope = site.rope
+    n_pairs = rope.n_pairs
+    if keep is None:
+        keep = n_pairs if config.rope_freqs is None else config.rope_freqs
+    chosen = kept_pairs(site, config, stats, keep)
     rope_dims = [sorted(d for k in pairs for d in rope.pairs[k]) for pairs in chosen]
     rows_key = site.n_kv_heads * (site.head_dim - 2 * keep)
     rows_value = site.n_kv_heads * site.value_dim
     hidden = site.weights.w_key.shape[-1]
     full = full_latent_dim(rows_key, rows_value, hidden, config.svd)
-    if config.d_kv is None:
+    if latent is not None:
+        if not 0 <= latent <= full:
+            raise PlanError(f"latent width {latent} at {site.layer} is outside [0, {full}]")
+    elif config.d_kv is None:
         latent = full
     else:
         latent = config.d_kv * site.n_kv_heads
@@ -56,15 +75,27 @@ def plan_site(site: AttentionSite, config: MLAConfig, stats) -> SitePlan:
 
 @torch.no_grad()
 def initialise(module: LatentAttention, site: AttentionSite, gram: torch.Tensor | None = None,
-               damping: float = 1e-2) -> None:
-    """Fill a module's weights from the site's pretrained K/V projections (SVD; activation-aware
-    when ``gram``, the mean x·xᵀ of the projections' input, is given)."""
+               damping: float = 1e-2, activation_aware: bool = True, refit: bool = False) -> None:
+    """Fill a module's weights from the site's pretrained K/V projections: SVD (activation-aware
+    when ``gram``, the mean x·xᵀ of the projections' input, is given and ``activation_aware``),
+    then optionally a least-squares refit of the up-projections on ``gram``."""
     p, w = module.plan, site.weights
     rope_dims = module.rope_dims                                   # [Hkv, R]
     nope_dims = module.nope_dims                                   # [Hkv, N]
     idx = lambda t, dims: torch.stack([t[j, dims[j]] for j in range(p.n_kv_heads)])  # noqa: E731
     w_key_nope = idx(w.w_key, nope_dims)                           # [Hkv, N, D]
-    low = factorize_kv(w_key_nope, w.w_value, p.latent_dim, p.svd, gram=gram, damping=damping)
+    low = factorize_kv(w_key_nope, w.w_value, p.latent_dim, p.svd, gram=gram if activation_aware else None,
+                       damping=damping)
+    if refit:
+        if gram is None:
+            raise ValueError("refit needs the activation Gram matrix from calibration")
+        if p.svd == "joint":
+            low.up_key, low.up_value = refit_up(w_key_nope, w.w_value, low.down, gram)
+        else:                   # split: keys read only the first c_k latent values, values the rest
+            c_k = split_key_width(w_key_nope.shape[0] * w_key_nope.shape[1], p.hidden, p.latent_dim)
+            none_v, none_k = w.w_value[:, :0], w_key_nope[:, :0]
+            low.up_key[..., :c_k] = refit_up(w_key_nope, none_v, low.down[:c_k], gram)[0]
+            low.up_value[..., c_k:] = refit_up(none_k, w.w_value, low.down[c_k:], gram)[1]
     module.down.copy_(low.down)
     module.up_key.copy_(low.up_key)
     module.up_value.copy_(low.up_value)

@@ -7,6 +7,9 @@ W exactly (up to float64 SVD round-off). Biases stay on the up side, untouched (
 Activation-aware (given the mean Gram matrix G = E[x xᵀ] of the projections' input): minimise
 ‖(W − Ŵ)X‖ instead. With G + λI = LLᵀ, take the SVD of W·L; then down = V_cᵀL⁻¹, up = U_cΣ_c.
 At full rank up·down = W·L·L⁻¹ = W, still exact.
+
+Least-squares refit (given G and a fixed down-projection D): the up-projection minimising
+E‖U·D·x − W·x‖² + ρ‖U‖² is U = W·G·Dᵀ·(D·G·Dᵀ + ρI)⁻¹ (the normal equations).
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ def factorize_kv(w_key_nope: torch.Tensor, w_value: torch.Tensor, latent_dim: in
         down, up = _truncated(torch.cat([wk, wv]), latent_dim, chol)
         up_k, up_v = up[: n_kv * dn], up[n_kv * dn:]
     elif mode == "split":
-        ck = min(latent_dim // 2 + latent_dim % 2, min(wk.shape)) if wk.numel() else 0
+        ck = split_key_width(wk.shape[0], hidden, latent_dim)
         cv = latent_dim - ck
         down_k, up_k_part = _truncated(wk, ck, chol)
         down_v, up_v_part = _truncated(wv, cv, chol)
@@ -55,6 +58,11 @@ def factorize_kv(w_key_nope: torch.Tensor, w_value: torch.Tensor, latent_dim: in
     return LowRankKV(down=down.to(out_dtype),
                      up_key=up_k.reshape(n_kv, dn, latent_dim).to(out_dtype),
                      up_value=up_v.reshape(n_kv, dv, latent_dim).to(out_dtype))
+
+
+def split_key_width(rows_key: int, hidden: int, latent_dim: int) -> int:
+    """In ``split`` mode, how many latent values the keys get (the first ones; values get the rest)."""
+    return min(latent_dim // 2 + latent_dim % 2, min(rows_key, hidden)) if rows_key else 0
 
 
 def _whitening(gram: torch.Tensor, damping: float) -> torch.Tensor:
@@ -78,3 +86,23 @@ def _truncated(w: torch.Tensor, rank: int, chol: torch.Tensor | None = None) -> 
     # down = V_cᵀ L⁻¹, i.e. solve down·L = V_cᵀ
     down = torch.linalg.solve_triangular(chol, vh[:rank], upper=False, left=False)
     return down, u[:, :rank] * s[:rank]
+
+
+def refit_up(w_key_nope: torch.Tensor, w_value: torch.Tensor, down: torch.Tensor, gram: torch.Tensor,
+             ridge: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up-projections (up_key [Hkv, Dn, C], up_value [Hkv, Dv, C]) that best reproduce the
+    original keys and values from the latent D·x on activations with mean Gram ``gram`` [D, D]
+    (ridge ``ridge`` × the mean diagonal of D·G·Dᵀ)."""
+    n_kv, dn, hidden = w_key_nope.shape
+    dv = w_value.shape[1]
+    w = torch.cat([w_key_nope.reshape(n_kv * dn, hidden), w_value.reshape(n_kv * dv, hidden)]).double()
+    d, g = down.double(), gram.double()
+    if d.shape[0] == 0:
+        return w_key_nope.new_zeros(n_kv, dn, 0), w_value.new_zeros(n_kv, dv, 0)
+    gd = g @ d.T                                                          # [D, C]
+    lhs = d @ gd                                                          # [C, C]
+    lhs = lhs + ridge * lhs.diagonal().mean().clamp(min=1e-12) * torch.eye(lhs.shape[0], dtype=lhs.dtype)
+    up = torch.linalg.solve(lhs, (w @ gd).T).T                            # W·G·Dᵀ·(D·G·Dᵀ + ρI)⁻¹ (lhs symmetric)
+    c = d.shape[0]
+    return (up[: n_kv * dn].reshape(n_kv, dn, c).to(w_key_nope.dtype),
+            up[n_kv * dn:].reshape(n_kv, dv, c).to(w_value.dtype))
