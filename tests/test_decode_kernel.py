@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mla_pass.kernels.decode_attention import DecodeKernelConfig, _plan, decode_attention, decode_attention_reference
-from mla_pass.kernels.dispatch import absorbed_decode, fused_absorbed, kernel_refusal
+from mla_pass.kernels.dispatch import absorbed_decode, first_attended, fused_absorbed, kernel_refusal
 from mla_pass.math.attention import absorbed_attention
 from mla_pass.rewrite import CacheMask
 
@@ -58,6 +58,17 @@ def test_glue_around_the_kernel_contract(softcap, with_bias):
         out = fused_absorbed(*args, d["kv_heads"], 0.3, mask, softcap, b_k, ks, impl=decode_attention_reference)
         err = (out - ref).abs().max().item()
         assert err <= 1e-5, f"mask {mask.dtype}: max |fused glue − absorbed_attention| = {err:.3g} > 1e-5"
+
+
+def test_first_attended_position_of_a_left_padded_mask():
+    mask = _decode_inputs()["mask"]                       # rows padded by 0, 5 and 30 positions
+    start = first_attended(mask)
+    assert start.tolist() == [0, 5, 30] and start.dtype == torch.int32
+    assert first_attended(mask) is start                  # the next layers of the same step reuse it
+    mask[0, ..., :3] = False                              # an in-place change is seen
+    assert first_attended(mask).tolist() == [3, 5, 30]
+    empty = torch.zeros(2, 1, 1, 9, dtype=torch.bool)
+    assert first_attended(empty).tolist() == [0, 0]       # nothing to attend: the kernel's mask gives NaN
 
 
 def test_cpu_decode_is_the_pytorch_path():

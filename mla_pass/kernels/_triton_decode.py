@@ -28,8 +28,6 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-LOG2E = 1.4426950408889634
-
 
 @triton.jit
 def _dot(a, b, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
@@ -99,47 +97,46 @@ def _split_kernel(
             mk = tl.load(MASK + b * s_mb + offs_t * s_mt, mask=tmask, other=0)
             if MASK_BOOL:
                 valid = valid & (mk != 0)
-        if tl.max(valid.to(tl.int32), axis=0) > 0:      # a tile of padding only: no latent reads
-            if N_CHUNKS == 1:
-                lat = tl.load(LAT + b * s_lb + offs_t[:, None] * s_lt + offs_o[None, :] * s_lc,
-                              mask=tmask[:, None] & omask[None, :], other=0.0)
-                s = _dot(q_all, tl.trans(lat), DOT_FP32, PRECISION)
-            else:
-                s = tl.zeros([BLOCK_H, BLOCK_T], tl.float32)
-                for ci in tl.static_range(N_CHUNKS):
-                    offs_c = ci * C_CHUNK + tl.arange(0, C_CHUNK)
-                    cmask = offs_c < C
-                    q_c = tl.load(Q + b * s_qb + offs_h[:, None] * s_qh + offs_c[None, :] * s_qc,
-                                  mask=hmask[:, None] & cmask[None, :], other=0.0).to(lat_ty)
-                    lat_c = tl.load(LAT + b * s_lb + offs_t[:, None] * s_lt + offs_c[None, :] * s_lc,
-                                    mask=tmask[:, None] & cmask[None, :], other=0.0)
-                    s += _dot(q_c, tl.trans(lat_c), DOT_FP32, PRECISION)
-                lat = tl.load(LAT + b * s_lb + offs_t[:, None] * s_lt + offs_o[None, :] * s_lc,
-                              mask=tmask[:, None] & omask[None, :], other=0.0)
-            if HAS_QB:
-                s += q_bias[:, None]
-            if HAS_KS:
-                ks = tl.load(KS + b * s_kb + kvh[:, None] * s_kj + offs_t[None, :] * s_kt,
-                             mask=hmask[:, None] & tmask[None, :], other=0.0)
-                s = s * ks.to(tl.float32)
-            if RSPAN > 0:
-                rk = tl.load(RK + b * s_rb + col_j[None, :] * s_rj + offs_t[:, None] * s_rt + col_r[None, :] * s_rr,
-                             mask=tmask[:, None] & col_ok[None, :], other=0.0)
-                s += _dot(q_rope, tl.trans(rk), DOT_FP32, PRECISION)
-            s = s * scale
-            if SOFTCAP:     # softcap·tanh(s/softcap), tanh(x) = 2σ(2x) − 1
-                s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)
-            if HAS_MASK:
-                if not MASK_BOOL:
-                    s += mk.to(tl.float32)[None, :]
-            s = tl.where(valid[None, :], s * 1.4426950408889634, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)    # rows with nothing to attend yet
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + _dot(p.to(lat_ty), lat, DOT_FP32, PRECISION)
-            m_i = m_new
+        if N_CHUNKS == 1:
+            lat = tl.load(LAT + b * s_lb + offs_t[:, None] * s_lt + offs_o[None, :] * s_lc,
+                          mask=tmask[:, None] & omask[None, :], other=0.0)
+            s = _dot(q_all, tl.trans(lat), DOT_FP32, PRECISION)
+        else:
+            s = tl.zeros([BLOCK_H, BLOCK_T], tl.float32)
+            for ci in tl.static_range(N_CHUNKS):
+                offs_c = ci * C_CHUNK + tl.arange(0, C_CHUNK)
+                cmask = offs_c < C
+                q_c = tl.load(Q + b * s_qb + offs_h[:, None] * s_qh + offs_c[None, :] * s_qc,
+                              mask=hmask[:, None] & cmask[None, :], other=0.0).to(lat_ty)
+                lat_c = tl.load(LAT + b * s_lb + offs_t[:, None] * s_lt + offs_c[None, :] * s_lc,
+                                mask=tmask[:, None] & cmask[None, :], other=0.0)
+                s += _dot(q_c, tl.trans(lat_c), DOT_FP32, PRECISION)
+            lat = tl.load(LAT + b * s_lb + offs_t[:, None] * s_lt + offs_o[None, :] * s_lc,
+                          mask=tmask[:, None] & omask[None, :], other=0.0)
+        if HAS_QB:
+            s += q_bias[:, None]
+        if HAS_KS:
+            ks = tl.load(KS + b * s_kb + kvh[:, None] * s_kj + offs_t[None, :] * s_kt,
+                         mask=hmask[:, None] & tmask[None, :], other=0.0)
+            s = s * ks.to(tl.float32)
+        if RSPAN > 0:
+            rk = tl.load(RK + b * s_rb + col_j[None, :] * s_rj + offs_t[:, None] * s_rt + col_r[None, :] * s_rr,
+                         mask=tmask[:, None] & col_ok[None, :], other=0.0)
+            s += _dot(q_rope, tl.trans(rk), DOT_FP32, PRECISION)
+        s = s * scale
+        if SOFTCAP:     # softcap·tanh(s/softcap), tanh(x) = 2σ(2x) − 1
+            s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)
+        if HAS_MASK:
+            if not MASK_BOOL:
+                s += mk.to(tl.float32)[None, :]
+        s = tl.where(valid[None, :], s * 1.4426950408889634, float("-inf"))   # log2(e): base-2 softmax
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)    # rows with nothing to attend yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(p.to(lat_ty), lat, DOT_FP32, PRECISION)
+        m_i = m_new
 
     if NUM_SPLITS == 1:     # nothing to combine: normalise here (0/0 = NaN when nothing was valid)
         out = acc / l_i[:, None]

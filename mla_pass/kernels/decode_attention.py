@@ -10,9 +10,10 @@ kv head (2r, may be 0).
         out_h   = Σ_t a_{h,t} latent_t                                  → [B,H,C], latent's dtype
 
 This is ``math.attention.absorbed_attention`` for one query after the W_uk absorption and before
-W_uv (see ``dispatch.absorbed_decode``). ``start`` and ``lengths`` describe left-padded and
-right-ragged batches; the key mask covers anything else (its all-False tiles cost no latent reads).
-A sequence with nothing valid gives NaN, as the PyTorch softmax does.
+W_uv (see ``dispatch.absorbed_decode``). ``start`` and ``lengths`` bound the work of each
+sequence (left-padded and right-ragged batches: split-K divides [start, lengths) evenly); the key
+mask, read one byte per position, covers any other pattern. A sequence with nothing valid gives
+NaN, as the PyTorch softmax does.
 """
 from __future__ import annotations
 
@@ -155,8 +156,8 @@ def decode_attention(q_latent_BHC: torch.Tensor, q_rope_BHR: torch.Tensor, laten
     p = _plan(cfg, b, h, t, c, r, kv_heads, _sm_count(str(device)))
 
     i32 = dict(dtype=torch.int32, device=device)
-    start = start_B.to(torch.int32) if start_B is not None else torch.zeros(b, **i32)
-    end = lengths_B.to(torch.int32).clamp(max=t) if lengths_B is not None else torch.full((b,), t, **i32)
+    start = start_B.to(torch.int32).contiguous() if start_B is not None else torch.zeros(b, **i32)
+    end = lengths_B.to(torch.int32).clamp(max=t).contiguous() if lengths_B is not None else torch.full((b,), t, **i32)
     kv_map = _kv_map(kv_heads, str(device))
     mask = key_mask_BT
     if mask is not None and mask.dtype == torch.bool:

@@ -16,12 +16,15 @@ dependent check, so no host-device sync on the decode path):
     added); per-head or per-query masks fall back;
   - latent dtype fp16, bf16 or fp32; no autograd (the kernel has no backward).
 Softcapping, a key bias, RMS-normalised keys (key_scale), any kv-head map and a rope width of 0
-are handled in the kernel.
+are handled in the kernel. A bool mask is passed whole (holes are honoured) and also gives each
+sequence's first attended position, so left padding costs no latent reads: one argmax per decode
+step, shared by the layers that receive the same mask tensor.
 """
 from __future__ import annotations
 
 import importlib.util
 import logging
+import weakref
 from typing import Callable, Sequence
 
 import torch
@@ -61,6 +64,20 @@ def kernel_refusal(q_nope_BHSN, latent_BTC, mask, is_causal: bool, *tensors) -> 
     return None
 
 
+_first_cache: list = [None, -1, None]     # weakref to the last mask, its _version, its first positions
+
+
+def first_attended(mask_B11T: torch.Tensor) -> torch.Tensor:
+    """Per row, the first True position of a bool decode mask (0 for a row with none) → int32 [B].
+    Remembered for the last mask tensor seen (every layer of a step gets the same one)."""
+    ref, version, start = _first_cache
+    if ref is not None and ref() is mask_B11T and version == mask_B11T._version:
+        return start
+    start = mask_B11T[:, 0, 0, :].to(torch.uint8).argmax(dim=1).to(torch.int32)   # argmax: the first maximum
+    _first_cache[:] = [weakref.ref(mask_B11T), mask_B11T._version, start]
+    return start
+
+
 def fused_absorbed(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_BHkvTR, up_key_HkvNC, up_value_HkvVC,
                    b_value_HkvV, kv_head_of_query, kv_heads: Sequence[int], scale: float, mask=None, softcap=None,
                    b_key_HkvN=None, key_scale_BHkvT=None, *, impl: Callable | None = None):
@@ -71,8 +88,11 @@ def fused_absorbed(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_BHkvTR, up_key_H
     b, t = latent_BTC.shape[:2]
     q_latent_BHC = latent_query(q_nope_BHSN, up_key_HkvNC, kv_head_of_query)[:, :, 0]
     q_bias_BH = key_bias_score(q_nope_BHSN, b_key_HkvN, kv_head_of_query)[:, :, 0, 0] if b_key_HkvN is not None else None
-    key_mask_BT = mask[:, 0, 0, :].expand(b, t) if mask is not None else None
-    out_latent_BHC = impl(q_latent_BHC, q_rope_BHSR[:, :, 0], latent_BTC, k_rope_BHkvTR, scale,
+    key_mask_BT = start_B = None
+    if mask is not None:
+        start_B = first_attended(mask).expand(b) if mask.dtype == torch.bool else None
+        key_mask_BT = mask[:, 0, 0, :].expand(b, t)
+    out_latent_BHC = impl(q_latent_BHC, q_rope_BHSR[:, :, 0], latent_BTC, k_rope_BHkvTR, scale, start_B=start_B,
                           key_mask_BT=key_mask_BT, kv_head_of_query=kv_heads, softcap=softcap,
                           q_bias_BH=q_bias_BH, key_scale_BHkvT=key_scale_BHkvT)
     return latent_output(out_latent_BHC[:, :, None], up_value_HkvVC, b_value_HkvV, kv_head_of_query)
