@@ -129,3 +129,11 @@ def test_cpu_path_never_imports_triton():
             "assert 'triton' not in sys.modules, 'triton was imported'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the script runs the real benchmark")
+def test_gpu_benchmark_without_cuda_says_so():
+    script = Path(__file__).parent.parent / "benchmarks" / "gpu_decode.py"
+    proc = subprocess.run([sys.executable, str(script), "--no-smoke"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "no GPU numbers were measured" in proc.stdout and "|" not in proc.stdout, proc.stdout
