@@ -42,13 +42,14 @@ def _dot(a, b, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
 def _split_kernel(
         Q, QR, LAT, RK, KVMAP, START, END, MASK, QB, KS,
         ACC, MAX, SUM, OUT,
-        H, HKV, C, R, scale, softcap,
+        H, HKV, C, R, T, scale, softcap,
         s_qb, s_qh, s_qc, s_qrb, s_qrh, s_qrr,
         s_lb, s_lt, s_lc, s_rb, s_rj, s_rt, s_rr,
         s_mb, s_mt, s_qbb, s_qbh, s_kb, s_kj, s_kt,
         s_ab, s_as, s_ah, s_ac, s_ob, s_oh, s_oc,
         NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
         C_CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr, RSPAN: tl.constexpr,
+        HAS_START: tl.constexpr, HAS_END: tl.constexpr,
         HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_QB: tl.constexpr, HAS_KS: tl.constexpr,
         SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     pid_hc = tl.program_id(0)
@@ -63,8 +64,12 @@ def _split_kernel(
     kvh = tl.load(KVMAP + offs_h, mask=hmask, other=0)
 
     # this program's share of the valid range [start, end) of sequence b, in whole BLOCK_T tiles
-    start = tl.load(START + b)
-    end = tl.load(END + b)
+    start = 0
+    end = T
+    if HAS_START:
+        start = tl.load(START + b)
+    if HAS_END:
+        end = tl.minimum(tl.load(END + b), T)
     per_split = tl.cdiv(tl.cdiv(tl.maximum(end - start, 0), NUM_SPLITS), BLOCK_T) * BLOCK_T
     lo = start + split * per_split
     hi = tl.minimum(lo + per_split, end)

@@ -155,9 +155,8 @@ def decode_attention(q_latent_BHC: torch.Tensor, q_rope_BHR: torch.Tensor, laten
     cfg = config or DecodeKernelConfig()
     p = _plan(cfg, b, h, t, c, r, kv_heads, _sm_count(str(device)))
 
-    i32 = dict(dtype=torch.int32, device=device)
-    start = start_B.to(torch.int32).contiguous() if start_B is not None else torch.zeros(b, **i32)
-    end = lengths_B.to(torch.int32).clamp(max=t).contiguous() if lengths_B is not None else torch.full((b,), t, **i32)
+    start = start_B.to(torch.int32).contiguous() if start_B is not None else None
+    end = lengths_B.to(torch.int32).contiguous() if lengths_B is not None else None
     kv_map = _kv_map(kv_heads, str(device))
     mask = key_mask_BT
     if mask is not None and mask.dtype == torch.bool:
@@ -175,16 +174,17 @@ def decode_attention(q_latent_BHC: torch.Tensor, q_rope_BHR: torch.Tensor, laten
     grid = (p.head_blocks * p.n_chunks, p.num_splits, b)
     q_rope, rope_key = (q_rope_BHR, rope_key_BHkvTR) if r else (dummy, dummy)   # no pointer to empty storage
     K._split_kernel[grid](
-        q_latent_BHC, q_rope, latent_BTC, rope_key, kv_map, start, end,
+        q_latent_BHC, q_rope, latent_BTC, rope_key, kv_map,
+        start if start is not None else kv_map, end if end is not None else kv_map,
         mask if mask is not None else dummy, q_bias_BH if q_bias_BH is not None else dummy,
         key_scale_BHkvT if key_scale_BHkvT is not None else dummy,
         acc, m_ws, l_ws, out,
-        h, hkv, c, r, float(scale), float(softcap or 1.0),
+        h, hkv, c, r, t, float(scale), float(softcap or 1.0),
         *q_latent_BHC.stride(), *q_rope_BHR.stride(), *latent_BTC.stride(), *rope_key_BHkvTR.stride(),
         *stride(mask, 2), *stride(q_bias_BH, 2), *stride(key_scale_BHkvT, 3),
         *(acc.stride() if p.num_splits > 1 else (0,) * 4), *out.stride(),
         NUM_SPLITS=p.num_splits, BLOCK_H=p.block_h, BLOCK_T=p.block_t, C_CHUNK=p.c_chunk, N_CHUNKS=p.n_chunks,
-        RSPAN=p.rspan, HAS_MASK=mask is not None, MASK_BOOL=mask is not None and key_mask_BT.dtype == torch.bool,
+        RSPAN=p.rspan, HAS_START=start is not None, HAS_END=end is not None, HAS_MASK=mask is not None, MASK_BOOL=mask is not None and key_mask_BT.dtype == torch.bool,
         HAS_QB=q_bias_BH is not None, HAS_KS=key_scale_BHkvT is not None, SOFTCAP=softcap is not None,
         DOT_FP32=K.INTERPRETED, PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if p.num_splits > 1:
