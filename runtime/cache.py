@@ -2,23 +2,31 @@
 
 What IO binding can and cannot save. With the contract's ``cache_update="concat"`` the program
 computes ``present = Concat(past, new)``: onnxruntime itself writes all T+S tokens of every
-cache tensor each step, and no binding avoids that copy (a prefix of a [B, T_max, ...] buffer is
-contiguous only for batch 1, and an output may not alias an input of the same Concat). What
-binding does avoid is everything around it: without it ``session.run`` allocates each present,
-copies it into a new numpy array, and the next step feeds that array back. Here each entry has
-two flat buffers of ``batch × capacity × values_per_token`` elements (ping-pong): a step reads
-the past as the contiguous [B, T, ...] prefix of one and onnxruntime writes the present as the
-[B, T+S, ...] prefix of the other, which becomes the next step's past. No allocation, no numpy
-round trip; the one remaining copy is the Concat's.
+cache tensor each step, and no binding avoids that copy (an output may not alias an input of
+the same Concat, and a prefix of a [B, T_max, ...] buffer is contiguous only for batch 1).
+Here each entry has two flat buffers of ``batch × capacity × values_per_token`` elements
+(ping-pong): a step reads the past as the contiguous [B, T, ...] prefix of one, onnxruntime
+writes the present as the [B, T+S, ...] prefix of the other, which is the next step's past: no
+allocation and nothing crosses to numpy. On CPU that gains nothing measurable over plain
+``session.run`` (its outputs already wrap onnxruntime's memory without a copy, and re-binding
+2 × 60 tensors costs ~0.7 ms a step); on CUDA it keeps the cache on the device.
 
 With ``cache_update="in_place"`` (the program updates its cache with ``TensorScatter`` at index
 T, opset 24) each entry has ONE buffer of [B, capacity, ...], bound as both the past input and
-the present output; onnxruntime's TensorScatter sees the same address and skips its copy, so a
-decode step writes only the new token. Measured per decode step (``benchmarks/runtime_cache.py``,
-toy decoder with SmolLM2-135M's cache sizes, 30 layers, batch 1, 2 threads, CPU)::
+the present output, once; onnxruntime's TensorScatter sees the same address and skips its copy,
+so a step writes only the new tokens. Measured per decode step with
+``python benchmarks/runtime_cache.py`` (toy decoder whose 30 layers only write a cache of
+SmolLM2-135M's sizes; batch 1, 2 threads, 2-core CPU shared with other jobs, so ±50% noise;
+medians of 30 steps, ms)::
 
-    past tokens                                 512      2048      8192
-    see README "Runtime" (filled in from the benchmark run)
+    cache (fp32)                     past:   512    2048    8192
+    MLA d_kv=32 (14,400 B/token)  run        6.6    16.2    45.6
+                                  bound      7.5    28.2    47.8
+                                  in place   0.42   0.48    0.22
+    original (46,080 B/token)     run       12.7    36.9   161.6
+                                  bound     17.1    50.3   143.2
+                                  in place   0.48   0.29    0.57
+    (numpy memcpy of the whole cache: 1.0 / 7.5 / 18.3 ms and 2.6 / 18.0 / 65.4 ms)
 
 Names carry shapes: B batch, T cached tokens, S new tokens.
 """

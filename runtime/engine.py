@@ -233,6 +233,8 @@ class OnnxEngine:
         batch, new = ids.shape
         if cache.batch != batch:
             raise CacheError(f"the KVCache holds {cache.batch} rows but input_ids has {batch}")
+        if cache is not self._bound_cache and cache.entries != self.manifest.cache:
+            raise CacheError("this KVCache was made for another engine's cache entries: use engine.new_cache()")
         if cache.length != mask.shape[1] - new:
             raise CacheError(f"attention_mask covers {mask.shape[1] - new} past tokens but the KVCache holds {cache.length}")
         b = self._binding
