@@ -126,6 +126,8 @@ class OnnxEngine:
         self._bound_cache: KVCache | None = None
         logits_type = next(o.type for o in self.session.get_outputs() if o.name == "logits")
         self._logits_dtype = np.float16 if logits_type == ORT_TYPES["float16"] else np.float32
+        logger.info("%s: %s model, %d cache tensors (%s update), %s", self.folder, self.manifest.kind,
+                    len(self.manifest.cache), self.manifest.cache_update, self.session.get_providers()[0])
 
     def __repr__(self) -> str:
         m = self.manifest
