@@ -140,7 +140,7 @@ def _rewrite(gm: fx.GraphModule, example_inputs: list, opts: BackendOptions) -> 
     if errors and not opts.config.best_effort:
         raise UnsupportedAttentionError(errors)
     for e in errors:
-        _warn_once(f"mla backend left untouched: {e}")
+        _warn_once(f"mla backend left untouched: {e}", key=(e.layer, e.reason))
     counters["mla"]["sites_refused"] += len(errors)
     if not kept:
         return None
@@ -280,15 +280,16 @@ def latent_modules(model: nn.Module) -> nn.ModuleList:
 
 
 # --------------------------------------------------------------------------------------------
-# warnings: once per message until torch._dynamo.reset()
+# warnings: once per refused site (layer, reason) or message, until torch._dynamo.reset()
 # --------------------------------------------------------------------------------------------
-_WARNED: set[str] = set()
+_WARNED: set = set()
 
 
-def _warn_once(message: str) -> None:
-    if message not in _WARNED:
-        _WARNED.add(message)
-        warnings.warn(message, stacklevel=2)
+def _warn_once(message: str, key=None) -> None:
+    key = message if key is None else key
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, stacklevel=3)
 
 
 def _reset() -> None:

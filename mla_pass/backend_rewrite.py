@@ -72,9 +72,17 @@ def record_values(gm: fx.GraphModule, inputs) -> dict[fx.Node, object]:
                 return target(stored_k, stored_v, new_k, new_v)
             return super().call_function(target, args, kwargs)
 
+    # dynamo passes the SymInt inputs of dynamic graphs as SymInts: run on their hints, so that
+    # running the graph on real tensors adds no guard (a guard would specialise the graph)
     with torch.no_grad():
-        _Recorder(gm).run(*inputs)
+        _Recorder(gm).run(*(_hint(x) if isinstance(x, torch.SymInt) else x for x in inputs))
     return env
+
+
+def _hint(x: torch.SymInt) -> int:
+    from torch.fx.experimental import symbolic_shapes
+    hint = getattr(symbolic_shapes, "optimization_hint", None) or getattr(symbolic_shapes, "hint_int")
+    return int(hint(x))
 
 
 _POSITION_SOURCES = {torch.ops.aten.arange.default, torch.ops.aten.arange.start, torch.ops.aten.arange.start_step}
@@ -135,6 +143,11 @@ def _cache_of(core: AttentionCore) -> fx.Node | None:
         while G.is_layout_op(node):
             node = node.args[0]
         is_slot = G.is_getitem(node) and getattr(node.args[0], "target", None) is CACHE_APPEND
+        if not is_slot and node.target is torch.ops.aten.cat.default and len(node.args[0]) == 2 \
+                and (node.args[1] if len(node.args) > 1 else 0) in (-2, 2):
+            raise SiteError(layer_name(core.anchor), node.name, "its cache update is a plain torch.cat, not a "
+                            "DynamicLayer (e.g. a sliding-window cache layer): only DynamicLayer caches are "
+                            "compressed")
         sources.append((node.args[0], node.args[1] == slot) if is_slot else (None, True))
     (k_cache, k_ok), (v_cache, v_ok) = sources
     if k_cache is None and v_cache is None:

@@ -28,7 +28,8 @@ never empty, so ``get_seq_length`` (``keys.shape[-2]``) and the mask bookkeeping
 
 The patch is installed by importing ``mla_pass.backend`` (which ``torch.compile(...,
 backend="mla")`` does through the entry point). Outside dynamo tracing (eager runs,
-``torch.export``) the original ``update`` runs, unchanged.
+``torch.export``) the original ``update`` runs, unchanged; the only addition is a clear error
+where an eager call would concatenate new full K/V onto compressed slots.
 """
 from __future__ import annotations
 
@@ -86,6 +87,11 @@ def _traced_update(self, key_states, value_states, *args, **kwargs):
             self.lazy_initialization(key_states, value_states)
         self.keys, self.values = torch.ops.mla_pass.cache_append(self.keys, self.values, key_states, value_states)
         return self.keys, self.values
+    if self.is_initialized and self.keys.dim() == 4 and not slot_layout_matches(
+            self.keys, self.values, key_states.shape, value_states.shape):
+        raise RuntimeError("this cache holds the compressed tensors of torch.compile(backend='mla'): only the "
+                           "compiled forward can extend it, and this call runs eagerly (did dynamo fall back to "
+                           "eager, e.g. at its recompile limit?)")
     return _ORIGINAL_UPDATE(self, key_states, value_states, *args, **kwargs)
 
 
