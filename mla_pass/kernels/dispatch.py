@@ -4,7 +4,9 @@
         kernel_refusal(...) is None:  q_latent = W_ukᵀ q_nope          (torch)
                                       o_latent = decode_attention(...)  (Triton, fused)
                                       out      = W_uv o_latent + b_v    (torch)
-        otherwise:                    absorbed_attention(...)           (PyTorch, unchanged)
+        otherwise:                    absorbed_attention_sdpa(...)      (PyTorch: one multi-query SDPA,
+                                                                         what ONNX export traces), or
+                                      absorbed_attention(...)           (softcap / RMS-normalised keys)
 
 The kernel is used only when every precondition holds; each refusal is a reason string (logged
 once per reason at DEBUG level). Preconditions, all read from shapes/dtypes/devices (no data-
@@ -29,6 +31,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..math.absorbed_sdpa import absorbed_attention_sdpa
+from ..math.absorbed_sdpa import eligible as sdpa_eligible
 from ..math.attention import absorbed_attention, key_bias_score, latent_output, latent_query
 
 log = logging.getLogger(__name__)
@@ -112,6 +116,9 @@ def absorbed_decode(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_BHkvTR, up_key_
     if latent_BTC.is_cuda and reason not in _logged:
         _logged.add(reason)
         log.debug("latent decode kernel not used: %s", reason)
+    if sdpa_eligible(softcap, key_scale_BHkvT, kv_heads, up_key_HkvNC.shape[0]):
+        return absorbed_attention_sdpa(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_BHkvTR, up_key_HkvNC,
+                                       up_value_HkvVC, b_value_HkvV, kv_head_of_query, scale, mask, is_causal)
     return absorbed_attention(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_BHkvTR, up_key_HkvNC, up_value_HkvVC,
                               b_value_HkvV, kv_head_of_query, scale, mask, is_causal, softcap, b_key_HkvN,
                               key_scale_BHkvT)

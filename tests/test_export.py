@@ -1,0 +1,163 @@
+"""ONNX export (mla_pass.export.to_onnx): onnxruntime runs the same program PyTorch runs.
+
+Each check drives the exported step with plain onnxruntime (the runtime package has its own
+tests) next to the PyTorch step program: a prefill then 32 decode steps, each feeding back its
+own cache. fp32 logits must agree within 1e-4 at every step and the greedy tokens must match.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import mla_pass
+from helpers import tiny_llama, tiny_qwen2
+from mla_pass import MLAConfig
+
+onnx_export = pytest.importorskip("mla_pass.export.onnx", reason="the ONNX exporter needs onnx and onnxscript")
+ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+to_onnx, ExportError = onnx_export.to_onnx, onnx_export.ExportError
+from mla_pass.runtime.manifest import Manifest, ManifestError  # noqa: E402
+
+DECODE_STEPS = 32
+
+
+def _session(folder):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+
+
+def _drive(folder, torch_step, empty_cache, ids: torch.Tensor, steps: int = DECODE_STEPS):
+    """Greedy decode with both programs side by side; returns (max |Δlogits| per step, ort tokens, torch tokens)."""
+    manifest = Manifest.read(folder)
+    session = _session(folder)
+    b, s = ids.shape
+    ort_cache = [np.zeros(e.concrete_shape(b, 0), np.float32) for e in manifest.cache]
+    torch_cache = empty_cache(b)
+    mask = torch.ones(b, s, dtype=torch.long)
+    cur, errors, ort_tokens, torch_tokens = ids, [], [], []
+    cur_ort = ids
+    for _ in range(steps + 1):
+        pos = (mask.cumsum(-1) - 1)[:, -cur.shape[1]:]
+        feeds = {"input_ids": cur_ort.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy()}
+        feeds.update({e.input: c for e, c in zip(manifest.cache, ort_cache)})
+        logits_ort, *ort_cache = session.run(None, feeds)
+        with torch.no_grad():
+            logits_t, *torch_cache = torch_step(cur, pos, mask, *torch_cache)
+        errors.append(float(np.abs(logits_ort[:, -1] - logits_t[:, -1].numpy()).max()))
+        ort_tokens.append(logits_ort[:, -1].argmax(-1))
+        torch_tokens.append(logits_t[:, -1].argmax(-1).numpy())
+        cur_ort = torch.from_numpy(ort_tokens[-1])[:, None]
+        cur = torch.from_numpy(torch_tokens[-1])[:, None]
+        mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.long)], dim=1)
+    return errors, np.stack(ort_tokens, 1), np.stack(torch_tokens, 1)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_llama(n_kv=2)
+
+
+@pytest.fixture(scope="module")
+def mla_folder(llama, tmp_path_factory):
+    mla = mla_pass.convert(llama, MLAConfig(d_kv=6, rope_freqs=3), progress=False)
+    return mla, to_onnx(mla, tmp_path_factory.mktemp("mla") / "out", max_length=128)
+
+
+def test_mla_export_agrees_with_pytorch_over_32_decode_steps(mla_folder):
+    mla, folder = mla_folder
+    ids = torch.randint(0, mla.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
+    errors, ort_tokens, torch_tokens = _drive(folder, mla.step, mla.empty_cache, ids)
+    assert max(errors) <= 1e-4, f"max |Δlogits| per step: {errors}"
+    np.testing.assert_array_equal(ort_tokens, torch_tokens)
+
+
+def test_manifest_describes_the_compressed_cache(mla_folder):
+    mla, folder = mla_folder
+    manifest = Manifest.read(folder)
+    assert manifest.kind == "mla" and manifest.max_length == 128
+    assert [e.input for e in manifest.cache] == [t.name for t in mla.cache_spec]
+    first = manifest.cache[0]
+    assert first.input == "past_key_values.0.latent" and first.output == "present.0.latent"
+    assert first.shape == ["batch", "past", mla.plans[0].latent_dim]
+    rope = manifest.cache[1]
+    assert rope.shape == ["batch", 2, "past", 6] and rope.time_axis == 2
+    assert manifest.kv_cache_bytes_per_token() == mla.kv_cache_bytes_per_token(dtype=torch.float32)
+    assert manifest.mla_config["d_kv"] == 6
+    session = _session(folder)
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask", "position_ids"] + \
+        [e.input for e in manifest.cache]
+    # weights are stored once, as external data
+    assert (folder / "model.onnx.data").stat().st_size > 4 * sum(p.numel() for p in mla.step.parameters()) * 0.5
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_qwen2], ids=["llama-gqa", "qwen2"])
+def test_original_export_reproduces_hf_greedy_tokens(make, tmp_path):
+    model = make()
+    folder = to_onnx(model, tmp_path / "orig")
+    manifest = Manifest.read(folder)
+    assert manifest.kind == "original" and manifest.mla_config is None
+    assert [e.input for e in manifest.cache[:2]] == ["past_key_values.0.key", "past_key_values.0.value"]
+    ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(5))
+    from mla_pass.baseline import kv_step_program
+    program = kv_step_program(model)
+    errors, ort_tokens, _ = _drive(folder, program.step, program.empty_cache, ids)
+    assert max(errors) <= 1e-4
+    want = model.generate(ids, max_new_tokens=DECODE_STEPS + 1, do_sample=False)[0, 7:].numpy()
+    np.testing.assert_array_equal(ort_tokens[0], want)
+
+
+def test_full_rank_mla_export_reproduces_the_original_tokens(llama, tmp_path):
+    mla = mla_pass.convert(llama, MLAConfig(), progress=False)
+    folder = to_onnx(mla, tmp_path / "exact")
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(7))
+    errors, ort_tokens, _ = _drive(folder, mla.step, mla.empty_cache, ids)
+    want = llama.generate(ids, max_new_tokens=DECODE_STEPS + 1, do_sample=False)[0, 6:].numpy()
+    np.testing.assert_array_equal(ort_tokens[0], want)
+
+
+def test_float16_export_runs_close_to_fp32(mla_folder, tmp_path):
+    mla, _ = mla_folder
+    folder = to_onnx(mla, tmp_path / "fp16", dtype="float16")
+    manifest = Manifest.read(folder)
+    assert manifest.dtype == "float16" and all(e.dtype == "float16" for e in manifest.cache)
+    assert manifest.kv_cache_bytes_per_token() == mla.kv_cache_bytes_per_token(dtype=torch.float16)
+    assert next(mla.program.parameters()).dtype == torch.float32      # the source model is not cast
+
+
+def test_export_refuses_bad_requests(mla_folder, llama, tmp_path):
+    mla, folder = mla_folder
+    with pytest.raises(FileExistsError, match="not empty"):
+        to_onnx(mla, folder)
+    with pytest.raises(ValueError, match="dtype"):
+        to_onnx(mla, tmp_path / "x", dtype="int4")
+    with pytest.raises(TypeError, match="MLAModel or a torch decoder"):
+        to_onnx("not a model", tmp_path / "y")
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        to_onnx(llama, tmp_path / "z", tokenizer=tmp_path / "missing")
+    assert not (tmp_path / "z").exists() or not any((tmp_path / "z").iterdir())
+
+
+def test_corrupted_folders_are_refused(mla_folder, tmp_path):
+    import shutil
+    _, folder = mla_folder
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    data = copy / "model.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[100] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(ManifestError, match="SHA-256"):
+        Manifest.read(copy)
+    (copy / "model.onnx").unlink()
+    with pytest.raises(ManifestError, match="missing"):
+        Manifest.read(copy)
+    (copy / "manifest.json").write_text("{not json")
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        Manifest.read(copy)
+    (copy / "manifest.json").write_text(json.dumps({"format": "mla-pass-onnx", "version": 99}))
+    with pytest.raises(ManifestError, match="version"):
+        Manifest.read(copy)
