@@ -15,6 +15,7 @@ tokens and must agree with PyTorch (fp32: 1e-4 on logits), or the export is refu
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import shutil
 import tempfile
@@ -75,7 +76,7 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
         if not model.can_cache:
             raise ValueError("this converted model cannot decode from a cache (sites left untouched, or its forward "
                              "takes no position_ids), so it has no step program to export")
-        kind, step, spec, plans = "mla", model.step, model.cache_spec, model.plans
+        kind, step, spec, plans = "mla", _absorbed_step(model), model.cache_spec, model.plans
         vocab, source, generation = model.vocab_size, model.source, model.generation
         mla_config = model.config.to_dict()
     elif isinstance(model, nn.Module):
@@ -134,6 +135,17 @@ def _quiet(logger_name: str):
         yield
     finally:
         log.setLevel(level)
+
+
+def _absorbed_step(mla) -> nn.Module:
+    """The step program with every site in the absorbed form, prompts included: one ONNX graph
+    serves prefill and decode, and decode must read the latent cache directly (never expand it)."""
+    step = copy.deepcopy(mla.step)
+    from mla_pass.latent_attention import LatentAttention
+    for m in step.modules():
+        if isinstance(m, LatentAttention):
+            m.form = "absorbed"
+    return step
 
 
 def _to_float16(path: Path) -> None:
