@@ -1,4 +1,4 @@
-"""Command line: ``mla-pass inspect | convert | demo | generate``."""
+"""Command line: ``mla-pass inspect | convert | demo | generate | eval | recover``."""
 from __future__ import annotations
 
 import argparse
@@ -59,18 +59,15 @@ def cmd_inspect(args) -> int:
 def _config_from_args(args):
     from .config import MLAConfig
     return MLAConfig(d_kv=args.d_kv, rope_freqs=args.rope_freqs, rope_strategy=args.rope_strategy,
-                     svd=args.svd, activation_aware=args.activation_aware, best_effort=args.best_effort)
+                     svd=args.svd, activation_aware=args.activation_aware, best_effort=args.best_effort,
+                     kv_budget=args.kv_budget, refit=args.refit)
 
 
 def _calibration_tokens(tokenizer, cache_dir, windows: int = 8, length: int = 512):
-    import torch
-
-    from . import assets
+    from .evaluate import calibration_windows
     if tokenizer is None:
         raise SystemExit("error: calibration needs the model's tokenizer files in the model folder")
-    ids = tokenizer(assets.read_text("alice29.txt", cache_dir), return_tensors="pt").input_ids[0]
-    ids = ids[: windows * length]
-    return ids[: (len(ids) // length) * length].reshape(-1, length).to(torch.long)
+    return calibration_windows(tokenizer, windows, length, cache_dir)   # a clear error if the text is too short
 
 
 def cmd_convert(args) -> int:
@@ -164,11 +161,15 @@ def cmd_generate(args) -> int:
 def _add_mla_options(p):
     p.add_argument("--d-kv", type=int, default=None, help="latent width per kv head (default: full rank)")
     p.add_argument("--rope-freqs", type=int, default=None, help="rotary pairs kept per head (default: all)")
-    p.add_argument("--rope-strategy", default="high", choices=["high", "low", "uniform", "2-norm"])
+    p.add_argument("--rope-strategy", default="high", choices=["high", "low", "uniform", "2-norm", "score-error"])
     p.add_argument("--svd", default="joint", choices=["joint", "split"])
     p.add_argument("--activation-aware", action="store_true",
                    help="factorise on calibration activations (8 × 512 tokens of alice29.txt)")
     p.add_argument("--best-effort", action="store_true", help="leave unsupported sites untouched instead of failing")
+    p.add_argument("--kv-budget", type=float, default=None, help="fraction of the KV cache to keep, split per "
+                   "layer between rotary pairs and latent width (instead of --d-kv)")
+    p.add_argument("--refit", action="store_true", help="least-squares refit of the up-projections on calibration "
+                   "activations")
 
 
 def main(argv=None) -> int:
@@ -203,6 +204,8 @@ def main(argv=None) -> int:
     p.add_argument("--provider", default=None, help="cpu, cuda or an onnxruntime provider name "
                    "(default: CUDA if available, else CPU)")
     p.set_defaults(func=cmd_generate)
+    from .cli_quality import add_commands
+    add_commands(sub)                     # eval, recover
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -63,6 +63,7 @@ class TextQuality:
         perplexity: exp of the mean next-token negative log-likelihood (L−1 targets per window).
         agreement: fraction of positions where the model's top-1 token equals the reference's.
         kl: mean over positions of KL(reference ‖ model), in nats.
+        reference_perplexity: the reference's perplexity on the same windows.
     """
     perplexity: float
     agreement: float | None
@@ -70,6 +71,7 @@ class TextQuality:
     windows: int
     length: int
     seconds: float
+    reference_perplexity: float | None = None
 
 
 def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
@@ -98,7 +100,7 @@ def text_quality(model, ids: torch.Tensor, reference=None, *, chunk: int = 256, 
     if ids.dim() != 2 or ids.shape[1] < 2:
         raise ValueError(f"ids must be token windows [N, L] with L >= 2, got {tuple(ids.shape)}")
     device = _device_of(model)
-    nll, agree, kl, positions, targets = 0.0, 0, 0.0, 0, 0
+    nll, ref_nll, agree, kl, positions, targets = 0.0, 0.0, 0, 0.0, 0, 0
     t0 = time.perf_counter()
     for window in tqdm(ids, desc="evaluating", disable=not progress, leave=False):
         w = window[None].to(device)
@@ -112,6 +114,7 @@ def text_quality(model, ids: torch.Tensor, reference=None, *, chunk: int = 256, 
             targets += len(tgt)
             if ref_logits is not None:
                 ref = ref_logits[s:s + chunk].double().log_softmax(-1)
+                ref_nll -= ref[: len(tgt)].gather(-1, tgt[:, None]).sum().item()
                 agree += int((ref.argmax(-1) == lp.argmax(-1)).sum())
                 kl += (ref.exp() * (ref - lp)).sum().item()
             positions += lp.shape[0]
@@ -119,7 +122,8 @@ def text_quality(model, ids: torch.Tensor, reference=None, *, chunk: int = 256, 
         perplexity=math.exp(nll / targets),
         agreement=agree / positions if reference is not None else None,
         kl=kl / positions if reference is not None else None,
-        windows=ids.shape[0], length=ids.shape[1], seconds=time.perf_counter() - t0)
+        windows=ids.shape[0], length=ids.shape[1], seconds=time.perf_counter() - t0,
+        reference_perplexity=math.exp(ref_nll / targets) if reference is not None else None)
 
 
 def _device_of(model) -> torch.device:

@@ -101,9 +101,11 @@ def convert(model: nn.Module, config: MLAConfig | None = None, calibration: torc
 
 
 def build(captured: Captured, config: MLAConfig, *, calibration=None, plans: dict[int, SitePlan] | None = None,
-          progress: bool = True) -> MLAModel:
+          stats=None, progress: bool = True) -> MLAModel:
     """The pipeline after capture. With ``plans`` (from a saved model) no calibration or SVD runs
-    and modules are created empty, ready for ``load_state_dict``."""
+    and modules are created empty, ready for ``load_state_dict``. ``stats`` (from
+    ``calibrate.collect`` on the same model, with what the config needs) skips calibration, so
+    that a sweep over configs calibrates once."""
     sites, errors = find_sites(captured)
     if not sites and not errors:
         raise NoAttentionError("no attention found in the captured graph (no scaled_dot_product_attention op "
@@ -113,9 +115,8 @@ def build(captured: Captured, config: MLAConfig, *, calibration=None, plans: dic
     for e in errors:
         warnings.warn(f"left untouched: {e}", stacklevel=2)
     initialise_weights = plans is None
-    stats = None
     if plans is None:
-        if config.needs_calibration:
+        if config.needs_calibration and stats is None:
             stats = collect(captured.gm, sites, calibration, captured.takes_positions,
                             rope_norms=config.needs_pair_norms, gram=config.needs_gram,
                             score_error=config.needs_score_error, progress=progress)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -64,6 +66,7 @@ class SiteRecovery:
 @dataclass
 class RecoveryReport:
     sites: list[SiteRecovery] = field(default_factory=list)
+    remaining: list[int] = field(default_factory=list)     # site indices not reached (time limit)
 
     def mean(self, attr: str) -> float:
         return sum(getattr(s, attr) for s in self.sites) / max(len(self.sites), 1)
@@ -106,7 +109,8 @@ def record_attention_io(original: torch.nn.Module, tokens: torch.Tensor, batch_s
 
 
 def recover(mla: MLAModel, original: torch.nn.Module, tokens, config: RecoveryConfig | None = None, *,
-            progress: bool = True) -> RecoveryReport:
+            progress: bool = True, skip_sites=(), max_seconds: float | None = None,
+            on_site_done: Callable[[int, SiteRecovery], None] | None = None) -> RecoveryReport:
     """Refit every converted site of ``mla`` to ``original``'s attention outputs on ``tokens``.
 
     Args:
@@ -114,6 +118,10 @@ def recover(mla: MLAModel, original: torch.nn.Module, tokens, config: RecoveryCo
         original: the model it was converted from.
         tokens: calibration token ids [N, L] (e.g. 8 × 512 tokens of text).
         config: a ``RecoveryConfig``.
+        skip_sites: site indices already refitted (resuming from a checkpoint).
+        max_seconds: stop starting new sites after this long (the report lists what is left);
+            at least one site is fitted per call.
+        on_site_done: called with (site index, its result) after each site, e.g. to checkpoint.
 
     Example:
         >>> report = recover(mla, model, calibration_ids)                 # doctest: +SKIP
@@ -122,6 +130,9 @@ def recover(mla: MLAModel, original: torch.nn.Module, tokens, config: RecoveryCo
     from tqdm.auto import tqdm
 
     config = config or RecoveryConfig()
+    if not isinstance(mla, MLAModel):
+        raise TypeError(f"recover needs a converted model (an MLAModel from mla_pass.convert or mla_pass.load), got "
+                        f"{type(mla).__name__}: convert the model first")
     tokens = as_token_batches(tokens)
     if int(tokens.max()) >= mla.vocab_size:
         raise ValueError(f"token ids must be below the vocabulary size {mla.vocab_size}")
@@ -132,8 +143,13 @@ def recover(mla: MLAModel, original: torch.nn.Module, tokens, config: RecoveryCo
         raise ValueError(f"sites {missing} of the converted model are not in the original model: "
                          "pass the model it was converted from")
     report = RecoveryReport()
-    bar = tqdm(sorted(modules), desc="reconstructing", disable=not progress)
-    for index in bar:
+    todo = [i for i in sorted(modules) if i not in set(skip_sites)]
+    start = time.monotonic()
+    bar = tqdm(todo, desc="reconstructing", disable=not progress)
+    for n, index in enumerate(bar):
+        if n > 0 and max_seconds is not None and time.monotonic() - start > max_seconds:
+            report.remaining = todo[n:]
+            break
         rec = records.pop(index)
         if config.sequential:
             rec.update(_converted_inputs(mla, modules[index], tokens))
@@ -142,6 +158,8 @@ def recover(mla: MLAModel, original: torch.nn.Module, tokens, config: RecoveryCo
         before, after = _fit_site(modules[index], rec, config)
         report.sites.append(SiteRecovery(modules[index].plan.layer, before, after))
         bar.set_postfix(loss=f"{before:.3f}→{after:.3f}")
+        if on_site_done is not None:
+            on_site_done(index, report.sites[-1])
     return report
 
 

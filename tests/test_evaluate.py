@@ -40,6 +40,8 @@ def test_text_quality_equals_a_direct_computation():
     kl = F.kl_div(new, ref, log_target=True, reduction="none").sum(-1).mean().item()
     assert q.perplexity == pytest.approx(ppl, rel=1e-9)
     assert q.agreement == pytest.approx(agree) and q.kl == pytest.approx(kl, rel=1e-9)
+    ref_ppl = F.cross_entropy(ref[:, :-1].reshape(-1, 128), ids[:, 1:].reshape(-1)).exp().item()
+    assert q.reference_perplexity == pytest.approx(ref_ppl, rel=1e-9)
     assert kl > 1e-4 and q.agreement < 1                   # the reduced-rank model really differs
     assert (q.windows, q.length) == (3, 17)
 

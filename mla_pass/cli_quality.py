@@ -1,0 +1,221 @@
+"""The quality commands of the CLI: ``mla-pass eval`` and ``mla-pass recover``.
+
+``eval MODEL`` measures perplexity on held-out windows (and, for a converted model whose original
+can be found, top-1 agreement and KL to it), optionally passkey retrieval at 1k and 2k tokens.
+``recover MLA_DIR --out DIR`` refits each converted site to the original's attention outputs on
+calibration text, checkpointing after every site (safetensors + JSON, no pickle) so that a run
+cut short by ``--minutes`` continues with ``--resume`` to the same result as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+CHECKPOINT_WEIGHTS = "recovery.safetensors"
+CHECKPOINT_STATE = "recovery.json"
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity, agreement/KL to the original, passkey retrieval")
+    p.add_argument("model", help="'smollm2-135m', a Hugging Face model folder, or a saved mla-pass folder")
+    p.add_argument("--windows", type=int, default=8, help="held-out windows of lcet10.txt (from token 2000)")
+    p.add_argument("--length", type=int, default=512, help="tokens per window (512 or 2048 for the report)")
+    p.add_argument("--passkey", action="store_true", help="also passkey retrieval at 1k and 2k tokens")
+    p.add_argument("--original", default=None, help="the model a converted folder came from (default: the "
+                   "source folder recorded at conversion, when it still exists)")
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("recover", help="refit a converted model's attention to the original (layer by layer)")
+    p.add_argument("mla_dir", help="a folder saved by mla-pass convert / mla.save")
+    p.add_argument("--out", required=True, help="where the recovered model and its checkpoint go")
+    p.add_argument("--steps", type=int, default=150, help="Adam steps per site")
+    p.add_argument("--minutes", type=float, default=None, help="stop after this long (between sites); "
+                   "continue later with --resume")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    p.add_argument("--windows", type=int, default=8, help="calibration windows of alice29.txt")
+    p.add_argument("--length", type=int, default=512, help="tokens per calibration window")
+    p.add_argument("--sequential", action="store_true", help="each site learns from the converted model's own "
+                   "inputs (earlier sites already refitted)")
+    p.add_argument("--original", default=None, help="the model MLA_DIR was converted from (default: the "
+                   "source folder recorded at conversion)")
+    p.set_defaults(func=cmd_recover)
+
+
+# -- loading ------------------------------------------------------------------------------------
+def _is_converted(path: Path) -> bool:
+    from .model import CONFIG_FILE
+    return (path / CONFIG_FILE).is_file()
+
+
+def _load_original(mla, override: str | None, cache_dir):
+    """(model, tokenizer) of the model ``mla`` came from, or (None, None) if it cannot be found."""
+    from .cli import _load_source
+
+    if override:
+        return _load_source(override, cache_dir)
+    folder = (mla.source.get("config") or {}).get("_name_or_path") or ""
+    if mla.source.get("kind") == "transformers" and folder and (Path(folder) / "config.json").is_file():
+        return _load_source(folder, cache_dir)
+    return None, None
+
+
+def _tokenizer(folder: Path, fallback):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception:    # no tokenizer files saved with the model: use the original's
+        return fallback
+
+
+def _load_pair(spec: str, original_spec: str | None, cache_dir):
+    """(model, tokenizer, original or None) for eval: a converted folder is compared with its original."""
+    from .cli import _load_source
+    from .model import MLAModel
+
+    model, tok = _load_source(spec, cache_dir)
+    original = None
+    if isinstance(model, MLAModel):
+        original, original_tok = _load_original(model, original_spec, cache_dir)
+        tok = _tokenizer(Path(spec), original_tok)
+    elif original_spec:
+        original, _ = _load_source(original_spec, cache_dir)
+    if tok is None:
+        raise SystemExit(f"error: no tokenizer for {spec}: save the tokenizer files in the model folder")
+    return model, tok, original
+
+
+# -- eval ---------------------------------------------------------------------------------------
+def cmd_eval(args) -> int:
+    from .evaluate import PasskeyConfig, held_out_windows, passkey, text_quality
+    from .inspect import kv_cache_bytes_per_token
+    from .model import MLAModel
+
+    model, tok, original = _load_pair(args.model, args.original, args.cache_dir)
+    converted = isinstance(model, MLAModel)
+    if converted and original is None:
+        print("note: the original model was not found (pass --original PATH); no agreement or KL")
+    ids = held_out_windows(tok, args.windows, args.length, args.cache_dir)
+    print(f"evaluating on {args.windows} × {args.length} tokens of lcet10.txt (from token 2000)")
+    q = text_quality(model, ids, reference=original)
+    rows = []
+    if original is not None:
+        rows.append(["original", model.original_kv_cache_bytes_per_token(), q.reference_perplexity, 1.0, 0.0,
+                     original])
+    nbytes = model.kv_cache_bytes_per_token() if converted else kv_cache_bytes_per_token(model)
+    rows.append(["converted" if converted else "model", nbytes, q.perplexity, q.agreement, q.kl, model])
+    lengths = (1024, 2048)
+    if args.passkey:
+        for row in rows:
+            result = passkey(row[-1], tok, PasskeyConfig(lengths=lengths), cache_dir=args.cache_dir)
+            row.append(result.by_length)
+    head = "| model | KV bytes/token (fp16) | perplexity | top-1 agreement | KL to original |"
+    head += "".join(f" passkey {n // 1024}k |" for n in lengths) if args.passkey else ""
+    print(head)
+    print("|---" * head.count(" |") + "|")
+    for name, nbytes, ppl, agree, kl, _m, *pk in rows:
+        line = f"| {name} | {nbytes:,} | {ppl:,.2f} | {_pct(agree)} | {'' if kl is None else f'{kl:.3f}'} |"
+        if pk:
+            line += "".join(f" {_pct(pk[0][n])} |" for n in lengths)
+        print(line)
+    print(f"({q.seconds:.0f} s)")
+    return 0
+
+
+def _pct(x) -> str:
+    return "" if x is None else f"{100 * x:.0f}%"
+
+
+# -- recover ------------------------------------------------------------------------------------
+def cmd_recover(args) -> int:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from .evaluate import calibration_windows
+    from .persist import load
+    from .recovery import RecoveryConfig, recover
+    from .rewrite import MODULES
+
+    src = Path(args.mla_dir)
+    if not _is_converted(src):
+        raise SystemExit(f"error: {src} is not a converted model (no mla_config.json): recovery refits a converted "
+                         f"model to its original; run `mla-pass convert MODEL --out DIR` first and recover DIR")
+    out = Path(args.out)
+    state_path, weights_path = out / CHECKPOINT_STATE, out / CHECKPOINT_WEIGHTS
+    settings = {"source": str(src.resolve()), "steps": args.steps, "seed": args.seed, "windows": args.windows,
+                "length": args.length, "sequential": args.sequential}
+    state = {"settings": settings, "done": [], "losses": {}, "seconds": 0.0, "complete": False}
+    if args.resume:                       # settle the checkpoint before any heavy loading
+        if not state_path.is_file():
+            raise SystemExit(f"error: --resume: {state_path} does not exist; start without --resume")
+        state = json.loads(state_path.read_text())
+        if state.get("settings") != settings:
+            raise SystemExit(f"error: the checkpoint in {out} was made with {state.get('settings')}, not "
+                             f"{settings}; resume with the same options or choose another --out")
+        if state.get("complete"):
+            print(f"{out} is already fully recovered")
+            return 0
+    elif state_path.is_file():
+        raise SystemExit(f"error: {out} already holds a recovery checkpoint; pass --resume to continue it or choose "
+                         "another --out")
+    tok = _tokenizer(src, None)
+    tokens = calibration_windows(tok, args.windows, args.length, args.cache_dir) if tok is not None else None
+    mla = load(src)
+    original, original_tok = _load_original(mla, args.original, args.cache_dir)
+    if original is None:
+        raise SystemExit(f"error: the original model of {src} (recorded source "
+                         f"{(mla.source.get('config') or {}).get('_name_or_path')!r}) cannot be found; "
+                         "pass --original PATH (or 'smollm2-135m')")
+    if tokens is None:
+        if original_tok is None:
+            raise SystemExit(f"error: no tokenizer for {src}: save the tokenizer files in the model folder")
+        tok = original_tok
+        tokens = calibration_windows(tok, args.windows, args.length, args.cache_dir)
+    state["tokens"] = int(tokens.numel())
+    if args.resume:
+        saved = load_file(str(weights_path))
+        params = mla.program.state_dict()
+        bad = [k for k, v in saved.items() if k not in params or params[k].shape != v.shape]
+        if bad:
+            raise SystemExit(f"error: {weights_path} does not fit {src} ({bad[:3]}); choose another --out")
+        mla.program.load_state_dict(saved, strict=False)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    seconds_before = state["seconds"]
+
+    def checkpoint(index, result):
+        weights = {k: v.detach().contiguous().cpu() for k, v in mla.program.state_dict().items()
+                   if k.startswith(MODULES + ".")}
+        _atomic(weights_path, lambda tmp: save_file(weights, str(tmp)))
+        state["done"].append(index)
+        state["losses"][str(index)] = [result.loss_before, result.loss_after]
+        state["seconds"] = seconds_before + time.perf_counter() - t0
+        _atomic(state_path, lambda tmp: tmp.write_text(json.dumps(state, indent=2)))
+
+    torch.manual_seed(args.seed)
+    config = RecoveryConfig(steps=args.steps, seed=args.seed, sequential=args.sequential)
+    report = recover(mla, original, tokens, config, skip_sites=state["done"],
+                     max_seconds=None if args.minutes is None else 60 * args.minutes, on_site_done=checkpoint)
+    n_sites = len(mla.plans)
+    losses = state["losses"].values()
+    before = sum(v[0] for v in losses) / max(len(losses), 1)
+    after = sum(v[1] for v in losses) / max(len(losses), 1)
+    if report.remaining:
+        print(f"stopped at the time limit after {len(state['done'])}/{n_sites} sites ({state['seconds']:.0f} s); "
+              f"continue with: mla-pass recover {src} --out {out} --resume (same options)")
+        return 0
+    mla.save(out)
+    tok.save_pretrained(str(out))
+    state["complete"] = True
+    _atomic(state_path, lambda tmp: tmp.write_text(json.dumps(state, indent=2)))
+    weights_path.unlink(missing_ok=True)          # the full model is saved now
+    print(f"recovered {n_sites} sites in {state['seconds']:.0f} s on {state['tokens']:,} tokens of alice29.txt; "
+          f"site output error (relative MSE) {before:.3f} → {after:.3f}; saved to {out}")
+    return 0
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,107 @@
+"""`mla-pass eval` and `mla-pass recover` on a tiny Hugging Face folder with a real (byte-level) tokenizer."""
+import json
+import os
+
+import pytest
+import torch
+
+from mla_pass.cli import main
+
+torch.set_num_threads(int(os.environ.get("MLA_PASS_TEST_THREADS", "1")))
+
+
+def _byte_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A tiny HF folder (model + tokenizer) and its conversion saved by `mla-pass convert`."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from mla_pass import assets
+    try:
+        assets.text_path("alice29.txt"), assets.text_path("lcet10.txt")
+    except assets.AssetError as e:
+        pytest.skip(f"text could not be fetched: {e}")
+    root = tmp_path_factory.mktemp("quality")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2)).eval()
+    hf = root / "tiny"
+    model.save_pretrained(str(hf))
+    _byte_tokenizer().save_pretrained(str(hf))
+    mla = root / "mla"
+    assert main(["convert", str(hf), "--out", str(mla), "--d-kv", "2", "--rope-freqs", "1"]) == 0
+    return hf, mla
+
+
+def test_eval_converted_folder_compares_with_its_original(folders, capsys):
+    hf, mla = folders
+    capsys.readouterr()
+    assert main(["eval", str(mla), "--windows", "2", "--length", "64"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert "original" in rows and "converted" in rows, out
+    original_kl = rows["original"].split("|")[5].strip()
+    converted_kl = float(rows["converted"].split("|")[5])
+    assert original_kl == "0.000" and converted_kl > 0
+
+
+def test_eval_with_passkey(folders, capsys):
+    hf, _ = folders
+    capsys.readouterr()
+    assert main(["eval", str(hf), "--windows", "1", "--length", "32", "--passkey"]) == 0
+    out = capsys.readouterr().out
+    assert "passkey 1k" in out and "passkey 2k" in out and "| model |" in out
+
+
+def _tensors(folder):
+    from safetensors.torch import load_file
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_recover_is_deterministic_and_resumes_to_the_same_result(folders, tmp_path, capsys):
+    _, mla = folders
+    common = ["--steps", "30", "--windows", "2", "--length", "32", "--seed", "3"]
+    assert main(["recover", str(mla), "--out", str(tmp_path / "a"), *common]) == 0
+    assert "recovered 3 sites" in capsys.readouterr().out
+    # the same run, cut after the first site by a zero time limit, then resumed
+    assert main(["recover", str(mla), "--out", str(tmp_path / "b"), *common, "--minutes", "0"]) == 0
+    assert "after 1/3 sites" in capsys.readouterr().out
+    state = json.loads((tmp_path / "b" / "recovery.json").read_text())
+    assert state["done"] == [0] and not state["complete"]
+    assert (tmp_path / "b" / "recovery.safetensors").is_file()
+    assert main(["recover", str(mla), "--out", str(tmp_path / "b"), *common, "--resume"]) == 0
+    a, b = _tensors(tmp_path / "a"), _tensors(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    from mla_pass.rewrite import MODULES
+    before = _tensors(mla)
+    latent = [k for k in a if k.startswith(MODULES + ".")]
+    assert latent and any(not torch.equal(before[k], a[k]) for k in latent), "recovery changed nothing"
+    assert all(torch.equal(before[k], a[k]) for k in a if k not in latent), "recovery moved non-attention weights"
+
+
+def test_recover_errors(folders, tmp_path, capsys):
+    hf, mla = folders
+    with pytest.raises(SystemExit, match="not a converted model"):
+        main(["recover", str(hf), "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="--resume.*does not exist"):
+        main(["recover", str(mla), "--out", str(tmp_path / "x"), "--resume"])
+    assert main(["recover", str(mla), "--out", str(tmp_path / "x"), "--windows", "100000", "--length", "512"]) == 2
+    assert "alice29.txt has" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    common = ["--steps", "2", "--windows", "1", "--length", "16", "--minutes", "0"]
+    assert main(["recover", str(mla), "--out", str(tmp_path / "y"), *common]) == 0
+    with pytest.raises(SystemExit, match="already holds a recovery checkpoint"):
+        main(["recover", str(mla), "--out", str(tmp_path / "y"), *common])
+    with pytest.raises(SystemExit, match="made with"):
+        main(["recover", str(mla), "--out", str(tmp_path / "y"), "--steps", "3", "--windows", "1", "--length", "16",
+              "--resume"])
