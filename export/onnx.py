@@ -7,8 +7,10 @@ describes it): ``model.onnx`` + ``model.onnx.data`` (weights stored once, as ext
 the unconverted baseline (``mla_pass.baseline``, ``past_key_values.{i}.key`` / ``.value``)
 through the same capture → match → rewrite path, so every comparison is like for like.
 
-The program is exported with ``torch.onnx.export(dynamo=True)``; batch, new tokens and past
-tokens are dynamic (example sizes are ≥ 2 and distinct: size-1 dims would be specialised).
+The program is exported with ``torch.onnx.export(dynamo=True)``. By default the cache is
+updated in place (``rewrite.to_in_place``: past inputs are preallocated buffers, new tokens are
+written with TensorScatter at T = attention_mask length − S, keys past T+S are masked); with
+``cache_update="concat"`` present = concat(past, new). Batch, new tokens and past tokens are dynamic (example sizes are ≥ 2 and distinct: size-1 dims would be specialised).
 After writing, the folder is checked: onnxruntime runs a prefill and a decode step on random
 tokens and must agree with PyTorch (fp32: 1e-4 on logits), or the export is refused.
 """
@@ -26,7 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mla_pass.runtime.manifest import CacheEntry, Manifest
+from mla_pass.rewrite import to_in_place
+from mla_pass.runtime.manifest import CACHE_UPDATES, CacheEntry, Manifest
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +56,7 @@ class _OnnxStep(nn.Module):
 
 
 def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", tokenizer=None,
-            max_length: int | None = None, opset: int = 23, verify: bool = True) -> Path:
+            max_length: int | None = None, cache_update: str = "in_place", verify: bool = True) -> Path:
     """Write ``model`` (an ``MLAModel`` or an unconverted decoder) to ``out_dir`` for the runtime.
 
     Args:
@@ -62,11 +65,16 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
             without it the folder runs on token ids only.
         max_length: prompt + generated tokens the runtime allows (default: the model's
             ``max_position_embeddings``, else 2048).
+        cache_update: ``"in_place"`` (past inputs are preallocated buffers that the program
+            updates with TensorScatter and returns as present: bound to one buffer, a decode step
+            copies nothing) or ``"concat"`` (present = past + new, a copy of the cache per step).
         verify: run the written model once in onnxruntime against PyTorch.
     Returns the folder.
     """
     from mla_pass.model import MLAModel
 
+    if cache_update not in CACHE_UPDATES:
+        raise ValueError(f"cache_update must be one of {CACHE_UPDATES}, got {cache_update!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     out = Path(out_dir)
@@ -91,8 +99,11 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
     if any(p.dtype != torch.float32 for p in step.parameters()):
         raise ValueError("export from a float32 model (load or convert it in float32); dtype='float16' converts "
                          "the exported graph itself")
+    if cache_update == "in_place":
+        step = to_in_place(step if kind == "mla" else copy.deepcopy(step))   # the mla step is a private copy
     wrapper = _OnnxStep(step).eval()
-    args, names, shapes = _example(step, spec, plans, vocab, torch.float32)
+    args, names, shapes = _example(step, spec, plans, vocab, torch.float32, cache_update)
+    opset = 24 if cache_update == "in_place" else 23          # TensorScatter is opset 24
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:   # written whole, then moved: no half-written folder
         staging = Path(tmp)
@@ -100,6 +111,7 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
             warnings.simplefilter("ignore")
             try:
                 program = torch.onnx.export(wrapper, args, dynamo=True, opset_version=opset,
+                                            custom_translation_table=_translations(),
                                             input_names=names["inputs"], output_names=names["outputs"],
                                             dynamic_shapes=shapes, verbose=False)
             except Exception as e:
@@ -116,6 +128,7 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
             bos_token_id=(source.get("config") or {}).get("bos_token_id"), pad_token_id=generation.get("pad_token_id"),
             model_file=MODEL_FILE, tokenizer_file=TOKENIZER_FILE if has_tokenizer else None,
             mla_config=mla_config, source={k: v for k, v in source.items() if k != "config"},
+            cache_update=cache_update,
             notes={"exporter": f"torch.onnx.export(dynamo=True, opset {opset})", "torch": torch.__version__})
         if verify:
             _verify(staging, manifest, wrapper, args, dtype)
@@ -161,15 +174,29 @@ def _to_float16(path: Path) -> None:
     onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
 
 
-def _example(step, spec, plans, vocab, dtype):
+def _translations() -> dict:
+    """cache_write → ONNX TensorScatter (onnxruntime updates in place when past and present are
+    bound to the same buffer)."""
+    from onnxscript import values
+
+    op24 = values.Opset("", 24)
+
+    def cache_write(buffer, new, write_index, axis: int):
+        return op24.TensorScatter(buffer, new, write_index, axis=axis)
+
+    return {torch.ops.mla_pass.cache_write.default: cache_write}
+
+
+def _example(step, spec, plans, vocab, dtype, cache_update):
     b, s, t = EXAMPLE["batch"], EXAMPLE["new"], EXAMPLE["past"]
+    buffer = t + s + 4 if cache_update == "in_place" else t      # preallocated beyond T+S
     gen = torch.Generator().manual_seed(0)
     device = next(step.parameters()).device
     ids = torch.randint(0, vocab, (b, s), generator=gen).to(device)
     mask = torch.ones(b, t + s, dtype=torch.long, device=device)
     mask[1, :2] = 0                                              # one left-padded row
     pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -s:]
-    past = [torch.randn(plans[c.site].cache_shape(c.kind, b, t), generator=gen).to(device, dtype) * 0.5
+    past = [torch.randn(plans[c.site].cache_shape(c.kind, b, buffer), generator=gen).to(device, dtype) * 0.5
             for c in spec]
     batch, new, total, past_len = (torch.export.Dim.DYNAMIC,) * 4
     shapes = ({0: batch, 1: new}, {0: batch, 1: total}, {0: batch, 1: new},     # *past is one argument
@@ -220,7 +247,9 @@ def _verify(folder: Path, manifest: Manifest, wrapper: nn.Module, args: tuple, d
     """Run the written model in onnxruntime on the example step; refuse the export on mismatch."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(folder / manifest.model_file), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3      # no "in-place not activated" notes: nothing is bound here
+    session = ort.InferenceSession(str(folder / manifest.model_file), options, providers=["CPUExecutionProvider"])
     names = ["input_ids", "attention_mask", "position_ids"] + [e.input for e in manifest.cache]
     feeds = {n: a.detach().cpu().numpy() for n, a in zip(names, args)}
     if dtype == "float16":

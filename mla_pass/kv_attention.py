@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .latent_attention import split_cache_args, update_cache
 from .math.attention import attention_probs_apply, expand_kv
 
 
@@ -52,10 +53,12 @@ class KVCacheAttention(nn.Module):
         self.plan = plan
         self.register_buffer("kv_head_of_query", torch.tensor(plan.kv_head_of_query, dtype=torch.long),
                              persistent=False)
+        self.cache_update = "concat"   # or "in_place" (rewrite.to_in_place)
 
-    def forward(self, query, key, value, mask, past_key, past_value):
-        key = torch.cat([past_key, key], dim=2)
-        value = torch.cat([past_value, value], dim=2)
+    def forward(self, query, key, value, mask, *past):
+        (past_key, past_value), write_index = split_cache_args(past, self.cache_update)
+        key = update_cache(past_key, key, 2, write_index)
+        value = update_cache(past_value, value, 2, write_index)
         p = self.plan
         if p.softcap is None:
             g = p.n_heads // p.n_kv_heads

@@ -13,10 +13,26 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .cache_ops import cache_write
 from .kernels.dispatch import absorbed_decode
 from .math.attention import decompressed_attention
 
 FORMS = ("auto", "absorbed", "decompressed")
+
+
+def split_cache_args(past: tuple, cache_update: str):
+    """(cache tensors, write index or None): in-place programs pass the write index last."""
+    if cache_update == "in_place":
+        return past[:-1], past[-1]
+    return past, None
+
+
+def update_cache(old, new, axis: int, write_index=None):
+    """Concatenate ``new`` after ``old`` along ``axis``, or write it into the preallocated ``old``
+    at ``write_index`` (one ``cache_write`` op, exported as TensorScatter)."""
+    if write_index is None:
+        return torch.cat([old, new], dim=axis)
+    return cache_write(old, new, write_index, axis)
 
 
 @dataclass
@@ -117,6 +133,7 @@ class LatentAttention(nn.Module):
                         ("query_rotated", rotated_q)):
             self.register_buffer(name, t, persistent=False)
         self.form = "auto"
+        self.cache_update = "concat"   # or "in_place": past are preallocated buffers (rewrite.to_in_place)
         self.decode_kernel = True    # the fused Triton decode on CUDA where it applies (kernels/dispatch.py)
 
     # -- pieces -------------------------------------------------------------------------------
@@ -166,10 +183,11 @@ class LatentAttention(nn.Module):
             new["rope_key"] = new["rope_key"] * new["key_scale"].expand(-1, p.n_kv_heads, -1)[..., None]
         cached = len(past) > 0
         if cached:
+            past, write_index = split_cache_args(past, self.cache_update)
             if len(past) != len(p.cache_kinds):
                 raise ValueError(f"{p.layer}: expected cache tensors {p.cache_kinds}, got {len(past)}")
             for kind, old in zip(p.cache_kinds, past):
-                new[kind] = torch.cat([old, new[kind]], dim=1 if kind == "latent" else 2)
+                new[kind] = update_cache(old, new[kind], 1 if kind == "latent" else 2, write_index)
         latent = new["latent"]
         if "rope_key" not in p.cache_kinds:            # no rope keys: zero-width over all keys
             new["rope_key"] = latent.new_zeros(latent.shape[0], p.n_kv_heads, latent.shape[1], 0)

@@ -26,6 +26,7 @@ DECODE_STEPS = 32
 
 def _session(folder):
     options = ort.SessionOptions()
+    options.log_severity_level = 3
     options.intra_op_num_threads = 1
     return ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
 
@@ -35,7 +36,8 @@ def _drive(folder, torch_step, empty_cache, ids: torch.Tensor, steps: int = DECO
     manifest = Manifest.read(folder)
     session = _session(folder)
     b, s = ids.shape
-    ort_cache = [np.zeros(e.concrete_shape(b, 0), np.float32) for e in manifest.cache]
+    buffer = s + steps + 1 if manifest.cache_update == "in_place" else 0   # preallocated, or grown by concat
+    ort_cache = [np.zeros(e.concrete_shape(b, buffer), np.float32) for e in manifest.cache]
     torch_cache = empty_cache(b)
     mask = torch.ones(b, s, dtype=torch.long)
     cur, errors, ort_tokens, torch_tokens = ids, [], [], []
@@ -69,6 +71,7 @@ def mla_folder(llama, tmp_path_factory):
 
 def test_mla_export_agrees_with_pytorch_over_32_decode_steps(mla_folder):
     mla, folder = mla_folder
+    assert Manifest.read(folder).cache_update == "in_place"
     ids = torch.randint(0, mla.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
     errors, ort_tokens, torch_tokens = _drive(folder, mla.step, mla.empty_cache, ids)
     assert max(errors) <= 1e-4, f"max |Δlogits| per step: {errors}"
@@ -111,8 +114,10 @@ def test_original_export_reproduces_hf_greedy_tokens(make, tmp_path):
 
 
 def test_full_rank_mla_export_reproduces_the_original_tokens(llama, tmp_path):
+    """Also the concatenating cache program (cache_update="concat")."""
     mla = mla_pass.convert(llama, MLAConfig(), progress=False)
-    folder = to_onnx(mla, tmp_path / "exact")
+    folder = to_onnx(mla, tmp_path / "exact", cache_update="concat")
+    assert Manifest.read(folder).cache_update == "concat"
     ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(7))
     errors, ort_tokens, _ = _drive(folder, mla.step, mla.empty_cache, ids)
     want = llama.generate(ids, max_new_tokens=DECODE_STEPS + 1, do_sample=False)[0, 6:].numpy()
@@ -134,6 +139,8 @@ def test_export_refuses_bad_requests(mla_folder, llama, tmp_path):
         to_onnx(mla, folder)
     with pytest.raises(ValueError, match="dtype"):
         to_onnx(mla, tmp_path / "x", dtype="int4")
+    with pytest.raises(ValueError, match="cache_update"):
+        to_onnx(mla, tmp_path / "x", cache_update="ring")
     with pytest.raises(TypeError, match="MLAModel or a torch decoder"):
         to_onnx("not a model", tmp_path / "y")
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
