@@ -1,4 +1,4 @@
-"""Command line: ``mla-pass inspect | convert | demo | generate | eval | recover``."""
+"""Command line: ``mla-pass inspect | convert | export | generate | eval | recover | demo``."""
 from __future__ import annotations
 
 import argparse
@@ -86,6 +86,35 @@ def cmd_convert(args) -> int:
     if tok is not None:
         tok.save_pretrained(str(out))
     print(f"saved to {out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    """Convert (or load a converted folder) and write an ONNX folder for the runtime."""
+    from .export.onnx import to_onnx
+    from .model import MLAModel
+    from .pipeline import convert
+    source, tok = _load_source(args.model, args.cache_dir)
+    if tok is None and Path(args.model, "tokenizer.json").is_file():
+        tok = str(Path(args.model, "tokenizer.json"))
+    t0 = time.perf_counter()
+    if args.original:
+        if isinstance(source, MLAModel):
+            raise SystemExit("error: --original needs the unconverted model, not a converted folder")
+        program, what = source, "original (key/value cache)"
+    elif isinstance(source, MLAModel):
+        program, what = source, f"converted ({source.config})"
+    else:
+        config = _config_from_args(args)
+        calib = _calibration_tokens(tok, args.cache_dir) if config.needs_calibration else None
+        program, what = convert(source, config, calibration=calib), f"converted ({config})"
+    out = to_onnx(program, args.out, dtype=args.dtype, tokenizer=tok, max_length=args.max_length,
+                  cache_update=args.cache_update)
+    from .runtime.manifest import Manifest
+    manifest = Manifest.read(out)
+    print(f"exported {what} in {time.perf_counter() - t0:.0f} s to {out}: {len(manifest.cache)} cache tensors, "
+          f"{manifest.kv_cache_bytes_per_token():,} KV bytes/token ({manifest.dtype}), cache {manifest.cache_update}")
+    print(f"run it: mla-pass generate {out} --prompt \"...\"")
     return 0
 
 
@@ -191,6 +220,16 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=512, help="held-out tokens to compare logits on")
     p.add_argument("--prompt", default="The capital of France is")
     p.set_defaults(func=cmd_demo, d_kv=16, rope_freqs=4)
+    p = sub.add_parser("export", help="write an ONNX folder (compressed cache as graph I/O) for the runtime")
+    p.add_argument("model", help=f"'{DEFAULT_MODEL}', a Hugging Face model folder, or a saved mla-pass folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--original", action="store_true", help="export the unconverted model (key/value cache): "
+                   "the baseline for comparisons")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    p.add_argument("--cache-update", default="in_place", choices=["in_place", "concat"])
+    p.add_argument("--max-length", type=int, default=None, help="prompt + new tokens (default: the model's)")
+    _add_mla_options(p)
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("generate", help="stream a generation from an exported ONNX folder (no torch needed)")
     p.add_argument("folder", help="a folder written by mla_pass.export.to_onnx")
     p.add_argument("--prompt", required=True)

@@ -39,3 +39,14 @@ def test_bad_rank_is_a_clean_error(hf_dir, tmp_path, capsys):
     assert main(["convert", str(hf_dir), "--out", str(tmp_path / "x"), "--d-kv", "999"]) == 2
     assert "above the full rank" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_export_converted_and_original(hf_dir, tmp_path, capsys):
+    from mla_pass.runtime.manifest import Manifest
+    assert main(["export", str(hf_dir), "--out", str(tmp_path / "mla"), "--d-kv", "4", "--rope-freqs", "2"]) == 0
+    assert "128 KV bytes/token (float32), cache in_place" in capsys.readouterr().out
+    assert Manifest.read(tmp_path / "mla").mla_config["d_kv"] == 4
+    assert main(["export", str(hf_dir), "--out", str(tmp_path / "orig"), "--original", "--cache-update", "concat"]) == 0
+    manifest = Manifest.read(tmp_path / "orig")
+    assert manifest.kind == "original" and manifest.cache_update == "concat"
+    assert manifest.kv_cache_bytes_per_token() == 512          # 2 layers × 2 kv heads × (16 + 16) × 4 bytes

@@ -1,0 +1,145 @@
+"""Decode speed and memory: SmolLM2-135M original vs converted, both exported by mla_pass.export.
+
+Every model goes through the same path (capture → match → rewrite → ``to_onnx``, cache updated
+in place with TensorScatter) and runs in the same onnxruntime through ``mla_pass.runtime``
+with the same threads. For each (batch, past) the three models are timed back to back, each in
+a fresh subprocess (so its peak RSS is its own): a cache of ``past`` random tokens is loaded
+into the engine's preallocated buffers, then ``--steps`` one-token decode steps run with IO
+binding; the median step is reported. Quality does not affect speed, so the converted models
+use the training-free ``MLAConfig(d_kv, rope_freqs=4)``.
+
+    python benchmarks/decode.py                      # table (markdown) + benchmarks/decode.png
+    python benchmarks/decode.py --past 512 --batch 1 --steps 5      # a quick look
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+VARIANTS = {"original": None, "mla d_kv=32": 32, "mla d_kv=8": 8}
+ROPE_FREQS = 4
+
+
+def export_all(cache_dir: Path, variants: dict) -> dict[str, Path]:
+    """Export each variant once into ``cache_dir`` (reused on later runs)."""
+    import torch
+
+    import mla_pass
+    from mla_pass import assets
+    from mla_pass.export.onnx import to_onnx
+
+    folders = {name: cache_dir / name.replace(" ", "_").replace("=", "") for name in variants}
+    missing = [n for n, f in folders.items() if not (f / "manifest.json").is_file()]
+    if missing:
+        torch.set_num_threads(os.cpu_count() or 1)
+        model, tok = assets.load_smollm2()
+        for name in missing:
+            t0 = time.perf_counter()
+            d_kv = variants[name]
+            src = model if d_kv is None else mla_pass.convert(model, mla_pass.MLAConfig(d_kv=d_kv, rope_freqs=ROPE_FREQS))
+            to_onnx(src, folders[name], tokenizer=tok)
+            print(f"exported {name} in {time.perf_counter() - t0:.0f} s → {folders[name]}", file=sys.stderr)
+    return folders
+
+
+def worker(folder: str, batch: int, past: int, steps: int, threads: int) -> dict:
+    """One (model, batch, past) measurement; runs in its own process."""
+    import numpy as np
+
+    from mla_pass.runtime import OnnxEngine
+
+    engine = OnnxEngine(folder, threads=threads)
+    m = engine.manifest
+    rng = np.random.default_rng(0)
+    kv = engine.new_cache(batch, past + steps + 4)
+    kv.load([(rng.standard_normal(e.concrete_shape(batch, past)) * 0.5).astype(np.float32) for e in m.cache], past)
+    tokens = rng.integers(0, m.vocab_size, (batch, 1))
+    times = []
+    for i in range(steps + 2):                         # two warm-up steps
+        mask = np.ones((batch, past + i + 1), np.int64)
+        t0 = time.perf_counter()
+        engine.step(tokens, mask, np.full((batch, 1), past + i), kv)
+        times.append(time.perf_counter() - t0)
+    median = statistics.median(times[2:])
+    return {"ms": 1000 * median, "tokens_per_s": batch / median, "kv_bytes_per_token": m.kv_cache_bytes_per_token(),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def measure(folder: Path, batch: int, past: int, steps: int, threads: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", str(folder), str(batch), str(past), str(steps), str(threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"worker failed for {folder} batch {batch} past {past}:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4), squeeze=False)
+    for ax, b in zip(axes[0], batches):
+        for name in VARIANTS:
+            pts = sorted((r["past"], r["ms"]) for r in rows if r["batch"] == b and r["model"] == name)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("past tokens")
+        ax.set_ylabel("median decode step (ms)")
+        ax.set_title(f"SmolLM2-135M, batch {b}, onnxruntime CPU")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        folder, batch, past, steps, threads = sys.argv[2], *map(int, sys.argv[3:7])
+        print(json.dumps(worker(folder, batch, past, steps, threads)))
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--past", type=int, nargs="+", default=[512, 2048, 8192])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--models", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--exports", type=Path, default=None,
+                        help="where the exported folders are kept (default ~/.cache/mla-pass/exports)")
+    parser.add_argument("--plot", type=Path, default=Path(__file__).with_suffix(".png"))
+    args = parser.parse_args()
+    from mla_pass import assets
+    cache = args.exports or Path(assets.default_cache_dir()) / "exports"
+    folders = export_all(cache, {k: VARIANTS[k] for k in args.models})
+
+    rows = []
+    print(f"SmolLM2-135M decode step, onnxruntime CPU, {args.threads} threads, median of {args.steps} steps, "
+          "fp32, cache updated in place")
+    print("| model | batch | past | ms/step | tokens/s | speedup vs original | KV bytes/token (fp32) | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for batch in args.batch:
+        for past in args.past:
+            base = None
+            for name in args.models:
+                r = measure(folders[name], batch, past, args.steps, args.threads)
+                r.update(model=name, batch=batch, past=past)
+                rows.append(r)
+                base = r["ms"] if name == "original" else base
+                speed = f"{base / r['ms']:.2f}×" if base else "—"
+                print(f"| {name} | {batch} | {past} | {r['ms']:.1f} | {r['tokens_per_s']:.1f} | {speed} | "
+                      f"{r['kv_bytes_per_token']:,} | {r['peak_rss_mb']:.0f} |", flush=True)
+    plot(rows, args.plot)
+    print(f"\nplot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
