@@ -56,7 +56,8 @@ class _OnnxStep(nn.Module):
 
 
 def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", tokenizer=None,
-            max_length: int | None = None, cache_update: str = "in_place", verify: bool = True) -> Path:
+            max_length: int | None = None, cache_update: str = "in_place", quantize: str | None = None,
+            verify: bool = True) -> Path:
     """Write ``model`` (an ``MLAModel`` or an unconverted decoder) to ``out_dir`` for the runtime.
 
     Args:
@@ -68,6 +69,8 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
         cache_update: ``"in_place"`` (past inputs are preallocated buffers that the program
             updates with TensorScatter and returns as present: bound to one buffer, a decode step
             copies nothing) or ``"concat"`` (present = past + new, a copy of the cache per step).
+        quantize: ``"int8"`` stores the weights of every MatMul as int8 (onnxruntime's dynamic
+            quantization: per-tensor weight scales, activations quantized on the fly).
         verify: run the written model once in onnxruntime against PyTorch.
     Returns the folder.
     """
@@ -75,6 +78,10 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
 
     if cache_update not in CACHE_UPDATES:
         raise ValueError(f"cache_update must be one of {CACHE_UPDATES}, got {cache_update!r}")
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+    if quantize and dtype != "float32":
+        raise ValueError("int8 weights are quantized from a float32 export: use dtype='float32' with quantize='int8'")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     out = Path(out_dir)
@@ -119,6 +126,8 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
             program.save(str(staging / MODEL_FILE), external_data=True)
         if dtype == "float16":
             _to_float16(staging / MODEL_FILE)
+        if quantize == "int8":
+            _to_int8_weights(staging / MODEL_FILE)
         has_tokenizer = _write_tokenizer(tokenizer, staging / TOKENIZER_FILE)
         entries = [_cache_entry(t, plans[t.site], dtype) for t in spec]
         eos = generation.get("eos_token_id")
@@ -129,9 +138,11 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
             model_file=MODEL_FILE, tokenizer_file=TOKENIZER_FILE if has_tokenizer else None,
             mla_config=mla_config, source={k: v for k, v in source.items() if k != "config"},
             cache_update=cache_update,
-            notes={"exporter": f"torch.onnx.export(dynamo=True, opset {opset})", "torch": torch.__version__})
+            notes={"exporter": f"torch.onnx.export(dynamo=True, opset {opset})", "torch": torch.__version__,
+                   "weights": "int8 (dynamic quantization)" if quantize else dtype})
         if verify:
-            _verify(staging, manifest, wrapper, args, dtype)
+            err = _verify(staging, manifest, wrapper, args, dtype, quantized=bool(quantize))
+            manifest.notes["verify_max_abs_logit_error"] = err
         manifest.write(staging)
         for f in staging.iterdir():
             shutil.move(str(f), out / f.name)
@@ -243,7 +254,23 @@ def _write_tokenizer(tokenizer, path: Path) -> bool:
     return True
 
 
-def _verify(folder: Path, manifest: Manifest, wrapper: nn.Module, args: tuple, dtype: str) -> None:
+def _to_int8_weights(path: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / path.name
+        with _quiet("root"):
+            quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8, use_external_data_format=True,
+                             op_types_to_quantize=["MatMul", "Gemm"],
+                             extra_options={"MatMulConstBOnly": True})
+        for f in (path, path.with_name(path.name + ".data")):
+            f.unlink(missing_ok=True)
+        for f in Path(tmp).iterdir():
+            shutil.move(str(f), path.parent / f.name)
+
+
+def _verify(folder: Path, manifest: Manifest, wrapper: nn.Module, args: tuple, dtype: str,
+            quantized: bool = False) -> float:
     """Run the written model in onnxruntime on the example step; refuse the export on mismatch."""
     import onnxruntime as ort
 
@@ -257,11 +284,17 @@ def _verify(folder: Path, manifest: Manifest, wrapper: nn.Module, args: tuple, d
     got = session.run(None, feeds)
     with torch.no_grad():
         want = [t.float().cpu().numpy() for t in wrapper(*args)]
-    tol = 1e-4 if dtype == "float32" else 2e-2      # relative to the largest value
+    # relative to the largest value; int8 weights only have to be in the right range (their
+    # quality change is measured on real text, not asserted here)
+    tol = 0.25 if quantized else 1e-4 if dtype == "float32" else 2e-2
+    logit_error = 0.0
     for name, g, w in zip(["logits"] + [e.output for e in manifest.cache], got, want):
         g = g.astype(np.float32)
         scale = max(1.0, float(np.abs(w).max()))
         err = float(np.abs(g.astype(np.float32) - w).max()) if g.shape == w.shape else float("inf")
+        if name == "logits":
+            logit_error = err
         if not err <= tol * scale:
             raise ExportError(f"onnxruntime disagrees with PyTorch on output {name}: shape {g.shape} vs {w.shape}, "
                               f"max |Δ| {err:.2e} (allowed {tol * scale:.1e}); the export is not usable")
+    return logit_error

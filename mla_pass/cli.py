@@ -109,7 +109,7 @@ def cmd_export(args) -> int:
         calib = _calibration_tokens(tok, args.cache_dir) if config.needs_calibration else None
         program, what = convert(source, config, calibration=calib), f"converted ({config})"
     out = to_onnx(program, args.out, dtype=args.dtype, tokenizer=tok, max_length=args.max_length,
-                  cache_update=args.cache_update)
+                  cache_update=args.cache_update, quantize=args.quantize)
     from .runtime.manifest import Manifest
     manifest = Manifest.read(out)
     print(f"exported {what} in {time.perf_counter() - t0:.0f} s to {out}: {len(manifest.cache)} cache tensors, "
@@ -227,6 +227,7 @@ def main(argv=None) -> int:
                    "the baseline for comparisons")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     p.add_argument("--cache-update", default="in_place", choices=["in_place", "concat"])
+    p.add_argument("--quantize", default=None, choices=["int8"], help="int8 weights (onnxruntime dynamic quantization)")
     p.add_argument("--max-length", type=int, default=None, help="prompt + new tokens (default: the model's)")
     _add_mla_options(p)
     p.set_defaults(func=cmd_export)

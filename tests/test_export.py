@@ -168,3 +168,17 @@ def test_corrupted_folders_are_refused(mla_folder, tmp_path):
     (copy / "manifest.json").write_text(json.dumps({"format": "mla-pass-onnx", "version": 99}))
     with pytest.raises(ManifestError, match="version"):
         Manifest.read(copy)
+
+
+def test_int8_weights_shrink_the_folder_and_still_run(mla_folder, tmp_path):
+    mla, fp32 = mla_folder
+    folder = to_onnx(mla, tmp_path / "int8", quantize="int8")
+    manifest = Manifest.read(folder)
+    assert manifest.notes["weights"].startswith("int8")
+    size = lambda f: sum(p.stat().st_size for p in f.iterdir() if p.name.startswith("model."))  # noqa: E731
+    assert size(folder) < 0.7 * size(fp32)        # embeddings and norms stay fp32
+    ids = torch.randint(0, mla.vocab_size, (1, 5), generator=torch.Generator().manual_seed(2))
+    errors, _, _ = _drive(folder, mla.step, mla.empty_cache, ids, steps=4)
+    assert max(errors) < 0.25 * 4, errors      # close to fp32, not equal: int8 weights change the logits
+    with pytest.raises(ValueError, match="int8"):
+        to_onnx(mla, tmp_path / "bad", quantize="int8", dtype="float16")
