@@ -12,7 +12,8 @@ updated in place (``rewrite.to_in_place``: past inputs are preallocated buffers,
 written with TensorScatter at T = attention_mask length − S, keys past T+S are masked); with
 ``cache_update="concat"`` present = concat(past, new). Batch, new tokens and past tokens are dynamic (example sizes are ≥ 2 and distinct: size-1 dims would be specialised).
 After writing, the folder is checked: onnxruntime runs a prefill and a decode step on random
-tokens and must agree with PyTorch (fp32: 1e-4 on logits), or the export is refused.
+tokens and must agree with PyTorch (fp32: 1e-3 of the largest value on logits and cache), or
+the export is refused.
 """
 from __future__ import annotations
 
@@ -286,7 +287,9 @@ def _verify(folder: Path, manifest: Manifest, wrapper: nn.Module, args: tuple, d
         want = [t.float().cpu().numpy() for t in wrapper(*args)]
     # relative to the largest value; int8 weights only have to be in the right range (their
     # quality change is measured on real text, not asserted here)
-    tol = 0.25 if quantized else 1e-4 if dtype == "float32" else 2e-2
+    # (fp32: 1e-3, since round-off grows over a real model's depth — SmolLM2's 30 layers reach
+    # ~3e-4 on the cache — while a wrong program is off by O(1))
+    tol = 0.25 if quantized else 1e-3 if dtype == "float32" else 2e-2
     logit_error = 0.0
     for name, g, w in zip(["logits"] + [e.output for e in manifest.cache], got, want):
         g = g.astype(np.float32)
