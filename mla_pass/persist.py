@@ -7,7 +7,6 @@ weights file, so a truncated or edited checkpoint is refused instead of loading 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 from .config import MLAConfig
 from .latent_attention import SitePlan
 from .model import CONFIG_FILE, MLAModel
+from .runtime.manifest import sha256
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -51,7 +51,7 @@ def save_model(mla: MLAModel, path: Path) -> Path:
         "vocab_size": mla.vocab_size,
         "generation": mla.generation,
         "aliases": aliases,
-        "weights_sha256": _sha256(weights),
+        "weights_sha256": sha256(weights),
         "kv_cache_bytes_per_token_fp16": mla.kv_cache_bytes_per_token(torch.float16),
         "original_kv_cache_bytes_per_token_fp16": mla.original_kv_cache_bytes_per_token(torch.float16),
     }
@@ -82,7 +82,7 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None) -> MLAMo
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{weights} is missing; re-save the model with mla.save({str(path)!r})")
-    digest = _sha256(weights)
+    digest = sha256(weights)
     if digest != meta["weights_sha256"]:
         raise CheckpointError(f"{weights} does not match the checksum in {CONFIG_FILE} (truncated or edited "
                               "after saving); re-save or re-convert the model")
@@ -151,13 +151,6 @@ def _rebuild_source(source: dict) -> torch.nn.Module:
         model = cls._from_config(config) if hasattr(cls, "_from_config") else cls.from_config(config)
     return model.eval()
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _json_dump(obj, path: Path) -> None:
