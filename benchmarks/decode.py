@@ -10,6 +10,7 @@ use the training-free ``MLAConfig(d_kv, rope_freqs=4)``.
 
     python benchmarks/decode.py                      # table (markdown) + benchmarks/decode.png
     python benchmarks/decode.py --past 512 --batch 1 --steps 5      # a quick look
+    python benchmarks/decode.py --genai DIR          # + onnxruntime-genai's build of the original
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 
 VARIANTS = {"original": None, "mla d_kv=32": 32, "mla d_kv=8": 8}
+GENAI = "onnxruntime-genai (original)"
 ROPE_FREQS = 4
 
 
@@ -72,8 +74,41 @@ def worker(folder: str, batch: int, past: int, steps: int, threads: int) -> dict
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def measure(folder: Path, batch: int, past: int, steps: int, threads: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", str(folder), str(batch), str(past), str(steps), str(threads)]
+def genai_worker(folder: str, batch: int, past: int, steps: int, threads: int) -> dict:
+    """The yardstick: onnxruntime-genai's own build of the original model (its model builder,
+    GroupQueryAttention, cache shared between past and present), batch 1, same threads."""
+    import json as _json
+
+    import numpy as np
+    import onnxruntime_genai as og
+
+    if batch != 1:
+        raise SystemExit("the genai yardstick is measured at batch 1")
+    config_path = Path(folder) / "genai_config.json"
+    config = _json.loads(config_path.read_text())
+    config["model"]["decoder"].setdefault("session_options", {}).update(intra_op_num_threads=threads,
+                                                                       inter_op_num_threads=1)
+    config_path.write_text(_json.dumps(config, indent=2))
+    model = og.Model(folder)
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=past + steps + 3, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.random.default_rng(0).integers(100, 40000, past).astype(np.int32))
+    times = []
+    for _ in range(steps + 2):
+        t0 = time.perf_counter()
+        generator.generate_next_token()
+        times.append(time.perf_counter() - t0)
+    median = statistics.median(times[2:])
+    layers, kv_heads = config["model"]["decoder"]["num_hidden_layers"], config["model"]["decoder"]["num_key_value_heads"]
+    return {"ms": 1000 * median, "tokens_per_s": 1 / median,
+            "kv_bytes_per_token": layers * kv_heads * config["model"]["decoder"]["head_size"] * 2 * 4,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def measure(folder: Path, batch: int, past: int, steps: int, threads: int, genai: bool = False) -> dict:
+    cmd = [sys.executable, __file__, "--genai-worker" if genai else "--worker", str(folder), str(batch), str(past),
+           str(steps), str(threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"worker failed for {folder} batch {batch} past {past}:\n{out.stderr[-2000:]}")
@@ -88,7 +123,7 @@ def plot(rows: list[dict], path: Path) -> None:
     batches = sorted({r["batch"] for r in rows})
     fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4), squeeze=False)
     for ax, b in zip(axes[0], batches):
-        for name in VARIANTS:
+        for name in [GENAI, *VARIANTS]:
             pts = sorted((r["past"], r["ms"]) for r in rows if r["batch"] == b and r["model"] == name)
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=name)
@@ -103,9 +138,10 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+    if len(sys.argv) > 1 and sys.argv[1] in ("--worker", "--genai-worker"):
         folder, batch, past, steps, threads = sys.argv[2], *map(int, sys.argv[3:7])
-        print(json.dumps(worker(folder, batch, past, steps, threads)))
+        run = worker if sys.argv[1] == "--worker" else genai_worker
+        print(json.dumps(run(folder, batch, past, steps, threads)))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--past", type=int, nargs="+", default=[512, 2048, 8192])
@@ -116,6 +152,9 @@ def main() -> None:
     parser.add_argument("--exports", type=Path, default=None,
                         help="where the exported folders are kept (default ~/.cache/mla-pass/exports)")
     parser.add_argument("--plot", type=Path, default=Path(__file__).with_suffix(".png"))
+    parser.add_argument("--genai", type=Path, default=None, help="an onnxruntime-genai build of the original "
+                        "(python -m onnxruntime_genai.models.builder -i HF_DIR -o DIR -p fp32 -e cpu; drop "
+                        "'quantization_config' from config.json first): timed at batch 1 as the yardstick")
     args = parser.parse_args()
     from mla_pass import assets
     cache = args.exports or Path(assets.default_cache_dir()) / "exports"
@@ -124,18 +163,24 @@ def main() -> None:
     rows = []
     print(f"SmolLM2-135M decode step, onnxruntime CPU, {args.threads} threads, median of {args.steps} steps, "
           "fp32, cache updated in place")
-    print("| model | batch | past | ms/step | tokens/s | speedup vs original | KV bytes/token (fp32) | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | batch | past | ms/step | tokens/s | speedup vs original | vs genai | KV bytes/token (fp32) | "
+          "peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for batch in args.batch:
         for past in args.past:
-            base = None
-            for name in args.models:
-                r = measure(folders[name], batch, past, args.steps, args.threads)
+            base = yardstick = None
+            runs = [(name, folders[name], False) for name in args.models]
+            if args.genai and batch == 1:
+                runs.insert(0, (GENAI, args.genai, True))
+            for name, folder, genai in runs:
+                r = measure(folder, batch, past, args.steps, args.threads, genai)
                 r.update(model=name, batch=batch, past=past)
                 rows.append(r)
                 base = r["ms"] if name == "original" else base
+                yardstick = r["ms"] if genai else yardstick
                 speed = f"{base / r['ms']:.2f}×" if base else "—"
-                print(f"| {name} | {batch} | {past} | {r['ms']:.1f} | {r['tokens_per_s']:.1f} | {speed} | "
+                vs_genai = f"{yardstick / r['ms']:.2f}×" if yardstick else "—"
+                print(f"| {name} | {batch} | {past} | {r['ms']:.1f} | {r['tokens_per_s']:.1f} | {speed} | {vs_genai} | "
                       f"{r['kv_bytes_per_token']:,} | {r['peak_rss_mb']:.0f} |", flush=True)
     plot(rows, args.plot)
     print(f"\nplot: {args.plot}")
