@@ -181,20 +181,29 @@ def _probe_rope(gm, site, env, kind: str, raw: fx.Node, head: fx.Node, nodes: li
 
     heads_shape = to_heads(torch.empty(shape, device="meta"), raw_layout).shape
     dtype, dev = env[raw].dtype, env[raw].device
-    response = torch.zeros(2, dim, dim, dtype=torch.float64)    # [position, out, in] at head 0, batch 0 (CPU)
+    where = f"RoPE region ending at '{head.name}'"
+    if heads_shape[2] < 2:
+        raise SiteError(site.layer, head.name, f"{where} cannot be probed on fewer than two tokens")
+    responses = torch.zeros(heads_shape[0], 2, dim, dim, dtype=torch.float64)   # [batch, token, out, in], head 0
     for i in range(dim):
         probe = torch.zeros(heads_shape, dtype=dtype, device=dev)
         probe[..., i] = 1
         out = run(probe)
-        response[:, :, i] = out[0, 0, :2, :].double().cpu()
-    where = f"RoPE region ending at '{head.name}'"
-    if not torch.allclose(response[0], torch.eye(dim, dtype=torch.float64), atol=1e-6):
+        responses[..., i] = out[:, 0, :2, :].double().cpu()
+    # a batch row whose first two tokens sit at positions 0 and 1: the recorded run may hold
+    # left-padded rows (their first tokens sit at some other position, or all at position 0)
+    eye = torch.eye(dim, dtype=torch.float64)
+    at_zero = [b for b in range(responses.shape[0]) if torch.allclose(responses[b, 0], eye, atol=1e-6)]
+    moving = [b for b in at_zero if not torch.allclose(responses[b, 1], eye, atol=1e-6)]
+    row = (moving or at_zero or [None])[0]
+    if row is None:
         raise SiteError(site.layer, head.name, f"{where} is not the identity at position 0 "
                         "(a scale or mix after RoPE is not supported)")
-    # linearity and uniformity across heads/batch, checked on a random probe at position 1
+    response = responses[row]
+    # linearity and uniformity across heads, checked on a random probe at position 1
     rnd = torch.randn(heads_shape, generator=torch.Generator().manual_seed(0)).to(dtype=dtype, device=dev)
-    got = run(rnd)[:, :, 1, :].double()
-    want = torch.einsum("oi,bhi->bho", response[1].to(dev), rnd[:, :, 1, :].double())
+    got = run(rnd)[row, :, 1, :].double()
+    want = torch.einsum("oi,hi->ho", response[1].to(dev), rnd[row, :, 1, :].double())
     tol = _tolerance(dtype) * max(1.0, want.abs().max().item())
     if not torch.allclose(got, want, atol=tol, rtol=tol):
         raise SiteError(site.layer, head.name, f"{where} is not a per-dim-pair rotation")

@@ -158,6 +158,24 @@ def test_generate_keeps_compressed_cache(name, record_property):
     assert counters["mla"]["sites_rewritten"] == graphs * len(mla.plans)
 
 
+def test_generate_left_padded_batch():
+    """Padding comes from the model's own mask; the first row's prompt is left-padded."""
+    fam = FAMS["llama-gqa"]
+    model = build_hf(fam)
+    options = options_for(fam)
+    mla = mla_pass.convert(model, config_of(options), progress=False)
+    ids = prompt((2, 7), seed=6)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    ids[0, :3] = 0
+    cm = compiled(model, options)
+    cm.generation_config.eos_token_id = None
+    got = cm.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    want = mla.generate(ids, attention_mask=mask, max_new_tokens=16, eos_token_id=None)
+    assert torch.equal(got, want), f"compiled: {got.tolist()}\nmla:      {want.tolist()}"
+    assert counters["mla"]["sites_refused"] == 0
+
+
 def test_sliding_window_cache_left_untouched_with_one_warning_per_layer():
     """Mistral's sliding-window cache layers are not DynamicLayers: the backend leaves those
     sites untouched (one warning each, naming the reason) and generation stays exact."""
