@@ -115,16 +115,24 @@ def _rewrite(gm: fx.GraphModule, example_inputs: list, opts: BackendOptions) -> 
     from .match import SiteError, find_attention_cores
     from .pipeline import UnsupportedAttentionError
 
-    gm_aten = lower_to_aten(gm, example_inputs)
-    if not find_attention_cores(gm_aten):
+    try:
+        gm_aten = lower_to_aten(gm, example_inputs)
+        has_attention = bool(find_attention_cores(gm_aten))
+        env = record_values(gm_aten, example_inputs) if has_attention else None
+    except Exception as e:       # a graph the pass cannot even read runs unchanged, loudly
+        if _reads_compressed_cache(gm):
+            raise
+        _warn_once(f"mla backend: could not lower this graph to aten ops ({type(e).__name__}: {e}); it runs "
+                   "unchanged")
+        return None
+    if not has_attention:
         _warn_once("mla backend: no attention found in this graph (no scaled_dot_product_attention op and no "
                    "matmul→softmax→matmul pattern); it runs unchanged")
         return None
-    env = record_values(gm_aten, example_inputs)
     placeholders = [n for n in gm_aten.graph.nodes if n.op == "placeholder"]
     is_weight = _weight_flags(gm, example_inputs)
     data = {n for n, w in zip(placeholders, is_weight) if not w}
-    sites, errors, _ = find_graph_sites(gm_aten, env, data_dependent(gm_aten, data))
+    sites, errors = find_graph_sites(gm_aten, env, data_dependent(gm_aten, data))
     modules, kept = {}, []
     for gs in sites:
         try:
@@ -169,6 +177,18 @@ def lower_to_aten(gm: fx.GraphModule, example_inputs: list) -> fx.GraphModule:
                 fakes.append(node.meta.get("example_value", x))
     with fake_mode, fx.traceback.preserve_node_meta():
         return make_fx(fx.Interpreter(gm).run, pre_dispatch=True, record_module_stack=True)(*fakes)
+
+
+def _reads_compressed_cache(gm: fx.GraphModule) -> bool:
+    """True when a cache update of ``gm`` reads slots holding compressed tensors (then running
+    it unchanged would mix latent and full K/V)."""
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in (torch.ops.mla_pass.cache_append, hf_cache.CACHE_APPEND):
+            vals = [a.meta.get("example_value") if isinstance(a, fx.Node) else None for a in n.args[:4]]
+            if all(isinstance(v, torch.Tensor) for v in vals) and \
+                    not hf_cache.slot_layout_matches(vals[0], vals[1], vals[2].shape, vals[3].shape):
+                return True
+    return False
 
 
 def _weight_flags(gm: fx.GraphModule, example_inputs: list) -> list[bool]:

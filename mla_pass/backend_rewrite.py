@@ -100,8 +100,8 @@ def data_dependent(gm: fx.GraphModule, data_placeholders: set[fx.Node]) -> set[f
 
 
 def find_graph_sites(gm: fx.GraphModule, env: dict, dependent: set[fx.Node]
-                     ) -> tuple[list[GraphSite], list[SiteError], int]:
-    """Matched sites (not yet probed), refusals, and the number of attention cores seen."""
+                     ) -> tuple[list[GraphSite], list[SiteError]]:
+    """Matched sites (not yet probed) and refusals."""
     sites: list[GraphSite] = []
     errors: list[SiteError] = []
     cores = find_attention_cores(gm)
@@ -121,7 +121,7 @@ def find_graph_sites(gm: fx.GraphModule, env: dict, dependent: set[fx.Node]
             if cache is not None:
                 refuse_if_compressed(cache, e.reason, env)
             errors.append(e)
-    return sites, errors, len(cores)
+    return sites, errors
 
 
 def refuse_if_compressed(cache: fx.Node, reason: str, env: dict) -> None:
