@@ -89,6 +89,8 @@ def genai_worker(folder: str, batch: int, past: int, steps: int, threads: int) -
     config["model"]["decoder"].setdefault("session_options", {}).update(intra_op_num_threads=threads,
                                                                        inter_op_num_threads=1)
     config_path.write_text(_json.dumps(config, indent=2))
+    # genai caps the context at max_position_embeddings: stay just inside it at the longest past
+    past = min(past, config["model"]["context_length"] - steps - 3)
     model = og.Model(folder)
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=past + steps + 3, do_sample=False)
@@ -173,7 +175,13 @@ def main() -> None:
             if args.genai and batch == 1:
                 runs.insert(0, (GENAI, args.genai, True))
             for name, folder, genai in runs:
-                r = measure(folder, batch, past, args.steps, args.threads, genai)
+                try:
+                    r = measure(folder, batch, past, args.steps, args.threads, genai)
+                except RuntimeError as e:
+                    if not genai:
+                        raise
+                    print(f"| {name} | {batch} | {past} | failed: {str(e).splitlines()[-1][:80]} |", flush=True)
+                    continue
                 r.update(model=name, batch=batch, past=past)
                 rows.append(r)
                 base = r["ms"] if name == "original" else base
