@@ -70,12 +70,20 @@ def _calibration_tokens(tokenizer, cache_dir, windows: int = 8, length: int = 51
     return calibration_windows(tokenizer, windows, length, cache_dir)   # a clear error if the text is too short
 
 
+def _auto_calibration(config, tokenizer, cache_dir):
+    """Calibration tokens when the config needs them (an error without a tokenizer), or would use
+    them (only if a tokenizer is there); else None."""
+    if config.needs_calibration or (config.benefits_from_calibration and tokenizer is not None):
+        return _calibration_tokens(tokenizer, cache_dir)
+    return None
+
+
 def cmd_convert(args) -> int:
     from .inspect import format_table
     from .pipeline import convert
     model, tok = _load_source(args.model, args.cache_dir)
     config = _config_from_args(args)
-    calib = _calibration_tokens(tok, args.cache_dir) if config.needs_calibration else None
+    calib = _auto_calibration(config, tok, args.cache_dir)
     t0 = time.perf_counter()
     mla = convert(model, config, calibration=calib)
     print(format_table(mla.report))
@@ -144,7 +152,7 @@ def cmd_demo(args) -> int:
           f"{ids.shape[1]} tokens of lcet10.txt; 32 greedy tokens identical: {same}")
 
     config = _config_from_args(args)
-    calib = _calibration_tokens(tok, args.cache_dir) if config.needs_calibration else None
+    calib = _auto_calibration(config, tok, args.cache_dir)
     mla = convert(model, config, calibration=calib)
     before, after = mla.original_kv_cache_bytes_per_token(), mla.kv_cache_bytes_per_token()
     with torch.no_grad():
@@ -190,10 +198,12 @@ def cmd_generate(args) -> int:
 def _add_mla_options(p):
     p.add_argument("--d-kv", type=int, default=None, help="latent width per kv head (default: full rank)")
     p.add_argument("--rope-freqs", type=int, default=None, help="rotary pairs kept per head (default: all)")
-    p.add_argument("--rope-strategy", default="high", choices=["high", "low", "uniform", "2-norm", "score-error"])
+    p.add_argument("--rope-strategy", default="auto", choices=["auto", "high", "low", "uniform", "2-norm", "score-error"],
+                   help="auto (default): score-error when the model folder has a tokenizer (calibration), else high")
     p.add_argument("--svd", default="joint", choices=["joint", "split"])
-    p.add_argument("--activation-aware", action="store_true",
-                   help="factorise on calibration activations (8 × 512 tokens of alice29.txt)")
+    p.add_argument("--activation-aware", action=argparse.BooleanOptionalAction, default=None,
+                   help="factorise on calibration activations (8 × 512 tokens of alice29.txt); default: whenever "
+                   "the model folder has a tokenizer to calibrate with")
     p.add_argument("--best-effort", action="store_true", help="leave unsupported sites untouched instead of failing")
     p.add_argument("--kv-budget", type=float, default=None, help="fraction of the KV cache to keep, split per "
                    "layer between rotary pairs and latent width (instead of --d-kv)")

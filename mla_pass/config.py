@@ -1,9 +1,9 @@
 """Configuration of a conversion: one frozen dataclass, validated where it is built."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
-ROPE_STRATEGIES = ("high", "low", "uniform", "2-norm", "score-error")
+ROPE_STRATEGIES = ("auto", "high", "low", "uniform", "2-norm", "score-error")
 SVD_MODES = ("joint", "split")
 
 
@@ -16,7 +16,8 @@ class MLAConfig:
             ``None`` keeps full rank (exact).
         rope_freqs: rotary frequency pairs kept per kv head (each costs 2 cached values per kv
             head); ``None`` keeps every pair the model rotates (exact), 0 drops RoPE entirely.
-        rope_strategy: which pairs stay rotated: ``"high"`` (fastest), ``"low"`` (slowest),
+        rope_strategy: which pairs stay rotated: ``"auto"`` (the default: ``"score-error"`` when
+            calibration tokens are given, else ``"high"``), ``"high"`` (fastest), ``"low"`` (slowest),
             ``"uniform"`` (evenly spaced), ``"2-norm"`` (largest mean ‖q‖·‖k‖ on calibration
             tokens, per layer and kv head, as in MHA2MLA) or ``"score-error"`` (largest mean squared
             change of the attention scores, over causal token pairs of the calibration text, when
@@ -25,7 +26,8 @@ class MLAConfig:
         svd: ``"joint"`` factorises [W_k_nope; W_v] together; ``"split"`` factorises them
             separately with half the latent each.
         activation_aware: factorise to minimise ‖(W − Ŵ)·X‖ on calibration activations X instead
-            of ‖W − Ŵ‖ (needs ``calibration=``); still exact at full rank.
+            of ‖W − Ŵ‖ (needs ``calibration=``); still exact at full rank. ``None`` (the default):
+            whenever calibration tokens are given.
         damping: ridge added to the activation covariance, relative to its mean diagonal.
         kv_budget: instead of a fixed ``d_kv`` (and, if ``rope_freqs`` is None, a fixed number of
             rotary pairs), cache at most this fraction of the original K/V values per token over
@@ -40,13 +42,13 @@ class MLAConfig:
 
     Example:
         >>> MLAConfig(d_kv=16, rope_freqs=4, rope_strategy="high")
-        MLAConfig(d_kv=16, rope_freqs=4, rope_strategy='high', svd='joint', activation_aware=False, damping=0.01, best_effort=False, kv_budget=None, refit=False)
+        MLAConfig(d_kv=16, rope_freqs=4, rope_strategy='high', svd='joint', activation_aware=None, damping=0.01, best_effort=False, kv_budget=None, refit=False)
     """
     d_kv: int | None = None
     rope_freqs: int | None = None
-    rope_strategy: str = "high"
+    rope_strategy: str = "auto"
     svd: str = "joint"
-    activation_aware: bool = False
+    activation_aware: bool | None = None
     damping: float = 1e-2
     best_effort: bool = False
     kv_budget: float | None = None
@@ -80,6 +82,22 @@ class MLAConfig:
         """The published MHA2MLA recipe: 2-norm frequency selection + weight-only joint SVD."""
         return cls(d_kv=d_kv, rope_freqs=rope_freqs, rope_strategy="2-norm", svd="joint", activation_aware=False)
 
+    def resolved(self, has_calibration: bool) -> "MLAConfig":
+        """The config with its automatic choices made: with calibration tokens, the measured best
+        (score-error selection, activation-aware SVD); without, the weight-only fallbacks."""
+        strategy = self.rope_strategy
+        if strategy == "auto":
+            strategy = "score-error" if has_calibration and not self.exact else "high"
+        aware = self.activation_aware
+        if aware is None:
+            aware = has_calibration and not self.exact
+        return replace(self, rope_strategy=strategy, activation_aware=aware)
+
+    @property
+    def benefits_from_calibration(self) -> bool:
+        """Calibration tokens would change the result (required ones included)."""
+        return self.needs_calibration or self.resolved(True) != self.resolved(False)
+
     @property
     def exact(self) -> bool:
         """Full rank with every rotary pair kept: the rewrite reproduces the model."""
@@ -97,7 +115,7 @@ class MLAConfig:
 
     @property
     def needs_gram(self) -> bool:
-        return self.activation_aware or self.refit
+        return bool(self.activation_aware) or self.refit
 
     @property
     def needs_rope_statistics(self) -> bool:

@@ -86,6 +86,7 @@ def convert(model: nn.Module, config: MLAConfig | None = None, calibration: torc
     config = config or MLAConfig()
     if not isinstance(config, MLAConfig):
         raise TypeError(f"config must be an MLAConfig, got {type(config).__name__}")
+    config = config.resolved(calibration is not None)
     if isinstance(model, MLAModel):
         raise ValueError("this model is already converted; convert the original model instead")
     if config.needs_calibration and calibration is None:
@@ -116,6 +117,7 @@ def build(captured: Captured, config: MLAConfig, *, calibration=None, plans: dic
         warnings.warn(f"left untouched: {e}", stacklevel=2)
     initialise_weights = plans is None
     if plans is None:
+        config = config.resolved(calibration is not None or stats is not None)
         if config.needs_calibration and stats is None:
             stats = collect(captured.gm, sites, calibration, captured.takes_positions,
                             rope_norms=config.needs_pair_norms, gram=config.needs_gram,

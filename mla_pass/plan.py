@@ -21,9 +21,12 @@ def kept_pairs(site: AttentionSite, config: MLAConfig, stats, keep: int) -> list
         raise PlanError(f"rope_freqs={keep} is more than the {n_pairs} rotary frequency pairs "
                         f"{site.layer} rotates per head; use at most {n_pairs} (or None to keep all)")
     scores = None
-    if config.rope_strategy in ("2-norm", "score-error") and keep < n_pairs:
-        site_stats = stats.sites.get(site.index) if stats is not None else None
-        if config.rope_strategy == "2-norm":
+    site_stats = stats.sites.get(site.index) if stats is not None else None
+    strategy = config.rope_strategy
+    if strategy == "auto":        # unresolved (e.g. the compiler backend): measured if measured, else high
+        strategy = "score-error" if site_stats is not None and site_stats.pair_score_error is not None else "high"
+    if strategy in ("2-norm", "score-error") and keep < n_pairs:
+        if strategy == "2-norm":
             if site_stats is None or site_stats.query_pair_norms is None:
                 raise PlanError("rope_strategy='2-norm' ranks frequencies on real activations: pass calibration "
                                 "token ids to convert(..., calibration=ids)")
@@ -33,7 +36,7 @@ def kept_pairs(site: AttentionSite, config: MLAConfig, stats, keep: int) -> list
                 raise PlanError("rope_strategy='score-error' measures frequencies on real activations: pass "
                                 "calibration token ids to convert(..., calibration=ids)")
             scores = site_stats.pair_score_error
-    return select_pairs(config.rope_strategy, site.rope.speeds, keep, site.n_kv_heads, scores)
+    return select_pairs(strategy, site.rope.speeds, keep, site.n_kv_heads, scores)
 
 
 def plan_site(site: AttentionSite, config: MLAConfig, stats, keep: int | None = None,

@@ -268,3 +268,24 @@ def test_refit_lowers_kl_of_the_published_recipe():
             kls.append((ref.exp() * (ref - mla(tokens).log_softmax(-1))).sum(-1).mean().item())
     assert kls[1] < kls[0], kls
     assert math.isfinite(kls[1])
+
+
+# -- defaults ---------------------------------------------------------------------------------------
+def test_defaults_use_calibration_when_given_and_fall_back_without():
+    cfg = MLAConfig(d_kv=2, rope_freqs=2)
+    assert cfg.rope_strategy == "auto" and cfg.activation_aware is None and not cfg.needs_calibration
+    assert cfg.benefits_from_calibration and not MLAConfig().benefits_from_calibration
+    assert cfg.resolved(True) == MLAConfig(d_kv=2, rope_freqs=2, rope_strategy="score-error", activation_aware=True)
+    assert cfg.resolved(False) == MLAConfig(d_kv=2, rope_freqs=2, rope_strategy="high", activation_aware=False)
+    assert MLAConfig().resolved(True) == MLAConfig(rope_strategy="high", activation_aware=False)   # exact: nothing to fit
+    model = tiny_llama()
+    without = mla_pass.convert(model, cfg, progress=False)
+    with_calibration = mla_pass.convert(model, cfg, calibration=_calibration(), progress=False)
+    assert without.config == cfg.resolved(False) and with_calibration.config == cfg.resolved(True)
+    tokens = _calibration(2, 16, seed=5)
+    kl = []
+    with torch.no_grad():
+        ref = model(tokens).logits.log_softmax(-1)
+        for mla in (without, with_calibration):
+            kl.append((ref.exp() * (ref - mla(tokens).log_softmax(-1))).sum(-1).mean().item())
+    assert kl[1] < kl[0], kl
