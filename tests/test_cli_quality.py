@@ -36,6 +36,10 @@ def folders(tmp_path_factory):
     model = AutoModelForCausalLM.from_config(LlamaConfig(
         vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2)).eval()
+    with torch.no_grad():     # weights large enough that the model is far from uniform: a rank-2
+        for p in model.parameters():        # latent then visibly changes its predictions
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
     hf = root / "tiny"
     model.save_pretrained(str(hf))
     _byte_tokenizer().save_pretrained(str(hf))
