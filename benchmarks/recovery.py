@@ -27,7 +27,7 @@ def main() -> None:
     ids = windows(tok, "lcet10.txt", 8, 512, start=2000)
     calibration = windows(tok, "alice29.txt", 16, 512)
     ref = logprobs(lambda x: model(x).logits, ids)
-    config = MLAConfig(d_kv=args.d_kv, rope_freqs=args.rope_freqs, activation_aware=True)
+    config = MLAConfig(d_kv=args.d_kv, rope_freqs=args.rope_freqs, rope_strategy="high", activation_aware=True)
     mla = mla_pass.convert(model, config, calibration=calibration, progress=False)
     before = metrics(ref, logprobs(mla, ids), ids)
     t0 = time.perf_counter()

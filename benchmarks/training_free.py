@@ -43,17 +43,18 @@ def main() -> None:
     ref = logprobs(lambda x: model(x).logits, ids)
     rows = [("original", 23040, *metrics(ref, ref, ids), 0.0)]
     recipes = [
-        ("exact (full rank, all pairs)", MLAConfig()),
-        ("partial RoPE only, r=4, 2-norm", MLAConfig(rope_freqs=4, rope_strategy="2-norm")),
-        ("partial RoPE only, r=4, high", MLAConfig(rope_freqs=4)),
-        ("partial RoPE only, r=16, high", MLAConfig(rope_freqs=16)),
+        ("exact (full rank, all pairs)", MLAConfig()),   # explicit strategies below: the defaults now use calibration
+        ("partial RoPE only, r=4, 2-norm", MLAConfig(rope_freqs=4, rope_strategy="2-norm", activation_aware=False)),
+        ("partial RoPE only, r=4, high", MLAConfig(rope_freqs=4, rope_strategy="high", activation_aware=False)),
+        ("partial RoPE only, r=16, high", MLAConfig(rope_freqs=16, rope_strategy="high", activation_aware=False)),
         ("MHA2MLA recipe, d_kv=32, r=4", MLAConfig.mha2mla(32, 4)),
         ("MHA2MLA recipe, d_kv=8, r=4", MLAConfig.mha2mla(8, 4)),
         ("2-norm + activation-aware SVD, d_kv=32, r=4", MLAConfig(d_kv=32, rope_freqs=4, rope_strategy="2-norm",
                                                                  activation_aware=True)),
         ("2-norm + activation-aware SVD, d_kv=8, r=4", MLAConfig(d_kv=8, rope_freqs=4, rope_strategy="2-norm",
                                                                 activation_aware=True)),
-        ("high r=12 + activation-aware SVD, d_kv=16", MLAConfig(d_kv=16, rope_freqs=12, activation_aware=True)),
+        ("high r=12 + activation-aware SVD, d_kv=16", MLAConfig(d_kv=16, rope_freqs=12, rope_strategy="high",
+                                                                activation_aware=True)),
     ]
     for name, cfg in recipes:
         t0 = time.perf_counter()
