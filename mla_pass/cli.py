@@ -114,7 +114,7 @@ def cmd_export(args) -> int:
         program, what = source, f"converted ({source.config})"
     else:
         config = _config_from_args(args)
-        calib = _calibration_tokens(tok, args.cache_dir) if config.needs_calibration else None
+        calib = _auto_calibration(config, None if isinstance(tok, str) else tok, args.cache_dir)   # as convert does
         program, what = convert(source, config, calibration=calib), f"converted ({config})"
     out = to_onnx(program, args.out, dtype=args.dtype, tokenizer=tok, max_length=args.max_length,
                   cache_update=args.cache_update, quantize=args.quantize)
