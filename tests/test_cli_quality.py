@@ -5,20 +5,11 @@ import os
 import pytest
 import torch
 
+from helpers import byte_tokenizer
 from mla_pass.cli import main
 
 torch.set_num_threads(int(os.environ.get("MLA_PASS_TEST_THREADS", "1")))
 
-
-def _byte_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +33,7 @@ def folders(tmp_path_factory):
                 p.normal_(0, 0.3)
     hf = root / "tiny"
     model.save_pretrained(str(hf))
-    _byte_tokenizer().save_pretrained(str(hf))
+    byte_tokenizer().save_pretrained(str(hf))
     mla = root / "mla"
     assert main(["convert", str(hf), "--out", str(mla), "--d-kv", "2", "--rope-freqs", "1"]) == 0
     return hf, mla

@@ -7,24 +7,13 @@ import torch
 import torch.nn.functional as F
 
 import mla_pass
-from helpers import tiny_llama
+from helpers import byte_tokenizer, tiny_llama
 from mla_pass import MLAConfig
 from mla_pass.evaluate import (ANSWER_PREFIX, PasskeyConfig, passkey, passkey_prompt, text_quality,
                                text_windows)
 
 torch.set_num_threads(int(os.environ.get("MLA_PASS_TEST_THREADS", "1")))
 
-
-def _byte_tokenizer():
-    """A real (byte-level, one token per byte) fast tokenizer with 256 ids, built offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
 def test_text_quality_equals_a_direct_computation():
@@ -62,7 +51,7 @@ def test_bad_windows():
 
 @pytest.mark.parametrize("length", [400, 533])
 def test_passkey_prompt_layout(length):
-    tok = _byte_tokenizer()
+    tok = byte_tokenizer()
     positions = []
     for depth in (0.0, 0.5, 1.0):
         ids = passkey_prompt(tok, length, depth, "48151", filler="sentence")
@@ -81,7 +70,7 @@ def test_passkey_scores_exact_retrievals():
     model = AutoModelForCausalLM.from_config(LlamaConfig(
         vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=1)).eval()
-    tok = _byte_tokenizer()
+    tok = byte_tokenizer()
     cfg = PasskeyConfig(lengths=(260, 300), depths=(0.2, 0.8), trials=2, filler="sentence")
     result = passkey(model, tok, cfg, progress=False)
     assert len(result.trials) == 8 and len({t.key for t in result.trials}) > 1
@@ -101,7 +90,7 @@ def test_bad_passkey_config():
 
 def test_text_windows_too_short_names_the_limit():
     from mla_pass import assets
-    tok = _byte_tokenizer()
+    tok = byte_tokenizer()
     try:
         ids = text_windows(tok, "alice29.txt", 2, 64)
     except assets.AssetError as e:
