@@ -54,14 +54,7 @@ def record_values(gm: fx.GraphModule, inputs) -> dict[fx.Node, object]:
     """Every node's value on the example inputs. A ``cache_append`` whose stored slots hold
     compressed tensors gets zero full-width keys/values of the same length instead: the values
     only serve shapes and probing (the k/v paths end before the cache), never results."""
-    env: dict[fx.Node, object] = {}
-
-    class _Recorder(fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            env[n] = out
-            return out
-
+    class _FullWidthCache(fx.Interpreter):
         def call_function(self, target, args, kwargs):
             if target is CACHE_APPEND:
                 stored_k, stored_v, new_k, new_v = args
@@ -74,9 +67,8 @@ def record_values(gm: fx.GraphModule, inputs) -> dict[fx.Node, object]:
 
     # dynamo passes the SymInt inputs of dynamic graphs as SymInts: run on their hints, so that
     # running the graph on real tensors adds no guard (a guard would specialise the graph)
-    with torch.no_grad():
-        _Recorder(gm).run(*(_hint(x) if isinstance(x, torch.SymInt) else x for x in inputs))
-    return env
+    hinted = (_hint(x) if isinstance(x, torch.SymInt) else x for x in inputs)
+    return G.record_values(gm, *hinted, interpreter=_FullWidthCache)
 
 
 def _hint(x: torch.SymInt) -> int:

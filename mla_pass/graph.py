@@ -172,11 +172,13 @@ def run_region(gm: fx.GraphModule, nodes: list[fx.Node], env: dict[fx.Node, obje
     return local
 
 
-def record_values(gm: fx.GraphModule, *inputs) -> dict[fx.Node, object]:
-    """Run the graph once and keep every node's value (small example inputs only)."""
+def record_values(gm: fx.GraphModule, *inputs, interpreter: type[fx.Interpreter] = fx.Interpreter
+                  ) -> dict[fx.Node, object]:
+    """Run the graph once and keep every node's value (small example inputs only).
+    ``interpreter`` may override how nodes run (the backend substitutes its cache op)."""
     env: dict[fx.Node, object] = {}
 
-    class _Recorder(fx.Interpreter):
+    class _Recorder(interpreter):
         def run_node(self, n):
             out = super().run_node(n)
             env[n] = out
