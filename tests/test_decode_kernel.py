@@ -76,9 +76,9 @@ def test_cpu_decode_is_the_pytorch_path():
     args = (d["q_nope"], d["q_rope"], d["latent"], d["k_rope"], d["up_k"], d["up_v"], d["b_v"], d["kv"], 0.3, d["mask"])
     assert kernel_refusal(d["q_nope"], d["latent"], d["mask"], False) == "tensors on cpu, the kernel needs CUDA"
     got = absorbed_decode(*args, kv_heads=d["kv_heads"])
-    from mla_pass.math.absorbed_sdpa import absorbed_attention_sdpa, eligible
-    if eligible(None, None, d["kv_heads"], d["up_k"].shape[0]):   # plain softmax: the multi-query SDPA form
-        assert torch.equal(got, absorbed_attention_sdpa(*args))
+    from mla_pass.math.absorbed_mqa import absorbed_attention_mqa, eligible
+    if eligible(None, None, d["kv_heads"], d["up_k"].shape[0]):   # plain softmax: the multi-query form
+        assert torch.equal(got, absorbed_attention_mqa(*args))
     assert (got - absorbed_attention(*args)).abs().max() <= 1e-5
 
 

@@ -4,7 +4,7 @@
         kernel_refusal(...) is None:  q_latent = W_ukᵀ q_nope          (torch)
                                       o_latent = decode_attention(...)  (Triton, fused)
                                       out      = W_uv o_latent + b_v    (torch)
-        otherwise:                    absorbed_attention_sdpa(...)      (PyTorch: one multi-query SDPA,
+        otherwise:                    absorbed_attention_mqa(...)       (PyTorch: multi-query, heads as rows,
                                                                          what ONNX export traces), or
                                       absorbed_attention(...)           (softcap / RMS-normalised keys)
 
@@ -31,9 +31,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..math.absorbed_sdpa import absorbed_attention_sdpa
-from ..math.absorbed_sdpa import eligible as sdpa_eligible
+from ..math.absorbed_mqa import absorbed_attention_mqa
+from ..math.absorbed_mqa import eligible as mqa_eligible
 from ..math.attention import absorbed_attention, key_bias_score, latent_output, latent_query
+from ..math.int8_cache import dequantize_per_token
 
 log = logging.getLogger(__name__)
 _logged: set[str] = set()
@@ -104,8 +105,18 @@ def fused_absorbed(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_BHkvTR, up_key_H
 
 def absorbed_decode(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_BHkvTR, up_key_HkvNC, up_value_HkvVC,
                     b_value_HkvV, kv_head_of_query, scale: float, mask=None, is_causal=False, softcap=None,
-                    b_key_HkvN=None, key_scale_BHkvT=None, *, kv_heads: Sequence[int], use_kernel: bool = True):
-    """``absorbed_attention`` with the fused kernel where its preconditions hold (module docstring)."""
+                    b_key_HkvN=None, key_scale_BHkvT=None, *, kv_heads: Sequence[int], use_kernel: bool = True,
+                    latent_scale_BT=None):
+    """``absorbed_attention`` with the fused kernel where its preconditions hold (module docstring).
+    ``latent_scale_BT``: the latent is an int8 cache (``math/int8_cache.py``); the multi-query form
+    folds the scales in, every other path dequantizes first."""
+    mqa = mqa_eligible(softcap, key_scale_BHkvT, kv_heads, up_key_HkvNC.shape[0])
+    if latent_scale_BT is not None:
+        if mqa:
+            return absorbed_attention_mqa(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_BHkvTR, up_key_HkvNC,
+                                          up_value_HkvVC, b_value_HkvV, kv_head_of_query, scale, mask, is_causal,
+                                          latent_scale_BT)
+        latent_BTC = dequantize_per_token(latent_BTC, latent_scale_BT)
     reason = "disabled" if not use_kernel else kernel_refusal(
         q_nope_BHSN, latent_BTC, mask, is_causal, q_rope_BHSR, k_rope_BHkvTR, up_key_HkvNC, up_value_HkvVC,
         b_value_HkvV, b_key_HkvN, key_scale_BHkvT)
@@ -116,9 +127,9 @@ def absorbed_decode(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_BHkvTR, up_key_
     if latent_BTC.is_cuda and reason not in _logged:
         _logged.add(reason)
         log.debug("latent decode kernel not used: %s", reason)
-    if sdpa_eligible(softcap, key_scale_BHkvT, kv_heads, up_key_HkvNC.shape[0]):
-        return absorbed_attention_sdpa(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_BHkvTR, up_key_HkvNC,
-                                       up_value_HkvVC, b_value_HkvV, kv_head_of_query, scale, mask, is_causal)
+    if mqa:
+        return absorbed_attention_mqa(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_BHkvTR, up_key_HkvNC,
+                                      up_value_HkvVC, b_value_HkvV, kv_head_of_query, scale, mask, is_causal)
     return absorbed_attention(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_BHkvTR, up_key_HkvNC, up_value_HkvVC,
                               b_value_HkvV, kv_head_of_query, scale, mask, is_causal, softcap, b_key_HkvN,
                               key_scale_BHkvT)
