@@ -16,6 +16,7 @@ from torch import nn
 from .cache_ops import cache_write
 from .kernels.dispatch import absorbed_decode
 from .math.attention import decompressed_attention
+from .math.int8_cache import dequantize_per_token, quantize_per_token
 
 FORMS = ("auto", "absorbed", "decompressed")
 
@@ -77,7 +78,8 @@ class SitePlan:
     def cache_shape(self, kind: str, batch: int, length: int) -> tuple[int, ...]:
         return {"latent": (batch, length, self.latent_dim),
                 "rope_key": (batch, self.n_kv_heads, length, self.rope_width),
-                "key_scale": (batch, self.key_scale_groups, length)}[kind]
+                "key_scale": (batch, self.key_scale_groups, length),
+                "latent_scale": (batch, length)}[kind]         # int8 latent cache only
 
     @property
     def cached_values_per_token(self) -> int:
@@ -135,6 +137,12 @@ class LatentAttention(nn.Module):
         self.form = "auto"
         self.cache_update = "concat"   # or "in_place": past are preallocated buffers (rewrite.to_in_place)
         self.decode_kernel = True    # the fused Triton decode on CUDA where it applies (kernels/dispatch.py)
+        self.latent_cache = "float"  # or "int8": the cached latent is int8 + a per-token scale (cache_quant.to_int8_latent)
+
+    @property
+    def cache_kinds(self) -> list[str]:
+        """This module's cache tensors in call order: the plan's, then the int8 latent's scales."""
+        return self.plan.cache_kinds + (["latent_scale"] if self.latent_cache == "int8" else [])
 
     # -- pieces -------------------------------------------------------------------------------
     def split_query(self, query_raw, query):
@@ -182,13 +190,16 @@ class LatentAttention(nn.Module):
             new["key_scale"] = self.key_scale(x_BSD)                                  # [B, G, S]
             new["rope_key"] = new["rope_key"] * new["key_scale"].expand(-1, p.n_kv_heads, -1)[..., None]
         cached = len(past) > 0
+        kinds = self.cache_kinds
         if cached:
             past, write_index = split_cache_args(past, self.cache_update)
-            if len(past) != len(p.cache_kinds):
-                raise ValueError(f"{p.layer}: expected cache tensors {p.cache_kinds}, got {len(past)}")
-            for kind, old in zip(p.cache_kinds, past):
-                new[kind] = update_cache(old, new[kind], 1 if kind == "latent" else 2, write_index)
-        latent = new["latent"]
+            if len(past) != len(kinds):
+                raise ValueError(f"{p.layer}: expected cache tensors {kinds}, got {len(past)}")
+            if "latent_scale" in kinds:
+                new["latent"], new["latent_scale"] = quantize_per_token(new["latent"])
+            for kind, old in zip(kinds, past):
+                new[kind] = update_cache(old, new[kind], 1 if kind in ("latent", "latent_scale") else 2, write_index)
+        latent, latent_scale = new["latent"], new.get("latent_scale")
         if "rope_key" not in p.cache_kinds:            # no rope keys: zero-width over all keys
             new["rope_key"] = latent.new_zeros(latent.shape[0], p.n_kv_heads, latent.shape[1], 0)
         key_scale = None
@@ -199,13 +210,16 @@ class LatentAttention(nn.Module):
         if form == "absorbed":
             out = absorbed_decode(q_nope, q_rope, latent, new["rope_key"], self.up_key, self.up_value,
                                   self.value_bias, self.kv_head_of_query, p.scale, mask, is_causal, p.softcap,
-                                  self.key_bias, key_scale, kv_heads=p.kv_head_of_query, use_kernel=self.decode_kernel)
+                                  self.key_bias, key_scale, kv_heads=p.kv_head_of_query, use_kernel=self.decode_kernel,
+                                  latent_scale_BT=latent_scale)
         else:
+            if latent_scale is not None:
+                latent = dequantize_per_token(latent, latent_scale)
             k_nope, v = self.decompress(latent)
             if key_scale is not None:
                 k_nope = k_nope * key_scale[..., None]
             out = decompressed_attention(q_nope, q_rope, k_nope, new["rope_key"], v, self.kv_head_of_query, p.scale,
                                          mask, is_causal, p.softcap)
         if cached:
-            return (out, *(new[kind] for kind in p.cache_kinds))
+            return (out, *(new[kind] for kind in kinds))
         return out

@@ -1,0 +1,56 @@
+"""Graph surgery for an int8 latent cache: a step program whose cached latent is int8.
+
+``to_int8_latent(step, cache_spec)`` takes a converted step program (``rewrite(...,
+with_cache=True)``, concat or in place) and gives every latent attention site one more cache
+tensor, ``past_key_values.{i}.latent_scale [B, T]``, right after the site's other cache tensors;
+the site's ``latent`` cache becomes int8. New tokens are quantized per token as they are written
+(``math/int8_cache.py``); the absorbed form reads the int8 cache with the scales folded into
+scores and weights. Rope keys (and Qwen3/OLMo2 key scales) stay in the float dtype: they are
+2r values per kv head and carry the position signal.
+
+Mutates ``step`` and its modules: call it on a copy.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch.fx as fx
+
+from .latent_attention import LatentAttention
+from .rewrite import MODULES, CacheTensor
+
+CACHE_DTYPES = ("float", "int8")
+
+
+def to_int8_latent(step: fx.GraphModule, cache_spec: list[CacheTensor]) -> tuple[fx.GraphModule, list[CacheTensor]]:
+    graph = step.graph
+    placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
+    output = next(n for n in graph.nodes if n.op == "output")
+    logits, *presents = output.args[0]
+    present_of = dict(zip(cache_spec, presents))
+    calls = {int(n.target.split(".")[1]): n for n in graph.nodes
+             if n.op == "call_module" and n.target.startswith(f"{MODULES}.") and n.target.count(".") == 1}
+    new_spec, new_presents = [], []
+    for site in dict.fromkeys(t.site for t in cache_spec):
+        own = [t for t in cache_spec if t.site == site]
+        call = calls[site]
+        module = step.get_submodule(call.target)
+        if not isinstance(module, LatentAttention):
+            raise TypeError(f"site {site} is not a latent attention site: only converted programs have a latent cache")
+        if module.latent_cache == "int8":
+            raise ValueError(f"site {site} already has an int8 latent cache")
+        last_past = placeholders[f"past_{site}_{own[-1].kind}"]
+        with graph.inserting_after(last_past):
+            scale_past = graph.placeholder(f"past_{site}_latent_scale")
+        at = call.args.index(last_past) + 1                   # before the in-place write index, if any
+        call.args = (*call.args[:at], scale_past, *call.args[at:])
+        with graph.inserting_after(call):
+            scale_present = graph.call_function(operator.getitem, (call, 1 + len(own)))
+        module.latent_cache = "int8"
+        scale = CacheTensor(f"past_key_values.{site}.latent_scale", site, "latent_scale")
+        new_spec += [*own, scale]
+        new_presents += [present_of[t] for t in own] + [scale_present]
+    output.args = ((logits, *new_presents),)
+    graph.lint()
+    step.recompile()
+    return step, new_spec
