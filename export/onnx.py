@@ -10,7 +10,12 @@ through the same capture → match → rewrite path, so every comparison is like
 The program is exported with ``torch.onnx.export(dynamo=True)``. By default the cache is
 updated in place (``rewrite.to_in_place``: past inputs are preallocated buffers, new tokens are
 written with TensorScatter at T = attention_mask length − S, keys past T+S are masked); with
-``cache_update="concat"`` present = concat(past, new). Batch, new tokens and past tokens are dynamic (example sizes are ≥ 2 and distinct: size-1 dims would be specialised).
+``cache_update="concat"`` present = concat(past, new). In place, the unconverted baseline runs
+each site as one com.microsoft ``GroupQueryAttention`` (``rewrite.use_group_query_attention``),
+which reads only the first T+S cached tokens, as onnxruntime-genai's export of the same model
+does; the manifest's ``notes["attention"]`` says which sites could not (they keep masked SDPA).
+Batch, new tokens and past tokens are dynamic (example sizes are ≥ 2 and distinct: size-1 dims
+would be specialised).
 After writing, the folder is checked: onnxruntime runs a prefill and a decode step on random
 tokens and must agree with PyTorch (fp32: 1e-3 of the largest value on logits and cache), or
 the export is refused.
@@ -29,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mla_pass.rewrite import to_in_place
+from mla_pass.rewrite import to_in_place, use_group_query_attention
 from mla_pass.runtime.manifest import CACHE_UPDATES, CacheEntry, Manifest
 
 logger = logging.getLogger(__name__)
@@ -107,8 +112,13 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
     if any(p.dtype != torch.float32 for p in step.parameters()):
         raise ValueError("export from a float32 model (load or convert it in float32); dtype='float16' converts "
                          "the exported graph itself")
+    attention = "ONNX Attention (masked SDPA)" if kind == "original" else None
     if cache_update == "in_place":
         step = to_in_place(step if kind == "mla" else copy.deepcopy(step))   # the mla step is a private copy
+        if kind == "original":     # as onnxruntime-genai exports it: one GroupQueryAttention per site
+            refused = use_group_query_attention(step)
+            attention = f"com.microsoft GroupQueryAttention at {len(plans) - len(refused)} of {len(plans)} sites" + \
+                "".join(f"; site {i}: masked SDPA, {why}" for i, why in sorted(refused.items()))
     wrapper = _OnnxStep(step).eval()
     args, names, shapes = _example(step, spec, plans, vocab, torch.float32, cache_update)
     opset = 24 if cache_update == "in_place" else 23          # TensorScatter is opset 24
@@ -141,6 +151,8 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
             cache_update=cache_update,
             notes={"exporter": f"torch.onnx.export(dynamo=True, opset {opset})", "torch": torch.__version__,
                    "weights": "int8 (dynamic quantization)" if quantize else dtype})
+        if attention:
+            manifest.notes["attention"] = attention
         if verify:
             err = _verify(staging, manifest, wrapper, args, dtype, quantized=bool(quantize))
             manifest.notes["verify_max_abs_logit_error"] = err
@@ -187,16 +199,52 @@ def _to_float16(path: Path) -> None:
 
 
 def _translations() -> dict:
-    """cache_write → ONNX TensorScatter (onnxruntime updates in place when past and present are
-    bound to the same buffer)."""
+    """cache_write → ONNX TensorScatter and group_query_attention → com.microsoft
+    GroupQueryAttention (onnxruntime updates either in place when past and present are bound to
+    the same buffer)."""
     from onnxscript import values
 
     op24 = values.Opset("", 24)
+    # onnx knows no com.microsoft schemas, and the exporter needs one to emit a node
+    gqa_op = values.Op(values.Opset("com.microsoft", 1), "GroupQueryAttention", _group_query_attention_schema())
 
     def cache_write(buffer, new, write_index, axis: int):
         return op24.TensorScatter(buffer, new, write_index, axis=axis)
 
-    return {torch.ops.mla_pass.cache_write.default: cache_write}
+    def group_query_attention(query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
+                              attention_bias, query_seqlens, num_heads: int, kv_num_heads: int, scale: float,
+                              softcap: float):
+        # do_rotary=0: the graph has already rotated q and k
+        return gqa_op(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, None, None, None,
+                      attention_bias, None, None, None, None, None, query_seqlens,
+                      num_heads=num_heads, kv_num_heads=kv_num_heads, scale=scale, softcap=softcap)
+
+    return {torch.ops.mla_pass.cache_write.default: cache_write,
+            torch.ops.mla_pass.group_query_attention.default: group_query_attention}
+
+
+def _group_query_attention_schema():
+    """The part of onnxruntime's GroupQueryAttention signature that ``gqa_op`` uses (inputs in
+    onnxruntime's order, up to query_seqlens; the unused optional ones are left empty)."""
+    from onnx.defs import OpSchema
+
+    optional = OpSchema.FormalParameterOption.Optional
+    names = ["query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length", "cos_cache",
+             "sin_cache", "position_ids", "attention_bias", "head_sink", "k_scale", "v_scale", "q_norm_weight",
+             "k_norm_weight", "query_seqlens"]
+    types = {"seqlens_k": "M", "total_sequence_length": "M", "query_seqlens": "M", "position_ids": "I",
+             "k_scale": "T", "v_scale": "T"}
+    inputs = [OpSchema.FormalParameter(n, types.get(n, "T"), param_option=optional if i > 2 and n not in
+                                       ("seqlens_k", "total_sequence_length") else OpSchema.FormalParameterOption.Single)
+              for i, n in enumerate(names)]
+    outputs = [OpSchema.FormalParameter(n, "T") for n in ("output", "present_key", "present_value")]
+    attr = OpSchema.AttrType
+    attributes = [OpSchema.Attribute("num_heads", attr.INT), OpSchema.Attribute("kv_num_heads", attr.INT),
+                  OpSchema.Attribute("scale", attr.FLOAT, required=False),
+                  OpSchema.Attribute("softcap", attr.FLOAT, required=False)]
+    return OpSchema("GroupQueryAttention", "com.microsoft", 1, inputs=inputs, outputs=outputs, attributes=attributes,
+                    type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("M", ["tensor(int32)"], ""),
+                                      ("I", ["tensor(int64)"], "")])
 
 
 def _example(step, spec, plans, vocab, dtype, cache_update):
@@ -291,8 +339,12 @@ def _verify(folder: Path, manifest: Manifest, wrapper: nn.Module, args: tuple, d
     # ~3e-4 on the cache — while a wrong program is off by O(1))
     tol = 0.25 if quantized else 1e-3 if dtype == "float32" else 2e-2
     logit_error = 0.0
+    filled = {e.output: (e.time_axis, args[1].shape[1]) for e in manifest.cache if manifest.cache_update == "in_place"}
     for name, g, w in zip(["logits"] + [e.output for e in manifest.cache], got, want):
         g = g.astype(np.float32)
+        if name in filled:      # a buffer holds T+S tokens; what lies beyond is unspecified (GroupQueryAttention)
+            axis, total = filled[name]
+            g, w = g.take(range(total), axis=axis), w.take(range(total), axis=axis)
         scale = max(1.0, float(np.abs(w).max()))
         err = float(np.abs(g - w).max()) if g.shape == w.shape else float("inf")
         if name == "logits":

@@ -5,6 +5,14 @@ capture → match → rewrite path as the converted one, with this module in pla
 ``LatentAttention``: it reads the site's own rotated key and value heads and caches them, so the
 two programs differ only in the attention block. At every step it computes exactly what the
 original model computes.
+
+In the in-place program (``rewrite.to_in_place``) a site whose attention onnxruntime's
+``GroupQueryAttention`` can express runs as that one op (``gqa_op.group_query_attention``, set
+up by ``rewrite.use_group_query_attention``): it writes the new tokens into the preallocated
+buffers and reads only the first T+S of them, as onnxruntime-genai's own export does. Sites it
+cannot express keep the masked SDPA over the whole buffer (``KVPlan.group_query_attention_refusal``
+says why): values of another head size than keys (GroupQueryAttention has one head size), or query
+heads that do not read their kv heads in ``repeat_kv`` order (h → h // (H / Hkv)).
 """
 from __future__ import annotations
 
@@ -13,6 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .gqa_op import group_query_attention
 from .latent_attention import split_cache_args, update_cache
 from .math.attention import attention_probs_apply, expand_kv
 
@@ -43,10 +52,23 @@ class KVPlan:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def group_query_attention_refusal(self) -> str | None:
+        """Why ``GroupQueryAttention`` cannot express this site, or None when it can."""
+        if self.value_dim != self.head_dim:
+            return f"values have head size {self.value_dim} and keys {self.head_dim} (GroupQueryAttention has one)"
+        g = self.n_heads // self.n_kv_heads
+        if self.n_heads % self.n_kv_heads or self.kv_head_of_query != [h // g for h in range(self.n_heads)]:
+            return "query heads do not read their kv heads in repeat_kv order (h -> h // (H / Hkv))"
+        return None
+
 
 class KVCacheAttention(nn.Module):
     """``forward(query [B,H,S,D], key [B,Hkv,S,D], value [B,Hkv,S,Dv], mask, past_key, past_value)``
-    → ``(out [B,H,S,Dv], present_key, present_value)``, the cache growing along axis 2."""
+    → ``(out [B,H,S,Dv], present_key, present_value)``, the cache growing along axis 2.
+
+    With ``op = "group_query_attention"`` (in-place programs only) ``mask`` is instead the tuple
+    ``(attention_bias, seqlens_k, total_sequence_length, query_seqlens)`` of
+    ``rewrite.GroupQueryCacheInputs`` and no write index follows the buffers."""
 
     def __init__(self, plan: KVPlan):
         super().__init__()
@@ -54,8 +76,11 @@ class KVCacheAttention(nn.Module):
         self.register_buffer("kv_head_of_query", torch.tensor(plan.kv_head_of_query, dtype=torch.long),
                              persistent=False)
         self.cache_update = "concat"   # or "in_place" (rewrite.to_in_place)
+        self.op = "sdpa"               # or "group_query_attention" (rewrite.use_group_query_attention)
 
     def forward(self, query, key, value, mask, *past):
+        if self.op == "group_query_attention":
+            return self._group_query_attention(query, key, value, mask, *past)
         (past_key, past_value), write_index = split_cache_args(past, self.cache_update)
         key = update_cache(past_key, key, 2, write_index)
         value = update_cache(past_value, value, 2, write_index)
@@ -72,3 +97,13 @@ class KVCacheAttention(nn.Module):
             probs = attention_probs_apply(query @ k.transpose(-1, -2) * p.scale, mask, False, p.softcap)
             out = probs.to(v.dtype) @ v
         return out, key, value
+
+    def _group_query_attention(self, query, key, value, inputs, past_key, past_value):
+        p = self.plan
+        bias, seqlens_k, total, query_seqlens = inputs
+        b, _, s, d = query.shape
+        flat = lambda t, heads: t.transpose(1, 2).reshape(b, s, heads * d)  # noqa: E731  [B,S,heads·D]
+        out, present_key, present_value = group_query_attention(
+            flat(query, p.n_heads), flat(key, p.n_kv_heads), flat(value, p.n_kv_heads), past_key, past_value,
+            seqlens_k, total, bias, query_seqlens, p.n_heads, p.n_kv_heads, p.scale, p.softcap or 0.0)
+        return out.view(b, s, p.n_heads, d).transpose(1, 2), present_key, present_value

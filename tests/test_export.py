@@ -103,6 +103,7 @@ def test_original_export_reproduces_hf_greedy_tokens(make, tmp_path):
     folder = to_onnx(model, tmp_path / "orig")
     manifest = Manifest.read(folder)
     assert manifest.kind == "original" and manifest.mla_config is None
+    assert manifest.notes["attention"] == "com.microsoft GroupQueryAttention at 2 of 2 sites"   # in place
     assert [e.input for e in manifest.cache[:2]] == ["past_key_values.0.key", "past_key_values.0.value"]
     ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(5))
     from mla_pass.baseline import kv_step_program
