@@ -117,7 +117,8 @@ def cmd_export(args) -> int:
         calib = _auto_calibration(config, None if isinstance(tok, str) else tok, args.cache_dir)   # as convert does
         program, what = convert(source, config, calibration=calib), f"converted ({config})"
     out = to_onnx(program, args.out, dtype=args.dtype, tokenizer=tok, max_length=args.max_length,
-                  cache_update=args.cache_update, quantize=args.quantize)
+                  cache_update=args.cache_update, quantize=args.quantize,
+                  latent_cache=args.latent_cache)
     from .runtime.manifest import Manifest
     manifest = Manifest.read(out)
     print(f"exported {what} in {time.perf_counter() - t0:.0f} s to {out}: {len(manifest.cache)} cache tensors, "
@@ -128,18 +129,22 @@ def cmd_export(args) -> int:
 
 def cmd_demo(args) -> int:
     """Fetch the embedded default model, show its sites, prove the full-rank rewrite exact on
-    real text, then convert at a budget and compare cache size and a sample generation."""
+    real text, convert at a budget, recover briefly (layer-wise, then distillation to the
+    original's logits) and compare cache size, quality and a sample generation before and after."""
     import torch
 
     from . import assets
     from .config import MLAConfig
+    from .distillation import DistillConfig, distill
+    from .evaluate import held_out_windows, text_quality, training_windows
     from .inspect import format_table
     from .pipeline import convert
+    from .recovery import RecoveryConfig, recover
 
+    t_start = time.perf_counter()
     print(f"fetching {DEFAULT_MODEL} and text into {args.cache_dir or assets.default_cache_dir()} (once)")
     model, tok = assets.load_smollm2(args.cache_dir)
-    text = assets.read_text("lcet10.txt", args.cache_dir)
-    ids = tok(text, return_tensors="pt").input_ids[:, 2000:2000 + args.tokens]
+    ids = held_out_windows(tok, 1, args.tokens, args.cache_dir)
     prompt = tok(args.prompt, return_tensors="pt").input_ids
 
     t0 = time.perf_counter()
@@ -150,26 +155,46 @@ def cmd_demo(args) -> int:
     same = torch.equal(exact.generate(prompt, max_new_tokens=32), model.generate(prompt, max_new_tokens=32, do_sample=False))
     print(f"\nfull rank, all rotary pairs ({time.perf_counter() - t0:.0f} s): max |Δlogits| = {diff:.2e} on "
           f"{ids.shape[1]} tokens of lcet10.txt; 32 greedy tokens identical: {same}")
+    del exact
 
     config = _config_from_args(args)
     calib = _auto_calibration(config, tok, args.cache_dir)
     mla = convert(model, config, calibration=calib)
-    before, after = mla.original_kv_cache_bytes_per_token(), mla.kv_cache_bytes_per_token()
-    with torch.no_grad():
-        ref = model(ids).logits.log_softmax(-1)
-        new = mla(ids).log_softmax(-1)
-    kl = (ref.exp() * (ref - new)).sum(-1).mean().item()
-    agree = (ref.argmax(-1) == new.argmax(-1)).float().mean().item()
-    ppl = lambda lp: (-lp[0, :-1].gather(-1, ids[0, 1:, None]).mean()).exp().item()  # noqa: E731
-    print(f"\n{config} (training-free)")
+    print(f"\nconverted: {config}")
+
+    def sample(m) -> str:
+        out = m.generate(prompt, max_new_tokens=24) if m is mla else m.generate(prompt, max_new_tokens=24,
+                                                                                do_sample=False)
+        return repr(tok.decode(out[0, prompt.shape[1]:], skip_special_tokens=True))
+
+    rows = [("original", mla.original_kv_cache_bytes_per_token(), None, sample(model))]
+    rows.append(("converted, training-free", mla.kv_cache_bytes_per_token(), text_quality(mla, ids, reference=model),
+                 sample(mla)))
+    if args.recover_minutes > 0:
+        t0 = time.perf_counter()
+        print(f"\nrecovering for about {args.recover_minutes:g} min: layer-wise on {calib.shape[0] // 2} × "
+              f"{calib.shape[1]} tokens of alice29.txt, then distillation to the original's logits on other books")
+        if args.recover_steps > 0:
+            recover(mla, model, calib[: calib.shape[0] // 2], RecoveryConfig(steps=args.recover_steps))
+        left = max(60 * args.recover_minutes - (time.perf_counter() - t0), 30.0)    # the rest goes to distillation
+        distill(mla, model, training_windows(tok, None, 256, args.cache_dir),
+                DistillConfig(steps=None, lr=1e-3, batch_size=2, autocast="bfloat16"), max_seconds=left)
+        minutes = (time.perf_counter() - t0) / 60
+        rows.append((f"converted + {minutes:.1f} min recovery", mla.kv_cache_bytes_per_token(),
+                     text_quality(mla, ids, reference=model), sample(mla)))
+    quality = rows[1][2]
+    print(f"\nheld-out: {ids.shape[1]} tokens of lcet10.txt (never used for calibration or training)")
     print("| model | KV bytes/token (fp16) | perplexity | top-1 agreement | KL to original |")
     print("|---|---|---|---|---|")
-    print(f"| original | {before:,} | {ppl(ref):.1f} | 100% | 0 |")
-    print(f"| converted | {after:,} (−{100 * (1 - after / before):.2f}%) | {ppl(new):.1f} | {100 * agree:.0f}% | {kl:.2f} |")
-    for name, m in (("original", model), ("converted", mla)):
-        out = m.generate(prompt, max_new_tokens=24) if m is mla else m.generate(prompt, max_new_tokens=24, do_sample=False)
-        print(f"{name:>9}: {tok.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)!r}")
-    print("\n(no recovery yet: training-free conversion at this budget loses quality; see the README's limits)")
+    print(f"| original | {rows[0][1]:,} | {quality.reference_perplexity:.1f} | 100% | 0 |")
+    for name, nbytes, q, _ in rows[1:]:
+        print(f"| {name} | {nbytes:,} (−{100 * (1 - nbytes / rows[0][1]):.2f}%) | {q.perplexity:.1f} | "
+              f"{100 * q.agreement:.0f}% | {q.kl:.2f} |")
+    print(f"\nprompt: {args.prompt!r}")
+    for name, _, _, text in rows:
+        print(f"{name:>28}: {text}")
+    print(f"\n(demo took {(time.perf_counter() - t_start) / 60:.1f} min; for the full report see the README's quality "
+          "section and `mla-pass recover`)")
     return 0
 
 
@@ -225,11 +250,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     _add_mla_options(p)
     p.set_defaults(func=cmd_convert)
-    p = sub.add_parser("demo", help=f"the main job on {DEFAULT_MODEL}: sites, exactness, savings, a sample")
+    p = sub.add_parser("demo", help=f"the main job on {DEFAULT_MODEL}: sites, exactness, savings, recovery, samples")
     _add_mla_options(p)
     p.add_argument("--tokens", type=int, default=512, help="held-out tokens to compare logits on")
     p.add_argument("--prompt", default="The capital of France is")
-    p.set_defaults(func=cmd_demo, d_kv=16, rope_freqs=4)
+    p.add_argument("--recover-minutes", type=float, default=7.0, help="brief recovery (layer-wise, then "
+                   "distillation for the rest of the time); 0: none")
+    p.add_argument("--recover-steps", type=int, default=40, help="layer-wise Adam steps per site")
+    p.set_defaults(func=cmd_demo, d_kv=32, rope_freqs=4)
     p = sub.add_parser("export", help="write an ONNX folder (compressed cache as graph I/O) for the runtime")
     p.add_argument("model", help=f"'{DEFAULT_MODEL}', a Hugging Face model folder, or a saved mla-pass folder")
     p.add_argument("--out", required=True)
@@ -238,6 +266,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     p.add_argument("--cache-update", default="in_place", choices=["in_place", "concat"])
     p.add_argument("--quantize", default=None, choices=["int8"], help="int8 weights (onnxruntime dynamic quantization)")
+    p.add_argument("--latent-cache", default="float", choices=["float", "int8"],
+                   help="int8: cache the latent as int8 with one scale per token (converted models)")
     p.add_argument("--max-length", type=int, default=None, help="prompt + new tokens (default: the model's)")
     _add_mla_options(p)
     p.set_defaults(func=cmd_export)

@@ -1,0 +1,129 @@
+"""The int8 latent cache: per-token quantization math, the step-program surgery, and its export.
+
+The exported int8 program must agree with the same program in PyTorch (logits ≤ 1e-4 over a
+prefill and 32 decode steps, identical greedy tokens); against the float cache it may differ
+only by the quantization error.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import mla_pass
+from helpers import tiny_llama
+from mla_pass import MLAConfig
+from mla_pass.cache_quant import to_int8_latent
+from mla_pass.math.absorbed_mqa import absorbed_attention_mqa
+from mla_pass.math.attention import absorbed_attention
+from mla_pass.math.int8_cache import dequantize_per_token, quantize_per_token
+
+onnx_export = pytest.importorskip("mla_pass.export.onnx", reason="the ONNX exporter needs onnx and onnxscript")
+pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+from mla_pass.runtime import OnnxEngine  # noqa: E402
+from mla_pass.runtime.manifest import Manifest  # noqa: E402
+
+STEPS = 32
+
+
+def test_per_token_quantization_error_is_half_a_step():
+    x = torch.randn(3, 50, 24) * torch.rand(3, 50, 1) * 10
+    x[1, 7] = 0
+    q, s = quantize_per_token(x)
+    assert q.dtype == torch.int8 and s.shape == (3, 50)
+    back = dequantize_per_token(q, s)
+    assert torch.all((back - x).abs() <= s[..., None] / 2 + 1e-6)
+    assert torch.equal(back[1, 7], torch.zeros(24))                        # an all-zero token stays zero
+    assert torch.equal(q.abs().amax(-1)[x.abs().amax(-1) > 0], torch.full_like(q[..., 0], 127)[x.abs().amax(-1) > 0])
+
+
+def test_folded_scales_equal_attention_over_the_dequantized_latent():
+    g = torch.Generator().manual_seed(0)
+    b, h, n_kv, s, t, n, r, c, v = 2, 6, 3, 1, 40, 5, 4, 12, 7
+    q_nope, q_rope = torch.randn(b, h, s, n, generator=g), torch.randn(b, h, s, r, generator=g)
+    latent, scale = quantize_per_token(torch.randn(b, t, c, generator=g))
+    k_rope = torch.randn(b, n_kv, t, r, generator=g)
+    up_k, up_v = torch.randn(n_kv, n, c, generator=g), torch.randn(n_kv, v, c, generator=g)
+    kv = torch.arange(h) // (h // n_kv)
+    mask = torch.ones(b, 1, s, t, dtype=torch.bool)
+    mask[1, ..., :9] = False
+    got = absorbed_attention_mqa(q_nope, q_rope, latent, k_rope, up_k, up_v, None, kv, 0.3, mask, latent_scale_BT=scale)
+    want = absorbed_attention(q_nope, q_rope, dequantize_per_token(latent, scale), k_rope, up_k, up_v, None, kv, 0.3, mask)
+    assert (got - want).abs().max() <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def converted():
+    return mla_pass.convert(tiny_llama(n_kv=2), MLAConfig(d_kv=6, rope_freqs=3), progress=False)
+
+
+@pytest.fixture(scope="module")
+def int8_folder(converted, tmp_path_factory):
+    return onnx_export.to_onnx(converted, tmp_path_factory.mktemp("int8") / "out", max_length=128, latent_cache="int8")
+
+
+def test_manifest_and_bytes_per_token(converted, int8_folder):
+    manifest = Manifest.read(int8_folder)
+    kinds = [e.input.rsplit(".", 1)[1] for e in manifest.cache]
+    assert kinds == ["latent", "rope_key", "latent_scale"] * len(converted.plans)
+    by_kind = {e.input.rsplit(".", 1)[1]: e for e in manifest.cache}
+    assert by_kind["latent"].dtype == "int8" and by_kind["latent_scale"].dtype == "float32"
+    assert by_kind["latent_scale"].shape == ["batch", "past"] and by_kind["latent_scale"].time_axis == 1
+    per_site = [p.latent_dim * 1 + p.n_kv_heads * p.rope_width * 4 + 4 for p in converted.plans.values()]
+    assert manifest.kv_cache_bytes_per_token() == sum(per_site)
+    assert manifest.kv_cache_bytes_per_token() < converted.kv_cache_bytes_per_token(dtype=torch.float32)
+
+
+def test_onnxruntime_agrees_with_the_int8_program_over_32_decode_steps(converted, int8_folder):
+    """The runtime (in-place buffers, IO binding) next to the PyTorch int8 program (concat)."""
+    step, spec = to_int8_latent(copy.deepcopy(converted.step), converted.cache_spec)
+    engine = OnnxEngine(int8_folder, threads=1)
+    ids = torch.randint(0, converted.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
+    b, s = ids.shape
+    kv = engine.new_cache(b, s + STEPS + 1)
+    dtype_of = {"latent": torch.int8}
+    torch_cache = [torch.zeros(converted.plans[t.site].cache_shape(t.kind, b, 0), dtype=dtype_of.get(t.kind, torch.float32))
+                   for t in spec]
+    mask = torch.ones(b, s, dtype=torch.long)
+    cur_ort = cur_torch = ids
+    errors, tokens_ort, tokens_torch = [], [], []
+    for _ in range(STEPS + 1):
+        pos = (mask.cumsum(-1) - 1)[:, -cur_ort.shape[1]:]
+        out = engine.step(cur_ort.numpy(), mask.numpy(), pos.numpy(), kv)
+        with torch.no_grad():
+            logits, *torch_cache = step(cur_torch, pos, mask, *torch_cache)
+        errors.append(float(np.abs(out.logits[:, -1] - logits[:, -1].numpy()).max()))
+        tokens_ort.append(out.logits[:, -1].argmax(-1))
+        tokens_torch.append(logits[:, -1].argmax(-1).numpy())
+        cur_ort, cur_torch = torch.from_numpy(tokens_ort[-1])[:, None], torch.from_numpy(tokens_torch[-1])[:, None]
+        mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.long)], dim=1)
+    assert max(errors) <= 1e-4, errors
+    np.testing.assert_array_equal(np.stack(tokens_ort), np.stack(tokens_torch))
+    assert torch_cache[0].dtype == torch.int8 and torch_cache[0].shape[1] == s + STEPS
+
+
+def test_int8_cache_stays_close_to_the_float_cache(converted):
+    step, spec = to_int8_latent(copy.deepcopy(converted.step), converted.cache_spec)
+    ids = torch.randint(0, converted.vocab_size, (1, 24), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    pos = torch.arange(24)[None]
+    with torch.no_grad():
+        out = converted(ids)
+        want = getattr(out, "logits", out)
+        cache = [torch.zeros(converted.plans[t.site].cache_shape(t.kind, 1, 0),
+                             dtype=torch.int8 if t.kind == "latent" else torch.float32) for t in spec]
+        got = step(ids, pos, mask, *cache)[0]
+    rel = (got - want).abs().max() / want.abs().max()
+    assert 0 < rel < 0.05, f"int8 latent changes the logits by {rel:.3%} of their range"
+
+
+def test_bad_requests(converted, tmp_path):
+    with pytest.raises(ValueError, match="latent_cache must be one of"):
+        onnx_export.to_onnx(converted, tmp_path / "a", latent_cache="int4")
+    with pytest.raises(ValueError, match="needs a converted model"):
+        onnx_export.to_onnx(tiny_llama(n_kv=2), tmp_path / "b", latent_cache="int8")
+    step, spec = to_int8_latent(copy.deepcopy(converted.step), converted.cache_spec)
+    with pytest.raises(ValueError, match="already has an int8 latent cache"):
+        to_int8_latent(step, spec)
