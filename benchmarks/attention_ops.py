@@ -32,8 +32,8 @@ H, HKV, D = 9, 3, 64
 F = TensorProto.FLOAT
 
 
-def _model(nodes, inputs, outputs, opset=23):
-    graph = helper.make_graph(nodes, "attn", inputs, outputs)
+def _model(nodes, inputs, outputs, initializer=(), opset=23):
+    graph = helper.make_graph(nodes, "attn", inputs, outputs, initializer=list(initializer))
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)])
     m.ir_version = 10
     return m.SerializeToString()
@@ -75,11 +75,8 @@ def attention_mla(t, c, r2):
     shape = helper.make_tensor("bias_shape", TensorProto.INT64, [4], [0, H, 1, -1])
     nodes = _rope_bias_nodes(c, r2) + [
         helper.make_node("Attention", ["q", "latent", "latent", "bias"], ["out"], q_num_heads=H, kv_num_heads=1)]
-    g = helper.make_graph(nodes, "attn", [vi("q", ["B", H, 1, c]), vi("latent", ["B", 1, t, c])] + _rope_inputs(t, r2),
-                          [vi("out", ["B", H, 1, c])], initializer=[shape])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 23)])
-    m.ir_version = 10
-    return m.SerializeToString()
+    return _model(nodes, [vi("q", ["B", H, 1, c]), vi("latent", ["B", 1, t, c])] + _rope_inputs(t, r2),
+                  [vi("out", ["B", H, 1, c])], [shape])
 
 
 def gqa_mla(t, c, r2, max_t):
@@ -91,10 +88,7 @@ def gqa_mla(t, c, r2, max_t):
     inputs = [vi("q", ["B", 1, H * c]), vi("k", ["B", 1, c]), vi("past", ["B", 1, max_t, c]),
               vi("seqlens_k", ["B"], TensorProto.INT32), vi("total", [], TensorProto.INT32)] + _rope_inputs(t, r2)
     outputs = [vi("out", ["B", 1, H * c]), vi("present_k", ["B", 1, max_t, c]), vi("present_v", ["B", 1, max_t, c])]
-    g = helper.make_graph(nodes, "attn", inputs, outputs, initializer=[shape])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1)])
-    m.ir_version = 10
-    return m.SerializeToString()
+    return _model(nodes, inputs, outputs, [shape])
 
 
 def matmul_mla(t, c, r2):
@@ -109,10 +103,25 @@ def matmul_mla(t, c, r2):
              helper.make_node("MatMul", ["p", "latent"], ["out"])]           # [B,H,C]
     inputs = [vi("q", ["B", H, c]), vi("latent", ["B", t, c]), vi("q_rope", ["B", HKV, H // HKV, r2]),
               vi("k_rope_t", ["B", HKV, r2, t]), vi("mask", ["B", 1, t])]
-    g = helper.make_graph(nodes, "attn", inputs, [vi("out", ["B", H, c])], initializer=[shape])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 23)])
-    m.ir_version = 10
-    return m.SerializeToString()
+    return _model(nodes, inputs, [vi("out", ["B", H, c])], [shape])
+
+
+def matmul_mla_channels_first(t, c, r2):
+    """The latent cached as [B, C, T]: scores = q · L and out = (L · pᵀ)ᵀ are plain MatMuls over
+    the cache; only the small [H, T] weights are transposed."""
+    shape = helper.make_tensor("bias_shape", TensorProto.INT64, [3], [0, H, -1])
+    nodes = [helper.make_node("MatMul", ["q_rope", "k_rope_t"], ["rope_s"]),
+             helper.make_node("Reshape", ["rope_s", "bias_shape"], ["rope_b"]),
+             helper.make_node("Add", ["rope_b", "mask"], ["bias"]),
+             helper.make_node("MatMul", ["q", "latent_ct"], ["s"]),           # [B,H,T]
+             helper.make_node("Add", ["s", "bias"], ["sb"]),
+             helper.make_node("Softmax", ["sb"], ["p"], axis=-1),
+             helper.make_node("Transpose", ["p"], ["p_t"], perm=[0, 2, 1]),  # [B,T,H]
+             helper.make_node("MatMul", ["latent_ct", "p_t"], ["out_t"]),    # [B,C,H]
+             helper.make_node("Transpose", ["out_t"], ["out"], perm=[0, 2, 1])]
+    inputs = [vi("q", ["B", H, c]), vi("latent_ct", ["B", c, t]), vi("q_rope", ["B", HKV, H // HKV, r2]),
+              vi("k_rope_t", ["B", HKV, r2, t]), vi("mask", ["B", 1, t])]
+    return _model(nodes, inputs, [vi("out", ["B", H, c])], [shape])
 
 
 def session(model_bytes, threads):
@@ -179,6 +188,11 @@ def run(past, c, r2, threads, steps, batch=1):
     b = bind(s, {"q": rnd(batch, H, c), "latent": rnd(batch, t, c), "q_rope": rope["q_rope"],
                  "k_rope_t": rope["k_rope_t"], "mask": mask.reshape(batch, 1, t)}, {"out": None})
     results["matmul-mla"] = time_binding(s, b, steps)
+
+    s = session(matmul_mla_channels_first(t, c, r2), threads)
+    b = bind(s, {"q": rnd(batch, H, c), "latent_ct": rnd(batch, c, t), "q_rope": rope["q_rope"],
+                 "k_rope_t": rope["k_rope_t"], "mask": mask.reshape(batch, 1, t)}, {"out": None})
+    results["matmul-mla-ct"] = time_binding(s, b, steps)
     return results
 
 
@@ -191,8 +205,10 @@ def main():
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=50)
     a = p.parse_args()
-    print("| past | c | " + " | ".join(["gqa-original", "attention-original", "attention-mla", "gqa-mla", "matmul-mla"]) + " |")
-    print("|---" * 7 + "|")
+    names = ["gqa-original", "attention-original", "attention-mla", "gqa-mla", "matmul-mla", "matmul-mla-ct"]
+    print(f"one layer, one decode step, median ms ({a.threads} threads, batch {a.batch})")
+    print("| past | c | " + " | ".join(names) + " |")
+    print("|---" * (len(names) + 2) + "|")
     for past in a.past:
         for c in a.latent:
             r = run(past, c, a.rope_dims, a.threads, a.steps, a.batch)

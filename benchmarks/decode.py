@@ -24,31 +24,58 @@ import sys
 import time
 from pathlib import Path
 
-VARIANTS = {"original": None, "mla d_kv=32": 32, "mla d_kv=8": 8}
+VARIANTS = {            # name: (d_kv or None for the original, latent cache dtype, weight quantization)
+    "original": (None, "float", None),
+    "mla d_kv=32": (32, "float", None),
+    "mla d_kv=8": (8, "float", None),
+    "mla d_kv=32 int8 cache": (32, "int8", None),
+    "mla d_kv=8 int8 cache": (8, "int8", None),
+    "original int8 weights": (None, "float", "int8"),
+    "mla d_kv=8 int8 weights": (8, "float", "int8"),
+    "mla d_kv=8 int8 weights+cache": (8, "int8", "int8"),
+}
+DEFAULT_MODELS = ["original", "mla d_kv=32", "mla d_kv=8"]
 GENAI = "onnxruntime-genai (original)"
 ROPE_FREQS = 4
 
 
 def export_all(cache_dir: Path, variants: dict) -> dict[str, Path]:
-    """Export each variant once into ``cache_dir`` (reused on later runs)."""
+    """Export each variant once into ``cache_dir`` (reused on later runs of the same source)."""
     import torch
 
     import mla_pass
     from mla_pass import assets
     from mla_pass.export.onnx import to_onnx
 
-    folders = {name: cache_dir / name.replace(" ", "_").replace("=", "") for name in variants}
+    folders = {name: cache_dir / source_fingerprint() / name.replace(" ", "_").replace("=", "").replace("+", "_and_")
+               for name in variants}
     missing = [n for n, f in folders.items() if not (f / "manifest.json").is_file()]
     if missing:
         torch.set_num_threads(os.cpu_count() or 1)
         model, tok = assets.load_smollm2()
         for name in missing:
             t0 = time.perf_counter()
-            d_kv = variants[name]
+            d_kv, latent_cache, quantize = variants[name]
             src = model if d_kv is None else mla_pass.convert(model, mla_pass.MLAConfig(d_kv=d_kv, rope_freqs=ROPE_FREQS))
-            to_onnx(src, folders[name], tokenizer=tok)
+            to_onnx(src, folders[name], tokenizer=tok, latent_cache=latent_cache, quantize=quantize)
             print(f"exported {name} in {time.perf_counter() - t0:.0f} s → {folders[name]}", file=sys.stderr)
     return folders
+
+
+# modules that cannot change an exported program (training, evaluation, command line, torch.compile)
+NOT_EXPORTED = ("__init__", "recovery", "distill", "evaluate", "cli", "backend", "hf_cache", "assets")
+
+
+def source_fingerprint() -> str:
+    """Exports are kept per version of the package source: a code change exports afresh."""
+    import hashlib
+    import importlib
+    h = hashlib.sha1()
+    for m in ("mla_pass", "mla_pass.export", "mla_pass.runtime"):
+        for f in sorted(Path(importlib.import_module(m).__file__).parent.rglob("*.py")):
+            if not f.stem.startswith(NOT_EXPORTED):
+                h.update(f.read_bytes())
+    return h.hexdigest()[:10]
 
 
 def worker(folder: str, batch: int, past: int, steps: int, threads: int) -> dict:
@@ -150,7 +177,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--models", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(VARIANTS))
     parser.add_argument("--exports", type=Path, default=None,
                         help="where the exported folders are kept (default ~/.cache/mla-pass/exports)")
     parser.add_argument("--plot", type=Path, default=Path(__file__).with_suffix(".png"))
@@ -165,7 +192,7 @@ def main() -> None:
     rows = []
     print(f"SmolLM2-135M decode step, onnxruntime CPU, {args.threads} threads, median of {args.steps} steps, "
           "fp32, cache updated in place")
-    print("| model | batch | past | ms/step | tokens/s | speedup vs original | vs genai | KV bytes/token (fp32) | "
+    print("| model | batch | past | ms/step | tokens/s | speedup vs original | vs genai | KV bytes/token | "
           "peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for batch in args.batch:
