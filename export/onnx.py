@@ -360,9 +360,11 @@ def _verify(folder: Path, manifest: Manifest, wrapper: nn.Module, args: tuple, d
     # quality change is measured on real text, not asserted here)
     # (fp32: 1e-3, since round-off grows over a real model's depth — SmolLM2's 30 layers reach
     # ~3e-4 on the cache — while a wrong program is off by O(1))
-    tol = 0.25 if quantized else 1e-3 if dtype == "float32" else 2e-2
-    logit_error = 0.0
     int8_outputs = {e.output for e in manifest.cache if e.dtype == "int8"}
+    # an int8 latent cache: fp round-off can flip a code at a rounding tie, a one-step change
+    # that later layers carry, so its logits get the float16 tolerance
+    tol = 0.25 if quantized else 1e-3 if dtype == "float32" and not int8_outputs else 2e-2
+    logit_error = 0.0
     filled = {e.output: (e.time_axis, args[1].shape[1]) for e in manifest.cache if manifest.cache_update == "in_place"}
     for name, g, w in zip(["logits"] + [e.output for e in manifest.cache], got, want):
         g = g.astype(np.float32)
@@ -373,7 +375,8 @@ def _verify(folder: Path, manifest: Manifest, wrapper: nn.Module, args: tuple, d
         err = float(np.abs(g - w).max()) if g.shape == w.shape else float("inf")
         if name == "logits":
             logit_error = err
-        allowed = 1.0 if name in int8_outputs else tol * scale     # int8 codes: one step is a rounding tie
+        # int8 codes: one step for a flipped tie, plus the drift the float tolerance allows
+        allowed = 1 + tol * 127 if name in int8_outputs else tol * scale
         if not err <= allowed:
             raise ExportError(f"onnxruntime disagrees with PyTorch on output {name}: shape {g.shape} vs {w.shape}, "
                               f"max |Δ| {err:.2e} (allowed {allowed:.1e}); the export is not usable")
