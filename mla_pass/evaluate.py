@@ -7,7 +7,8 @@
   filler text, asked back at the end; the score is the fraction of exact greedy retrievals.
 
 Windows come from ``lcet10.txt`` starting at token 2000 (its header is skipped); the text is
-never used for calibration or training (those use ``alice29.txt``).
+never used for calibration or training (those use ``alice29.txt``; distillation also
+``asyoulik.txt`` and ``plrabn12.txt``).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ logger = logging.getLogger(__name__)
 HELD_OUT_TEXT = "lcet10.txt"
 HELD_OUT_START = 2000
 CALIBRATION_TEXT = "alice29.txt"
+TRAINING_TEXTS = ("alice29.txt", "asyoulik.txt", "plrabn12.txt")     # distillation: all but the held-out text
 
 
 # -- token windows ------------------------------------------------------------------------------
@@ -54,6 +56,25 @@ def held_out_windows(tokenizer, count: int = 8, length: int = 512, cache_dir=Non
 def calibration_windows(tokenizer, count: int = 16, length: int = 512, cache_dir=None) -> torch.Tensor:
     """Calibration / training windows: ``alice29.txt`` from its start."""
     return text_windows(tokenizer, CALIBRATION_TEXT, count, length, 0, cache_dir)
+
+
+def training_windows(tokenizer, count: int | None = None, length: int = 512, cache_dir=None) -> torch.Tensor:
+    """Distillation windows from ``TRAINING_TEXTS`` (never the held-out text): each text cut into
+    whole ``length``-token windows, the texts interleaved window by window (so any prefix mixes
+    them); ``count=None`` gives all of them. Raises ``ValueError`` when there are fewer."""
+    from . import assets
+
+    if length < 2 or (count is not None and count < 1):
+        raise ValueError(f"need at least 1 window of at least 2 tokens, got {count} × {length}")
+    per_text = []
+    for name in TRAINING_TEXTS:
+        ids = tokenizer(assets.read_text(name, cache_dir), return_tensors="pt").input_ids[0]
+        per_text.append(ids[: len(ids) // length * length].reshape(-1, length))
+    rows = [t[i] for i in range(max(len(t) for t in per_text)) for t in per_text if i < len(t)]
+    if not rows or (count is not None and len(rows) < count):
+        raise ValueError(f"{' + '.join(TRAINING_TEXTS)} give {len(rows)} windows of {length} tokens with this "
+                         f"tokenizer, fewer than the {count} asked for: ask for at most {len(rows)}")
+    return torch.stack(rows[:count]).long()
 
 
 # -- perplexity, agreement, KL --------------------------------------------------------------------

@@ -7,6 +7,9 @@ latent attention module (down-projection, up-projections, biases) with Adam to r
 output from the same inputs. Sites are independent, so only one is trained at a time and the
 result does not depend on the order. The rope-key projection stays frozen: its rows are exact
 copies of the original key's, so the recorded rotated keys are its output.
+
+With ``RecoveryConfig(distill=DistillConfig(...))`` the layer-wise stage is followed by
+end-to-end distillation to the original's logits (``mla_pass.distill``), usually on more text.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import torch
 
 from .calibrate import as_token_batches
 from .capture import capture
+from .distillation import DistillConfig, DistillReport, distill
 from .graph import clone_graph_module, insert_observer, run_on_tokens
 from .latent_attention import LatentAttention
 from .model import MLAModel
@@ -32,7 +36,7 @@ TRAINABLE = ("down", "up_key", "up_value", "key_bias", "value_bias")
 @dataclass(frozen=True)
 class RecoveryConfig:
     """Args:
-        steps: Adam steps per site.
+        steps: Adam steps per site (0: skip the layer-wise stage).
         lr: peak learning rate (cosine decay to 10% after a 10% warm-up).
         batch_size: calibration sequences per step.
         train: which module weights move (any of ``TRAINABLE``).
@@ -40,6 +44,7 @@ class RecoveryConfig:
         sequential: feed each site the inputs the *converted* model gives it (earlier sites
             already refitted), so it also learns to undo upstream error; targets stay the
             original's. Costs one partial forward pass per site.
+        distill: a ``DistillConfig``: after the layer-wise stage, distil end to end.
     """
     steps: int = 150
     lr: float = 1e-3
@@ -47,10 +52,13 @@ class RecoveryConfig:
     train: tuple[str, ...] = TRAINABLE
     seed: int = 0
     sequential: bool = False
+    distill: DistillConfig | None = None
 
     def __post_init__(self):
-        if self.steps < 1 or self.batch_size < 1 or not self.lr > 0:
-            raise ValueError("steps and batch_size must be >= 1 and lr > 0")
+        if self.steps < 0 or self.batch_size < 1 or not self.lr > 0:
+            raise ValueError("steps must be >= 0 (0: no layer-wise stage), batch_size >= 1 and lr > 0")
+        if self.distill is not None and not isinstance(self.distill, DistillConfig):
+            raise TypeError(f"distill must be a DistillConfig or None, got {type(self.distill).__name__}")
         unknown = set(self.train) - set(TRAINABLE)
         if unknown:
             raise ValueError(f"unknown trainable weights {sorted(unknown)}; choose from {TRAINABLE}")
@@ -67,6 +75,7 @@ class SiteRecovery:
 class RecoveryReport:
     sites: list[SiteRecovery] = field(default_factory=list)
     remaining: list[int] = field(default_factory=list)     # site indices not reached (time limit)
+    distill: DistillReport | None = None                    # the end-to-end stage, if it ran
 
     def mean(self, attr: str) -> float:
         return sum(getattr(s, attr) for s in self.sites) / max(len(self.sites), 1)
@@ -110,8 +119,10 @@ def record_attention_io(original: torch.nn.Module, tokens: torch.Tensor, batch_s
 
 def recover(mla: MLAModel, original: torch.nn.Module, tokens, config: RecoveryConfig | None = None, *,
             progress: bool = True, skip_sites=(), max_seconds: float | None = None,
-            on_site_done: Callable[[int, SiteRecovery], None] | None = None) -> RecoveryReport:
-    """Refit every converted site of ``mla`` to ``original``'s attention outputs on ``tokens``.
+            on_site_done: Callable[[int, SiteRecovery], None] | None = None, distill_tokens=None,
+            distill_seconds: float | None = None, checkpoint=None) -> RecoveryReport:
+    """Refit every converted site of ``mla`` to ``original``'s attention outputs on ``tokens``,
+    then (with ``config.distill``) distil the whole model to ``original``'s logits.
 
     Args:
         mla: a converted model (modified in place).
@@ -122,6 +133,10 @@ def recover(mla: MLAModel, original: torch.nn.Module, tokens, config: RecoveryCo
         max_seconds: stop starting new sites after this long (the report lists what is left);
             at least one site is fitted per call.
         on_site_done: called with (site index, its result) after each site, e.g. to checkpoint.
+        distill_tokens: training windows for distillation (default: ``tokens``); more text than
+            the layer-wise stage needs, e.g. ``evaluate.training_windows(tok)``.
+        distill_seconds, checkpoint: ``distill``'s ``max_seconds`` and ``checkpoint``. The
+            distillation stage runs only when every site is done.
 
     Example:
         >>> report = recover(mla, model, calibration_ids)                 # doctest: +SKIP
@@ -130,20 +145,22 @@ def recover(mla: MLAModel, original: torch.nn.Module, tokens, config: RecoveryCo
     from tqdm.auto import tqdm
 
     config = config or RecoveryConfig()
+    if not isinstance(config, RecoveryConfig):
+        raise TypeError(f"config must be a RecoveryConfig, got {type(config).__name__}")
     if not isinstance(mla, MLAModel):
         raise TypeError(f"recover needs a converted model (an MLAModel from mla_pass.convert or mla_pass.load), got "
                         f"{type(mla).__name__}: convert the model first")
     tokens = as_token_batches(tokens)
     if int(tokens.max()) >= mla.vocab_size:
         raise ValueError(f"token ids must be below the vocabulary size {mla.vocab_size}")
-    records = record_attention_io(original, tokens, progress=progress)
     modules = {m.plan.index: m for m in mla.program.modules() if isinstance(m, LatentAttention)}
-    missing = sorted(set(modules) - set(records))
+    todo = [i for i in sorted(modules) if i not in set(skip_sites)] if config.steps > 0 else []
+    report = RecoveryReport()
+    records = record_attention_io(original, tokens, progress=progress) if todo else {}
+    missing = sorted(set(todo) - set(records))
     if missing:
         raise ValueError(f"sites {missing} of the converted model are not in the original model: "
                          "pass the model it was converted from")
-    report = RecoveryReport()
-    todo = [i for i in sorted(modules) if i not in set(skip_sites)]
     start = time.monotonic()
     bar = tqdm(todo, desc="reconstructing", disable=not progress)
     for n, index in enumerate(bar):
@@ -160,6 +177,9 @@ def recover(mla: MLAModel, original: torch.nn.Module, tokens, config: RecoveryCo
         bar.set_postfix(loss=f"{before:.3f}→{after:.3f}")
         if on_site_done is not None:
             on_site_done(index, report.sites[-1])
+    if config.distill is not None and not report.remaining:
+        report.distill = distill(mla, original, tokens if distill_tokens is None else distill_tokens, config.distill,
+                                 max_seconds=distill_seconds, checkpoint=checkpoint, progress=progress)
     return report
 
 

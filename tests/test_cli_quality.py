@@ -19,7 +19,8 @@ def folders(tmp_path_factory):
 
     from mla_pass import assets
     try:
-        assets.text_path("alice29.txt"), assets.text_path("lcet10.txt")
+        for name in assets.TEXTS:
+            assets.text_path(name)
     except assets.AssetError as e:
         pytest.skip(f"text could not be fetched: {e}")
     root = tmp_path_factory.mktemp("quality")
@@ -66,7 +67,7 @@ def _tensors(folder):
 
 def test_recover_is_deterministic_and_resumes_to_the_same_result(folders, tmp_path, capsys):
     _, mla = folders
-    common = ["--steps", "30", "--windows", "2", "--length", "32", "--seed", "3"]
+    common = ["--steps", "30", "--windows", "2", "--length", "32", "--seed", "3", "--distill-steps", "0"]
     assert main(["recover", str(mla), "--out", str(tmp_path / "a"), *common]) == 0
     assert "recovered 3 sites" in capsys.readouterr().out
     # the same run, cut after the first site by a zero time limit, then resumed
@@ -93,10 +94,31 @@ def test_recover_errors(folders, tmp_path, capsys):
         main(["recover", str(mla), "--out", str(tmp_path / "x"), "--resume"])
     assert main(["recover", str(mla), "--out", str(tmp_path / "x"), "--windows", "100000", "--length", "512"]) == 2
     assert "alice29.txt has" in capsys.readouterr().err and not (tmp_path / "x").exists()
-    common = ["--steps", "2", "--windows", "1", "--length", "16", "--minutes", "0"]
+    common = ["--steps", "2", "--windows", "1", "--length", "16", "--minutes", "0", "--distill-steps", "0"]
     assert main(["recover", str(mla), "--out", str(tmp_path / "y"), *common]) == 0
     with pytest.raises(SystemExit, match="already holds a recovery checkpoint"):
         main(["recover", str(mla), "--out", str(tmp_path / "y"), *common])
     with pytest.raises(SystemExit, match="made with"):
         main(["recover", str(mla), "--out", str(tmp_path / "y"), "--steps", "3", "--windows", "1", "--length", "16",
               "--resume"])
+
+
+def test_recover_with_distillation_resumes_to_the_same_result(folders, tmp_path, capsys):
+    _, mla = folders
+    common = ["--steps", "0", "--distill-steps", "3", "--distill-windows", "4", "--distill-length", "64",
+              "--windows", "1", "--length", "32"]
+    assert main(["recover", str(mla), "--out", str(tmp_path / "a"), *common]) == 0
+    assert "distillation: 3 steps on 384 training tokens" in capsys.readouterr().out
+    assert main(["recover", str(mla), "--out", str(tmp_path / "b"), *common, "--minutes", "0"]) == 0
+    assert "after 1/3 distillation steps" in capsys.readouterr().out
+    assert (tmp_path / "b" / "distill.safetensors").is_file()
+    for _ in range(2):
+        assert main(["recover", str(mla), "--out", str(tmp_path / "b"), *common, "--minutes", "0", "--resume"]) == 0
+    assert "recovered 3 sites" in capsys.readouterr().out
+    assert not (tmp_path / "b" / "distill.safetensors").exists()
+    a, b = _tensors(tmp_path / "a"), _tensors(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(SystemExit, match="must be >= 0"):
+        main(["recover", str(mla), "--out", str(tmp_path / "c"), "--distill-steps", "-1"])
+    assert main(["recover", str(mla), "--out", str(tmp_path / "c"), *common[:2], "--distill-windows", "100000"]) == 2
+    assert "windows of 512 tokens" in capsys.readouterr().err

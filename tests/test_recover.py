@@ -53,7 +53,7 @@ def test_bad_recovery_arguments():
     with pytest.raises(ValueError, match="unknown trainable"):
         RecoveryConfig(train=("wq",))
     with pytest.raises(ValueError, match="steps"):
-        RecoveryConfig(steps=0)
+        RecoveryConfig(steps=-1)
     model = tiny_llama()
     mla = mla_pass.convert(model, MLAConfig(d_kv=2, rope_freqs=2), progress=False)
     with pytest.raises(ValueError, match="vocabulary"):
