@@ -75,6 +75,8 @@ def main() -> None:
     parser.add_argument("--distill-train", default="latent", choices=["latent", "latent+norms", "all"])
     parser.add_argument("--distill-autocast", default="bfloat16", help="'none' for float32")
     parser.add_argument("--long-windows", type=int, default=0, help="also evaluate on this many 2048-token windows")
+    parser.add_argument("--recovered-only", action="store_true", help="only the recovered model's rows (before and "
+                        "after recovery; the original's perplexity comes from the same evaluation)")
     parser.add_argument("--merge", nargs="+", default=None, help="quality.json files of earlier runs: write their "
                         "rows as one table and plot (nothing is measured)")
     parser.add_argument("--passkey", action="store_true", help="passkey retrieval at 1k and 2k tokens (slow)")
@@ -101,7 +103,7 @@ def main() -> None:
         if long_ids is not None:
             ql = text_quality(m, long_ids, reference=reference)
             long = {"perplexity": ql.perplexity, "agreement": ql.agreement if reference is not None else 1.0,
-                    "kl": ql.kl if reference is not None else 0.0}
+                    "kl": ql.kl if reference is not None else 0.0, "reference_perplexity": ql.reference_perplexity}
         return q, long
 
     calibration = calibration_windows(tok, args.calibration_windows, 512)
@@ -118,11 +120,13 @@ def main() -> None:
     def run_passkey(m) -> dict:
         return passkey(m, tok, pk_config).by_length if args.passkey else {}
 
-    t0 = time.perf_counter()
-    base, long = measure(model, None)
-    rows = [Row("original", "—", original_bytes, 1.0, base.perplexity, 1.0, 0.0, time.perf_counter() - t0,
-                run_passkey(model), long=long)]
-    print(_row_line(rows[-1]), flush=True)
+    rows = []
+    if not args.recovered_only:
+        t0 = time.perf_counter()
+        base, long = measure(model, None)
+        rows.append(Row("original", "—", original_bytes, 1.0, base.perplexity, 1.0, 0.0, time.perf_counter() - t0,
+                        run_passkey(model), long=long))
+        print(_row_line(rows[-1]), flush=True)
     r = args.rope_freqs
     for d in widths:
         n_kv = sites[0].n_kv_heads
@@ -131,6 +135,9 @@ def main() -> None:
         recipes = [("MHA2MLA (2-norm + weight-only joint SVD)", MLAConfig.mha2mla(d, r)),
                    ("project default, fixed d_kv and r", MLAConfig(d_kv=d, rope_freqs=r)),
                    ("project default, kv_budget (split chosen per layer)", MLAConfig(kv_budget=fraction))]
+        if args.recovered_only:
+            recipes = [(n, c) for n, c in recipes if n.startswith("project default") and
+                       (c.kv_budget is not None) == (args.recover_recipe == "kv_budget")]
         for name, config in recipes:
             t0 = time.perf_counter()
             mla = build(capture(model), config, stats=stats, progress=False)
@@ -138,6 +145,10 @@ def main() -> None:
             rows.append(Row(name, label, mla.kv_cache_bytes_per_token(), mla.kv_cache_bytes_per_token() / original_bytes,
                             q.perplexity, q.agreement, q.kl, time.perf_counter() - t0, run_passkey(mla), long=long))
             print(_row_line(rows[-1]), flush=True)
+            if not any(r.recipe == "original" for r in rows):     # from the reference side of that evaluation
+                rows.insert(0, Row("original", "—", original_bytes, 1.0, q.reference_perplexity, 1.0, 0.0, 0.0,
+                                   long={"perplexity": long["reference_perplexity"], "agreement": 1.0, "kl": 0.0}
+                                   if long else {}, note="reference side of the next row's evaluation"))
             chosen = (config.kv_budget is not None) == (args.recover_recipe == "kv_budget")
             if chosen and d in recover_at and (args.recover_steps > 0 or args.distill_minutes > 0):
                 rows.append(_recovered(args, mla, model, tok, calibration, label, original_bytes, measure, run_passkey))
