@@ -11,6 +11,10 @@ use the training-free ``MLAConfig(d_kv, rope_freqs=4)``.
     python benchmarks/decode.py                      # table (markdown) + benchmarks/decode.png
     python benchmarks/decode.py --past 512 --batch 1 --steps 5      # a quick look
     python benchmarks/decode.py --genai DIR          # + onnxruntime-genai's build of the original
+    python benchmarks/decode.py --models original "mla d_kv=8 int8 cache" --extra "NAME=DIR" --repeats 3
+
+Exports are cached under ``~/.cache/mla-pass/exports/<source fingerprint>/``: a change to the
+code that shapes the exported program exports afresh.
 """
 from __future__ import annotations
 
@@ -78,6 +82,14 @@ def source_fingerprint() -> str:
     return h.hexdigest()[:10]
 
 
+def random_cache(rng, shape, dtype: str):
+    """Cache contents for timing (values do not change the speed): int8 codes or floats."""
+    import numpy as np
+    if dtype == "int8":
+        return rng.integers(-127, 128, shape, dtype=np.int8)
+    return (rng.standard_normal(shape) * 0.5).astype(dtype)
+
+
 def worker(folder: str, batch: int, past: int, steps: int, threads: int) -> dict:
     """One (model, batch, past) measurement; runs in its own process."""
     import numpy as np
@@ -88,7 +100,7 @@ def worker(folder: str, batch: int, past: int, steps: int, threads: int) -> dict
     m = engine.manifest
     rng = np.random.default_rng(0)
     kv = engine.new_cache(batch, past + steps + 4)
-    kv.load([(rng.standard_normal(e.concrete_shape(batch, past)) * 0.5).astype(np.float32) for e in m.cache], past)
+    kv.load([random_cache(rng, e.concrete_shape(batch, past), e.dtype) for e in m.cache], past)
     tokens = rng.integers(0, m.vocab_size, (batch, 1))
     times = []
     for i in range(steps + 2):                         # two warm-up steps
@@ -152,7 +164,7 @@ def plot(rows: list[dict], path: Path) -> None:
     batches = sorted({r["batch"] for r in rows})
     fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4), squeeze=False)
     for ax, b in zip(axes[0], batches):
-        for name in [GENAI, *VARIANTS]:
+        for name in dict.fromkeys(r["model"] for r in rows):
             pts = sorted((r["past"], r["ms"]) for r in rows if r["batch"] == b and r["model"] == name)
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=name)
@@ -184,31 +196,46 @@ def main() -> None:
     parser.add_argument("--genai", type=Path, default=None, help="an onnxruntime-genai build of the original "
                         "(python -m onnxruntime_genai.models.builder -i HF_DIR -o DIR -p fp32 -e cpu; drop "
                         "'quantization_config' from config.json first): timed at batch 1 as the yardstick")
+    parser.add_argument("--extra", nargs="+", default=[], metavar="NAME=DIR",
+                        help="also time these exported folders (e.g. from benchmarks/quantized.py)")
+    parser.add_argument("--repeats", type=int, default=1, help="measure every row this many times, interleaved "
+                        "(a shared machine drifts), and report the median")
     args = parser.parse_args()
     from mla_pass import assets
     cache = args.exports or Path(assets.default_cache_dir()) / "exports"
     folders = export_all(cache, {k: VARIANTS[k] for k in args.models})
+    for spec in args.extra:
+        name, _, folder = spec.rpartition("=")
+        if not (Path(folder) / "manifest.json").is_file():
+            parser.error(f"--extra {spec}: expected NAME=DIR with an exported folder (manifest.json) at DIR")
+        folders[name] = Path(folder)
 
     rows = []
-    print(f"SmolLM2-135M decode step, onnxruntime CPU, {args.threads} threads, median of {args.steps} steps, "
-          "fp32, cache updated in place")
+    print(f"SmolLM2-135M decode step, onnxruntime CPU, {args.threads} threads, median of {args.steps} steps "
+          f"(median of {args.repeats} interleaved runs), fp32 unless the name says int8, cache updated in place")
     print("| model | batch | past | ms/step | tokens/s | speedup vs original | vs genai | KV bytes/token | "
           "peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for batch in args.batch:
         for past in args.past:
             base = yardstick = None
-            runs = [(name, folders[name], False) for name in args.models]
+            runs = [(name, folder, False) for name, folder in folders.items()]
             if args.genai and batch == 1:
                 runs.insert(0, (GENAI, args.genai, True))
-            for name, folder, genai in runs:
-                try:
-                    r = measure(folder, batch, past, args.steps, args.threads, genai)
-                except RuntimeError as e:
-                    if not genai:
-                        raise
-                    print(f"| {name} | {batch} | {past} | failed: {str(e).splitlines()[-1][:80]} |", flush=True)
-                    continue
+            measured: dict[str, list[dict]] = {}
+            for _ in range(args.repeats):
+                for name, folder, genai in runs:
+                    try:
+                        measured.setdefault(name, []).append(measure(folder, batch, past, args.steps, args.threads, genai))
+                    except RuntimeError as e:
+                        if not genai:
+                            raise
+                        print(f"| {name} | {batch} | {past} | failed: {str(e).splitlines()[-1][:80]} |", flush=True)
+            for name, results in measured.items():
+                genai = name == GENAI
+                r = dict(results[0], ms=statistics.median(x["ms"] for x in results),
+                         peak_rss_mb=max(x["peak_rss_mb"] for x in results))
+                r["tokens_per_s"] = batch * 1000 / r["ms"]
                 r.update(model=name, batch=batch, past=past)
                 rows.append(r)
                 base = r["ms"] if name == "original" else base
