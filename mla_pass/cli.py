@@ -175,7 +175,9 @@ def cmd_demo(args) -> int:
         print(f"\nrecovering for about {args.recover_minutes:g} min: layer-wise on {calib.shape[0] // 2} × "
               f"{calib.shape[1]} tokens of alice29.txt, then distillation to the original's logits on other books")
         if args.recover_steps > 0:
-            recover(mla, model, calib[: calib.shape[0] // 2], RecoveryConfig(steps=args.recover_steps))
+            # at most 40% of the budget: on a loaded machine the remaining sites keep their SVD start
+            recover(mla, model, calib[: calib.shape[0] // 2], RecoveryConfig(steps=args.recover_steps),
+                    max_seconds=0.4 * 60 * args.recover_minutes)
         left = max(60 * args.recover_minutes - (time.perf_counter() - t0), 30.0)    # the rest goes to distillation
         distill(mla, model, training_windows(tok, None, 256, args.cache_dir),
                 DistillConfig(steps=None, lr=1e-3, batch_size=2, autocast="bfloat16"), max_seconds=left)
