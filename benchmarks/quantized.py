@@ -1,0 +1,121 @@
+"""What int8 weights and the int8 latent cache cost in quality, and what they save (a benchmark).
+
+SmolLM2-135M, original and converted with the project default (calibrated on alice29, d_kv and
+r = 4), each exported by ``mla_pass.export.to_onnx`` as: fp32; int8 latent cache
+(``latent_cache="int8"``); int8 weights (``quantize="int8"``, onnxruntime dynamic
+quantization); both. Every folder is run by ``mla_pass.runtime.OnnxEngine`` (onnxruntime CPU)
+as one prefill per held-out window of ``lcet10.txt`` — through the cache: the int8 latent is
+quantized as it is written, and the attention reads it back from the cache — and compared with
+the original PyTorch model on the same windows: perplexity, top-1 agreement, KL(original ‖
+variant). Also: KV-cache bytes per token and the folder's size on disk.
+
+    python benchmarks/quantized.py --windows 4 --d-kv 32        # table → benchmarks/results/quantized.md
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import mla_pass
+from mla_pass import MLAConfig, assets
+from mla_pass.evaluate import calibration_windows, held_out_windows, text_quality
+
+sys.path.insert(0, str(Path(__file__).parent))
+from decode import source_fingerprint  # noqa: E402  (one definition for both benchmarks)
+
+ROPE_FREQS = 4
+VARIANTS = {            # name: (quantize, latent_cache)
+    "fp32": (None, "float"),
+    "int8 latent cache": (None, "int8"),
+    "int8 weights": ("int8", "float"),
+    "int8 weights + int8 latent cache": ("int8", "int8"),
+}
+
+
+class EngineLogits(nn.Module):
+    """An exported folder as a logits function for ``text_quality``: one prefill from an empty cache."""
+
+    def __init__(self, folder: Path, threads: int):
+        super().__init__()
+        from mla_pass.runtime import OnnxEngine
+        self.engine = OnnxEngine(folder, threads=threads)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        ids = ids.cpu().numpy()
+        out = self.engine.step(ids, np.ones_like(ids))
+        return torch.from_numpy(np.asarray(out.logits, dtype=np.float32))
+
+
+def export_variants(model, tok, d_kv: int | None, cache: Path, names) -> dict[str, Path]:
+    from mla_pass.export.onnx import to_onnx
+    source = model
+    if d_kv is not None:
+        calib = calibration_windows(tok, 16, 512)
+        source = mla_pass.convert(model, MLAConfig(d_kv=d_kv, rope_freqs=ROPE_FREQS), calibration=calib)
+    folders = {}
+    for name in names:
+        quantize, latent_cache = VARIANTS[name]
+        if d_kv is None and latent_cache != "float":
+            continue
+        folder = cache / f"{'original' if d_kv is None else f'mla_d_kv{d_kv}'}_{name.replace(' ', '_').replace('+', 'and')}"
+        if not (folder / "manifest.json").is_file():
+            t0 = time.perf_counter()
+            to_onnx(source, folder, tokenizer=tok, quantize=quantize, latent_cache=latent_cache, max_length=4096)
+            print(f"exported {folder.name} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        folders[name] = folder
+    return folders
+
+
+def folder_mb(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.iterdir()) / 2**20
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--d-kv", type=int, nargs="+", default=[32], help="converted budgets to measure")
+    p.add_argument("--windows", type=int, default=4)
+    p.add_argument("--length", type=int, default=512)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--original", action="store_true", help="also the original with int8 weights")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    model, tok = assets.load_smollm2()
+    cache = Path(assets.default_cache_dir()) / "exports" / f"quantized-{source_fingerprint()}"
+    windows = held_out_windows(tok, a.windows, a.length)
+    rows = []
+    models = ([None] if a.original else []) + a.d_kv
+    for d_kv in models:
+        folders = export_variants(model, tok, d_kv, cache, a.variants)
+        for name, folder in folders.items():
+            engine = EngineLogits(folder, a.threads)
+            q = text_quality(engine, windows, reference=model, progress=False)
+            m = engine.engine.manifest
+            label = "original" if d_kv is None else f"MLA d_kv={d_kv}, r={ROPE_FREQS}"
+            rows.append((label, name, m.kv_cache_bytes_per_token(), folder_mb(folder), q))
+            print(f"{label:22s} {name:34s} ppl {q.perplexity:9.2f} (orig {q.reference_perplexity:.2f}) "
+                  f"top-1 {q.agreement:.1%} KL {q.kl:.4f} KV B/token {m.kv_cache_bytes_per_token():,} "
+                  f"folder {folder_mb(folder):.0f} MB", flush=True)
+    lines = [f"SmolLM2-135M, {a.windows} × {a.length} held-out tokens of lcet10.txt, onnxruntime CPU; "
+             f"reference: the original in PyTorch (ppl {rows[0][4].reference_perplexity:.2f}). "
+             f"Command: `python benchmarks/quantized.py {' '.join(sys.argv[1:])}`", "",
+             "| model | variant | KV bytes/token | folder MB | ppl | top-1 vs original | KL to original |",
+             "|---|---|---|---|---|---|---|"]
+    for label, name, nbytes, mb, q in rows:
+        lines.append(f"| {label} | {name} | {nbytes:,} | {mb:.0f} | {q.perplexity:.2f} | {q.agreement:.1%} | {q.kl:.4f} |")
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "quantized.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
