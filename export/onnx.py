@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from mla_pass.cache_quant import CACHE_DTYPES, to_int8_latent
+from mla_pass.latent_attention import cache_time_axis
 from mla_pass.rewrite import to_in_place, use_group_query_attention
 from mla_pass.runtime.manifest import CACHE_UPDATES, CacheEntry, Manifest
 
@@ -272,7 +273,7 @@ def _example(step, spec, plans, vocab, dtype, cache_update):
             for c in spec]
     batch, new, total, past_len = (torch.export.Dim.DYNAMIC,) * 4
     shapes = ({0: batch, 1: new}, {0: batch, 1: total}, {0: batch, 1: new},     # *past is one argument
-              tuple({0: batch, _time_axis(c.kind): past_len} for c in spec))
+              tuple({0: batch, cache_time_axis(c.kind): past_len} for c in spec))
     names = {"inputs": ["input_ids", "attention_mask", "position_ids"] + [c.name for c in spec],
              "outputs": ["logits"] + [_present_name(c.name) for c in spec]}
     return (ids, mask, pos, *past), names, shapes
@@ -288,10 +289,6 @@ def _example_cache(shape, kind: str, int8_latent: bool, gen, device, dtype) -> t
 
 def _is_int8(spec, latent_cache: str) -> bool:
     return latent_cache == "int8" and spec.kind == "latent"
-
-
-def _time_axis(kind: str) -> int:
-    return 1 if kind in ("latent", "latent_scale") else 2
 
 
 def _present_name(past_name: str) -> str:

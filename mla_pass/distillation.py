@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from .latent_attention import LatentAttention
-from .model import MLAModel
+from .model import MLAModel, require_converted
 
 logger = logging.getLogger(__name__)
 
@@ -162,9 +162,7 @@ def distill(mla: MLAModel, original: torch.nn.Module, tokens, config: DistillCon
     config = config or DistillConfig()
     if not isinstance(config, DistillConfig):
         raise TypeError(f"config must be a DistillConfig, got {type(config).__name__}")
-    if not isinstance(mla, MLAModel):
-        raise TypeError(f"distill needs a converted model (an MLAModel from mla_pass.convert or mla_pass.load), got "
-                        f"{type(mla).__name__}: convert the model first")
+    require_converted(mla, "distill")
     if isinstance(original, MLAModel):
         raise TypeError("the teacher must be the original (unconverted) model, not a converted one")
     if config.steps is None and max_seconds is None:

@@ -23,7 +23,7 @@ from torch import nn
 
 from .gqa_op import group_query_attention
 from .latent_attention import split_cache_args, update_cache
-from .math.attention import attention_probs_apply, expand_kv
+from .math.attention import attention_probs_apply, expand_kv, in_repeat_kv_order
 
 
 @dataclass
@@ -56,8 +56,7 @@ class KVPlan:
         """Why ``GroupQueryAttention`` cannot express this site, or None when it can."""
         if self.value_dim != self.head_dim:
             return f"values have head size {self.value_dim} and keys {self.head_dim} (GroupQueryAttention has one)"
-        g = self.n_heads // self.n_kv_heads
-        if self.n_heads % self.n_kv_heads or self.kv_head_of_query != [h // g for h in range(self.n_heads)]:
+        if not in_repeat_kv_order(self.kv_head_of_query, self.n_kv_heads):
             return "query heads do not read their kv heads in repeat_kv order (h -> h // (H / Hkv))"
         return None
 

@@ -28,6 +28,12 @@ def split_cache_args(past: tuple, cache_update: str):
     return past, None
 
 
+def cache_time_axis(kind: str) -> int:
+    """The token axis of a cache tensor: [B, T, ·] for the latent and its int8 scales, [B, heads, T, ·]
+    for everything kept per head (rope keys, key scales, the baseline's keys and values)."""
+    return 1 if kind in ("latent", "latent_scale") else 2
+
+
 def update_cache(old, new, axis: int, write_index=None):
     """Concatenate ``new`` after ``old`` along ``axis``, or write it into the preallocated ``old``
     at ``write_index`` (one ``cache_write`` op, exported as TensorScatter)."""
@@ -198,7 +204,7 @@ class LatentAttention(nn.Module):
             if "latent_scale" in kinds:
                 new["latent"], new["latent_scale"] = quantize_per_token(new["latent"])
             for kind, old in zip(kinds, past):
-                new[kind] = update_cache(old, new[kind], 1 if kind in ("latent", "latent_scale") else 2, write_index)
+                new[kind] = update_cache(old, new[kind], cache_time_axis(kind), write_index)
         latent, latent_scale = new["latent"], new.get("latent_scale")
         if "rope_key" not in p.cache_kinds:            # no rope keys: zero-width over all keys
             new["rope_key"] = latent.new_zeros(latent.shape[0], p.n_kv_heads, latent.shape[1], 0)

@@ -215,3 +215,9 @@ class MLAModel(nn.Module):
         from .persist import save_model
         return save_model(self, Path(path))
 
+
+def require_converted(model, verb: str) -> None:
+    """``verb`` (e.g. "recover") works on converted models only: a clear error otherwise."""
+    if not isinstance(model, MLAModel):
+        raise TypeError(f"{verb} needs a converted model (an MLAModel from mla_pass.convert or mla_pass.load), got "
+                        f"{type(model).__name__}: convert the model first")

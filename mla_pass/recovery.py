@@ -26,7 +26,7 @@ from .capture import capture
 from .distillation import DistillConfig, DistillReport, distill
 from .graph import clone_graph_module, insert_observer, run_on_tokens
 from .latent_attention import LatentAttention
-from .model import MLAModel
+from .model import MLAModel, require_converted
 
 logger = logging.getLogger(__name__)
 
@@ -147,9 +147,7 @@ def recover(mla: MLAModel, original: torch.nn.Module, tokens, config: RecoveryCo
     config = config or RecoveryConfig()
     if not isinstance(config, RecoveryConfig):
         raise TypeError(f"config must be a RecoveryConfig, got {type(config).__name__}")
-    if not isinstance(mla, MLAModel):
-        raise TypeError(f"recover needs a converted model (an MLAModel from mla_pass.convert or mla_pass.load), got "
-                        f"{type(mla).__name__}: convert the model first")
+    require_converted(mla, "recover")
     tokens = as_token_batches(tokens)
     if int(tokens.max()) >= mla.vocab_size:
         raise ValueError(f"token ids must be below the vocabulary size {mla.vocab_size}")

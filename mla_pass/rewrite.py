@@ -29,7 +29,7 @@ import torch.fx as fx
 
 from . import graph as G
 from .kv_attention import KVCacheAttention
-from .latent_attention import LatentAttention
+from .latent_attention import LatentAttention, cache_time_axis
 from .match import AttentionSite
 
 MODULES = "mla"
@@ -129,7 +129,8 @@ def to_in_place(step: fx.GraphModule) -> fx.GraphModule:
     graph = step.graph
     mask_node = next(n for n in graph.nodes if n.op == "call_module" and n.target == "cache_mask")
     first_past = next(n for n in graph.nodes if n.op == "placeholder" and n.name.startswith("past_"))
-    step.add_submodule("cache_mask_in_place", InPlaceCacheMask(1 if first_past.name.endswith("_latent") else 2))
+    first_kind = first_past.name.split("_", 2)[2]                      # past_{i}_{kind}
+    step.add_submodule("cache_mask_in_place", InPlaceCacheMask(cache_time_axis(first_kind)))
     with graph.inserting_after(mask_node):
         pair = graph.call_module("cache_mask_in_place", (*mask_node.args, first_past))
     with graph.inserting_after(pair):

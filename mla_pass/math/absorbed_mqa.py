@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import torch
 
+from .attention import in_repeat_kv_order
+
 
 def eligible(softcap, key_scale, kv_head_of_query: list[int], n_kv_heads: int) -> bool:
     """This form needs plain softmax scores, unscaled keys, and query heads grouped
     contiguously by kv head (h → h // g), so the rope scores are one batched matmul."""
-    n_heads = len(kv_head_of_query)
-    g = n_heads // n_kv_heads
-    return softcap is None and key_scale is None and list(kv_head_of_query) == [h // g for h in range(n_heads)]
+    return softcap is None and key_scale is None and in_repeat_kv_order(kv_head_of_query, n_kv_heads)
 
 
 def mask_bias(mask, is_causal: bool, s: int, t: int, dtype, device):

@@ -16,6 +16,16 @@ import torch
 import torch.nn.functional as F
 
 
+def in_repeat_kv_order(kv_head_of_query, n_kv_heads: int) -> bool:
+    """Query head h reads kv head h // (H / Hkv), as ``repeat_kv`` lays them out: the groups are
+    contiguous, so per-group work is one batched op over [Hkv, H / Hkv]."""
+    n_heads = len(kv_head_of_query)
+    if n_heads % n_kv_heads:
+        return False
+    g = n_heads // n_kv_heads
+    return list(kv_head_of_query) == [h // g for h in range(n_heads)]
+
+
 def expand_kv(t_BHkvTX: torch.Tensor, kv_head_of_query: torch.Tensor) -> torch.Tensor:
     return t_BHkvTX.index_select(1, kv_head_of_query)
 
