@@ -15,7 +15,9 @@ each site as one com.microsoft ``GroupQueryAttention`` (``rewrite.use_group_quer
 which reads only the first T+S cached tokens, as onnxruntime-genai's export of the same model
 does; the manifest's ``notes["attention"]`` says which sites could not (they keep masked SDPA).
 Batch, new tokens and past tokens are dynamic (example sizes are ≥ 2 and distinct: size-1 dims
-would be specialised).
+would be specialised). The traced graph is then fused (``export/fusion.py``: RMSNorm, residual
+add + RMSNorm, RoPE, layout round trips and sibling projections become onnxruntime's kernels,
+as in onnxruntime-genai's export; ``manifest.notes["fused"]`` counts the sites).
 After writing, the folder is checked: onnxruntime runs a prefill and a decode step on random
 tokens and must agree with PyTorch (fp32: 1e-3 of the largest value on logits and cache), or
 the export is refused.
@@ -66,7 +68,7 @@ class _OnnxStep(nn.Module):
 
 def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", tokenizer=None,
             max_length: int | None = None, cache_update: str = "in_place", quantize: str | None = None,
-            latent_cache: str = "float", verify: bool = True) -> Path:
+            latent_cache: str = "float", fuse: bool = True, verify: bool = True) -> Path:
     """Write ``model`` (an ``MLAModel`` or an unconverted decoder) to ``out_dir`` for the runtime.
 
     Args:
@@ -82,6 +84,9 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
             channels (onnxruntime's ``MatMulNBits``; activations stay float).
         latent_cache: ``"int8"`` (converted models only) caches the latent as int8 with one
             scale per token (``past_key_values.{i}.latent_scale``); rope keys stay float.
+        fuse: replace RMSNorm, residual add + RMSNorm, RoPE, layout round trips and sibling
+            projections by onnxruntime's fused kernels (``export/fusion.py``; found from the
+            graph, exact up to fp32 round-off). ``False`` keeps the graph as traced.
         verify: run the written model once in onnxruntime against PyTorch.
     Returns the folder.
     """
@@ -146,6 +151,7 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
             except Exception as e:
                 raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {e}") from e
             program.save(str(staging / MODEL_FILE), external_data=True)
+        fused = _fuse(staging / MODEL_FILE) if fuse else None
         if dtype == "float16":
             _to_float16(staging / MODEL_FILE)
         if quantize == "int8":
@@ -165,6 +171,8 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
                    "latent_cache": "int8, one scale per token" if latent_cache == "int8" else dtype})
         if attention:
             manifest.notes["attention"] = attention
+        if fused is not None:
+            manifest.notes["fused"] = fused
         if verify:
             err = _verify(staging, manifest, wrapper, args, dtype, quantized=bool(quantize))
             manifest.notes["verify_max_abs_logit_error"] = err
@@ -195,6 +203,19 @@ def _absorbed_step(mla) -> nn.Module:
         if isinstance(m, LatentAttention):
             m.form = "absorbed"
     return step
+
+
+def _fuse(path: Path) -> dict[str, int]:
+    """Fuse the fp32 graph in place (before any float16 / int8 conversion, which keep the fused ops)."""
+    import onnx
+
+    from mla_pass.export.fusion import fuse
+
+    model, counts = fuse(onnx.load(str(path)))
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
+    return counts
 
 
 def _to_float16(path: Path) -> None:
