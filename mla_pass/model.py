@@ -59,6 +59,20 @@ class MLAModel(nn.Module):
 
     # -- running --------------------------------------------------------------------------------
     def _apply(self, fn, recurse=True):
+        p = next(self.program.parameters(), None)
+        if p is not None and p.is_floating_point():
+            moved = fn(torch.zeros((), dtype=p.dtype, device=p.device))
+            if moved.dtype != p.dtype:
+                # the captured program holds the capture dtype's casts (e.g. RMSNorm's .to(input_dtype)),
+                # so cast weights would meet activations of the old dtype
+                raise TypeError(f"this model was converted in {p.dtype} and its program keeps that dtype's casts; "
+                                f"it cannot be cast to {moved.dtype}. Convert the source model in {moved.dtype} "
+                                f"instead (model.to({moved.dtype}) before mla_pass.convert).")
+            if not same_device(moved.device, p.device):
+                # the capture device is baked into ops such as HF's inv_freq.to(x.device) or arange(device=)
+                for graph in (self.program.graph, self._step_graph):
+                    retarget_device(graph, p.device, moved.device)
+                self.program.recompile()
         self._step = None          # buffers may be replaced: rebuild the step program lazily
         return super()._apply(fn, recurse)
 
@@ -214,6 +228,18 @@ class MLAModel(nn.Module):
         plans, how to rebuild the source model, a checksum of the weights) into a folder."""
         from .persist import save_model
         return save_model(self, Path(path))
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
+
+
+def retarget_device(graph: fx.Graph, old: torch.device, new: torch.device) -> None:
+    """Every device constant of ``graph`` equal to ``old`` becomes ``new`` (in place)."""
+    swap = lambda a: new if isinstance(a, torch.device) and same_device(a, old) else a  # noqa: E731
+    for node in graph.nodes:
+        node.args = fx.node.map_aggregate(node.args, swap)
+        node.kwargs = fx.node.map_aggregate(node.kwargs, swap)
 
 
 def require_converted(model, verb: str) -> None:

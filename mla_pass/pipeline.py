@@ -136,7 +136,8 @@ def build(captured: Captured, config: MLAConfig, *, calibration=None, plans: dic
                          f"{[s.index for s in sites]}: the model does not match the checkpoint")
     modules = nn.ModuleDict()
     for site in sites:
-        module = LatentAttention(plans[site.index]).to(captured.env[site.hidden].dtype)
+        hidden = captured.env[site.hidden]
+        module = LatentAttention(plans[site.index]).to(device=hidden.device, dtype=hidden.dtype)
         if initialise_weights:
             gram = stats.sites[site.index].gram if stats is not None and config.needs_gram else None
             initialise(module, site, gram=gram, damping=config.damping, activation_aware=config.activation_aware,

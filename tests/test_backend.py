@@ -120,6 +120,30 @@ def test_inductor_logits_match_convert():
     assert counters["inductor"] and counters["mla"]["sites_rewritten"] == 2
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: inductor's CUDA (Triton) path needs one")
+def test_inductor_on_cuda_logits_and_generation():
+    """The same rewrite through inductor's GPU code generation: logits match convert (on the GPU, TF32
+    off) and a compiled-forward generation over the compressed cache gives mla.generate's tokens."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    fam = FAMS["llama-gqa"]
+    model = build_hf(fam).cuda()
+    options = options_for(fam, inner="inductor")
+    mla = mla_pass.convert(model, config_of(options), progress=False)
+    ids = prompt((2, 6), seed=3).cuda()
+    want = mla(ids)
+    with torch.no_grad():
+        got = compiled(model, options)(ids).logits
+    d = max_diff(got, want)
+    assert d <= INDUCTOR_TOL, f"inductor on CUDA: compiled vs convert max |diff| = {d:.2e} > {INDUCTOR_TOL:.0e}"
+    assert counters["mla"]["sites_rewritten"] == 2
+    cm = compiled(model, options)
+    cm.generation_config.eos_token_id = None
+    torch._dynamo.reset()
+    out = cm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
+                      pad_token_id=0)
+    assert torch.equal(out, mla.generate(ids, max_new_tokens=NEW_TOKENS, eos_token_id=None))
+
+
 # --------------------------------------------------------------------------------------------
 # generation over the compressed DynamicCache
 # --------------------------------------------------------------------------------------------

@@ -18,11 +18,13 @@ NaN, as the PyTorch softmax does.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
 
+log = logging.getLogger(__name__)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _ACC_BUDGET = 8192          # fp32 accumulator elements per program (BLOCK_H × C_CHUNK): 64 registers/thread at 4 warps
 
@@ -80,7 +82,9 @@ class _Plan:
 def _plan(cfg: DecodeKernelConfig, b: int, h: int, t: int, c: int, r: int, kv_heads: tuple[int, ...],
           sm_count: int) -> _Plan:
     block_h = cfg.block_h or min(64, _pow2(h))
-    c_chunk = cfg.c_chunk or min(_pow2(c), max(32, _ACC_BUDGET // block_h))
+    # narrow latents (c ≤ 128) still split the output columns into 32-wide programs: on an H100 the
+    # extra parallelism beat one program per head block 1.9-2.7× (benchmarks/gpu_kernel_tune.py)
+    c_chunk = cfg.c_chunk or (32 if c <= 128 else min(_pow2(c), max(32, _ACC_BUDGET // block_h)))
     block_t = cfg.block_t or (64 if c_chunk <= 128 else 32)
     head_blocks = -(-h // block_h)
     n_chunks = -(-c // c_chunk)
@@ -153,7 +157,41 @@ def decode_attention(q_latent_BHC: torch.Tensor, q_rope_BHR: torch.Tensor, laten
                          f"TRITON_INTERPRET=1 before triton is imported); got {device} with "
                          f"interpreter {'on' if K.INTERPRETED else 'off'}")
     cfg = config or DecodeKernelConfig()
-    p = _plan(cfg, b, h, t, c, r, kv_heads, _sm_count(str(device)))
+    key = (b, h, c, r, kv_heads, latent_BTC.dtype, str(device), cfg)
+    while True:
+        cfg = _SHRUNK.get(key, cfg)
+        plan = _plan(cfg, b, h, t, c, r, kv_heads, _sm_count(str(device)))
+        try:
+            return _launch(K, cfg, plan, q_latent_BHC,
+                           q_rope_BHR, latent_BTC, rope_key_BHkvTR, scale, lengths_B, start_B, key_mask_BT,
+                           kv_heads, softcap, q_bias_BH, key_scale_BHkvT)
+        except Exception as e:      # triton's OutOfResources (shared memory / registers); triton is optional
+            if type(e).__name__ != "OutOfResources" or (smaller := _shrink(cfg, plan)) is None:
+                raise
+            _SHRUNK[key] = smaller
+            log.debug("decode kernel: %s; retrying with %s", e, smaller)
+
+
+_SHRUNK: dict[tuple, DecodeKernelConfig] = {}     # the tiling that fitted, per shape and requested config
+
+
+def _shrink(cfg: DecodeKernelConfig, plan: _Plan) -> DecodeKernelConfig | None:
+    """A smaller tiling after the GPU refused one for lack of shared memory: fewer pipeline
+    stages first, then shorter T tiles, then narrower latent chunks; None when nothing is left."""
+    if cfg.num_stages > 1:
+        return replace(cfg, num_stages=1)
+    if plan.block_t > 16:
+        return replace(cfg, block_t=plan.block_t // 2)
+    if plan.c_chunk > 16:
+        return replace(cfg, c_chunk=plan.c_chunk // 2)
+    return None
+
+
+def _launch(K, cfg, p, q_latent_BHC, q_rope_BHR, latent_BTC, rope_key_BHkvTR, scale, lengths_B, start_B,
+            key_mask_BT, kv_heads, softcap, q_bias_BH, key_scale_BHkvT) -> torch.Tensor:
+    b, h, c = q_latent_BHC.shape
+    t, hkv, r = latent_BTC.shape[1], rope_key_BHkvTR.shape[1], rope_key_BHkvTR.shape[3]
+    device = latent_BTC.device
 
     start = start_B.to(torch.int32).contiguous() if start_B is not None else None
     end = lengths_B.to(torch.int32).contiguous() if lengths_B is not None else None

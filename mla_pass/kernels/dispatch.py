@@ -16,7 +16,8 @@ dependent check, so no host-device sync on the decode path):
   - one query (S = 1) and ``is_causal`` False: prefill keeps the decompressed SDPA path;
   - mask None, or one row of keys per sequence ([B or 1, 1, 1, T]; bool = attend, or float =
     added); per-head or per-query masks fall back;
-  - latent dtype fp16, bf16 or fp32; no autograd (the kernel has no backward).
+  - latent dtype fp16, bf16 or fp32; no autograd (the kernel has no backward);
+  - where it was measured to pay (``KERNEL_MAX_LATENT``, ``KERNEL_MIN_CACHE_BYTES`` below).
 Softcapping, a key bias, RMS-normalised keys (key_scale), any kv-head map and a rope width of 0
 are handled in the kernel. A bool mask is passed whole (holes are honoured) and also gives each
 sequence's first attended position, so left padding costs no latent reads: one argmax per decode
@@ -66,7 +67,21 @@ def kernel_refusal(q_nope_BHSN, latent_BTC, mask, is_causal: bool, *tensors) -> 
         return f"tensors on {latent_BTC.device}, the kernel needs CUDA"
     if not triton_available():
         return "triton is not installed (pip install 'mla-pass[triton]')"
+    c = latent_BTC.shape[-1]
+    if c > KERNEL_MAX_LATENT:
+        return f"latent width {c} > {KERNEL_MAX_LATENT}: the PyTorch form is faster there (H100, gpu_decode.py)"
+    cache_bytes = sum(x.numel() * x.element_size() for x in (latent_BTC, *tensors[1:2]) if x is not None)
+    if cache_bytes < KERNEL_MIN_CACHE_BYTES:
+        return f"{cache_bytes / 2**20:.0f} MiB of cache: below {KERNEL_MIN_CACHE_BYTES >> 20} MiB launch costs dominate"
     return None
+
+
+# Where the kernel is used, from benchmarks/gpu_decode.py on an H100 (bf16): with the latent wider
+# than 1024 (Llama-2-7B-like d_kv=64) the PyTorch form was ~3× faster at every size; below ~100 MB
+# of cache per layer and step both are bound by launch/host costs and PyTorch was as fast or faster;
+# above it the kernel won up to 2.1× (e.g. 2.7 vs 3.7 ms, B=16, T=64k, c=512).
+KERNEL_MAX_LATENT = 1024
+KERNEL_MIN_CACHE_BYTES = 96 << 20
 
 
 _first_cache: list = [None, -1, None]     # weakref to the last mask, its _version, its first positions

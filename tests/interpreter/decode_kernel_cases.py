@@ -1,8 +1,11 @@
-"""The Triton decode kernel, run by Triton's interpreter on CPU tensors, against the PyTorch reference.
+"""The Triton decode kernel against the PyTorch reference: under Triton's interpreter on CPU tensors,
+or compiled on a CUDA GPU.
 
 Not collected by a plain ``pytest`` run: ``tests/test_decode_kernel.py`` runs this file in a
-subprocess with ``TRITON_INTERPRET=1`` (it must be set before triton is imported, which a shared
-test process cannot promise). By hand: ``TRITON_INTERPRET=1 pytest -q tests/interpreter/decode_kernel_cases.py``.
+subprocess, with ``TRITON_INTERPRET=1`` (it must be set before triton is imported, which a shared
+test process cannot promise) and, when CUDA is present, once more without it on the GPU. By hand:
+``TRITON_INTERPRET=1 pytest -q tests/interpreter/decode_kernel_cases.py`` (CPU) or
+``MLA_PASS_KERNEL_DEVICE=cuda pytest -q tests/interpreter/decode_kernel_cases.py`` (GPU).
 Tolerances compare against fp32 math on the same (rounded) inputs: the kernel rounds the
 probabilities to the cache dtype before the p·latent product, as flash attention does.
 """
@@ -11,7 +14,9 @@ import os
 import pytest
 import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")   # effective only if triton is not imported yet
+ON_GPU = os.environ.get("MLA_PASS_KERNEL_DEVICE") == "cuda"
+if not ON_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")   # effective only if triton is not imported yet
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install 'mla-pass[triton]')")
 from mla_pass.kernels import _triton_decode  # noqa: E402
 from mla_pass.kernels.decode_attention import (DecodeKernelConfig, decode_attention,  # noqa: E402
@@ -19,9 +24,13 @@ from mla_pass.kernels.decode_attention import (DecodeKernelConfig, decode_attent
 from mla_pass.kernels.dispatch import fused_absorbed  # noqa: E402
 from mla_pass.math.attention import absorbed_attention  # noqa: E402
 
-if not _triton_decode.INTERPRETED:
+if ON_GPU:
+    if _triton_decode.INTERPRETED or not torch.cuda.is_available():
+        pytest.skip("MLA_PASS_KERNEL_DEVICE=cuda needs a CUDA GPU and TRITON_INTERPRET unset", allow_module_level=True)
+elif not _triton_decode.INTERPRETED:
     pytest.skip("triton was imported without TRITON_INTERPRET=1: run through tests/test_decode_kernel.py",
                 allow_module_level=True)
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 
 torch.set_num_threads(1)
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2.5e-2}
@@ -35,7 +44,12 @@ def make(b, h, hkv, c, r, t, dtype, seed=0, t_max=None):
     qr = torch.randn(b, h, r, generator=g).to(dtype)
     lat = torch.randn(b, t_max, c, generator=g).to(dtype)[:, :t]
     rk = torch.randn(b, hkv, t_max, r, generator=g).to(dtype)[:, :, :t]
-    return q, qr, lat, rk
+    return on(q, qr, lat, rk)
+
+
+def on(*tensors):
+    """The tensors on the device under test (made on CPU, so both devices see the same numbers)."""
+    return tuple(t.to(DEVICE) for t in tensors)
 
 
 def check(out, ref, dtype, what):
@@ -58,7 +72,7 @@ def test_shapes_ragged(k):
                              block_h=16 if h > 16 else None,                  # several head blocks
                              c_chunk=(None, max(16, 1 << (c // 3).bit_length() - 1))[(k // 2) % 2])   # several latent chunks
     q, qr, lat, rk = make(b, h, hkv, c, r, t, dtype, seed=k)
-    lengths, start = torch.tensor([45, 30, 17]), torch.tensor([0, 4, 9])     # right-ragged and left-padded
+    lengths, start = on(torch.tensor([45, 30, 17]), torch.tensor([0, 4, 9]))     # right-ragged and left-padded
     scale = c ** -0.5
     out = decode_attention(q, qr, lat, rk, scale, lengths, start_B=start, config=cfg)
     ref = decode_attention_reference(q, qr, lat, rk, scale, lengths, start_B=start)
@@ -69,7 +83,7 @@ def test_shapes_ragged(k):
 def test_split_k(splits):
     """Long and short sequences in one batch: some splits of the short one are empty."""
     q, qr, lat, rk = make(2, 6, 2, 48, 8, 150, torch.float32, seed=splits)
-    lengths = torch.tensor([150, 20])
+    lengths, = on(torch.tensor([150, 20]))
     cfg = DecodeKernelConfig(num_splits=splits, block_t=16)
     out = decode_attention(q, qr, lat, rk, 0.2, lengths, config=cfg)
     check(out, decode_attention_reference(q, qr, lat, rk, 0.2, lengths), torch.float32, f"{splits} splits")
@@ -79,10 +93,10 @@ def test_split_k(splits):
 def test_masks(splits):
     """A bool key mask with holes and whole padding tiles (skipped), and an additive float mask."""
     q, qr, lat, rk = make(2, 4, 2, 24, 16, 80, torch.float16, seed=7)
-    keep = torch.rand(2, 80, generator=torch.Generator().manual_seed(1)) > 0.3
+    keep, = on(torch.rand(2, 80, generator=torch.Generator().manual_seed(1)) > 0.3)
     keep[0, :40] = False                        # left padding over two and a half tiles
     cfg = DecodeKernelConfig(num_splits=splits, block_t=16)
-    for mask in (keep, torch.where(keep, 0.0, -1e4).to(torch.float16), torch.randn(2, 80)):
+    for mask in (keep, torch.where(keep, 0.0, -1e4).to(torch.float16), *on(torch.randn(2, 80))):
         out = decode_attention(q, qr, lat, rk, 0.3, key_mask_BT=mask, config=cfg)
         check(out, decode_attention_reference(q, qr, lat, rk, 0.3, key_mask_BT=mask), torch.float16, f"mask {mask.dtype}")
 
@@ -92,7 +106,7 @@ def test_softcap_bias_key_scale_and_kv_map():
     kv_map = [2, 0, 1, 0, 2, 1, 1, 0, 2, 2, 0, 1, 0, 0, 1, 2, 2, 1, 0, 1]
     q, qr, lat, rk = make(2, 20, 3, 96, 8, 61, torch.float32, seed=3)
     g = torch.Generator().manual_seed(5)
-    q_bias, key_scale = torch.randn(2, 20, generator=g), torch.rand(2, 3, 61, generator=g) + 0.5
+    q_bias, key_scale = on(torch.randn(2, 20, generator=g), torch.rand(2, 3, 61, generator=g) + 0.5)
     kw = dict(kv_head_of_query=kv_map, softcap=5.0, q_bias_BH=q_bias, key_scale_BHkvT=key_scale)
     for splits in (1, 4):
         out = decode_attention(q, qr, lat, rk, 0.4, config=DecodeKernelConfig(num_splits=splits, block_t=16, block_h=16), **kw)
@@ -102,7 +116,7 @@ def test_softcap_bias_key_scale_and_kv_map():
 @pytest.mark.filterwarnings("ignore:invalid value encountered")   # the interpreter's 0/0, on purpose
 def test_empty_sequence_gives_nan_like_softmax():
     q, qr, lat, rk = make(2, 4, 2, 24, 8, 40, torch.float32)
-    lengths, start = torch.tensor([40, 7]), torch.tensor([0, 7])
+    lengths, start = on(torch.tensor([40, 7]), torch.tensor([0, 7]))
     for splits in (1, 3):
         out = decode_attention(q, qr, lat, rk, 0.3, lengths, start_B=start, config=DecodeKernelConfig(num_splits=splits))
         ref = decode_attention_reference(q, qr, lat, rk, 0.3, lengths, start_B=start)
@@ -122,13 +136,13 @@ def test_absorbed_glue_matches_model_math(dtype):
     left-padded decode-step mask, with key/value biases, RMS key scales and softcapping."""
     g = torch.Generator().manual_seed(11)
     b, h, hkv, n, r, v, c, t = 3, 6, 2, 12, 4, 16, 24, 37
-    rnd = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
+    rnd = lambda *s: torch.randn(*s, generator=g).to(dtype).to(DEVICE)  # noqa: E731
     q_nope, q_rope, latent, k_rope = rnd(b, h, 1, n), rnd(b, h, 1, r), rnd(b, t, c), rnd(b, hkv, t, r)
     up_k, up_v, b_k, b_v = rnd(hkv, n, c), rnd(hkv, v, c), rnd(hkv, n), rnd(hkv, v)
-    key_scale = (torch.rand(b, hkv, t, generator=g) + 0.5).to(dtype)
+    key_scale, = on((torch.rand(b, hkv, t, generator=g) + 0.5).to(dtype))
     kv_heads = [i // 3 for i in range(h)]
-    kv = torch.tensor(kv_heads)
-    attention_mask = torch.ones(b, t, dtype=torch.bool)
+    kv, = on(torch.tensor(kv_heads))
+    attention_mask = torch.ones(b, t, dtype=torch.bool, device=DEVICE)
     attention_mask[1, :5] = attention_mask[2, :30] = False                # left padding
     mask = attention_mask[:, None, None, :]
     args = (q_nope, q_rope, latent, k_rope, up_k, up_v, b_v, kv)
@@ -141,29 +155,30 @@ def test_absorbed_glue_matches_model_math(dtype):
 
 def test_converted_model_decodes_with_the_kernel(monkeypatch):
     """A converted tiny Llama (GQA, c = 8, 2r = 4) decodes a left-padded batch step by step with the
-    interpreted kernel in every layer; logits match the PyTorch absorbed path. Only the device
-    precondition is waived (CPU tensors): every other refusal check still runs."""
+    kernel in every layer; logits match the PyTorch absorbed path. Under the interpreter only the
+    device precondition is waived (CPU tensors): every other refusal check still runs."""
     from helpers import tiny_llama
 
     import mla_pass
     from mla_pass.kernels import dispatch
     from mla_pass.latent_attention import LatentAttention
 
-    mla = mla_pass.convert(tiny_llama(n_kv=2), mla_pass.MLAConfig(d_kv=4, rope_freqs=2), progress=False)
+    mla = mla_pass.convert(tiny_llama(n_kv=2), mla_pass.MLAConfig(d_kv=4, rope_freqs=2), progress=False).to(DEVICE)
     real, used = dispatch.kernel_refusal, []
 
-    def refusal_on_cpu_too(*args):
+    def counted_refusal(*args):
         reason = real(*args)
-        if reason is not None and reason.startswith("tensors on cpu"):
-            used.append(1)
-            return None
+        if reason is not None and not ON_GPU and reason.startswith("tensors on cpu"):
+            reason = None
+        used.extend([1] if reason is None else [])
         return reason
 
-    monkeypatch.setattr(dispatch, "kernel_refusal", refusal_on_cpu_too)
-    ids = torch.randint(0, 128, (3, 7), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones(3, 7, dtype=torch.long)
+    monkeypatch.setattr(dispatch, "kernel_refusal", counted_refusal)
+    monkeypatch.setattr(dispatch, "KERNEL_MIN_CACHE_BYTES", 0)          # a tiny cache: use the kernel anyway
+    ids, = on(torch.randint(0, 128, (3, 7), generator=torch.Generator().manual_seed(0)))
+    mask = torch.ones(3, 7, dtype=torch.long, device=DEVICE)
     mask[1, :2] = mask[2, :5] = 0                                            # left padding
-    steps = torch.randint(0, 128, (3, 5), generator=torch.Generator().manual_seed(1))
+    steps, = on(torch.randint(0, 128, (3, 5), generator=torch.Generator().manual_seed(1)))
     logits = {}
     for kernel in (False, True):
         for m in mla.modules():
