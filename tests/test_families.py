@@ -615,3 +615,19 @@ def test_activation_aware_full_rank_is_exact(svd):
     with torch.no_grad():
         err = (mla(ids) - model(ids)).abs().max().item()
     assert err <= 1e-4, f"activation-aware {svd} full rank: max |Δlogits| {err:.2e} > 1e-4"
+
+
+@pytest.mark.parametrize("cfg", [MLAConfig(), MLAConfig(d_kv=4, rope_freqs=2)], ids=["full-rank", "reduced"])
+def test_softcap_left_padded_batch_equals_each_row_alone(cfg):
+    """A padding query masks every key; with softcap (explicit softmax) that row once gave NaN,
+    which entered the cache and spread to the real tokens through 0·NaN."""
+    torch.manual_seed(0)
+    mla = mla_pass.convert(TinyDecoder(TinyConfig(attention="eager", softcap=2.0)).eval(), cfg, progress=False)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :3] = 0
+    logits, *_ = mla.step_with_cache(ids, mask, mla.empty_cache(2))
+    assert not torch.isnan(logits).any()
+    batch = mla.generate(ids, max_new_tokens=5, attention_mask=mask, eos_token_id=None)
+    alone = mla.generate(ids[1:, 3:], max_new_tokens=5, eos_token_id=None)
+    assert batch[1, 7:].tolist() == alone[0, 4:].tolist()

@@ -31,16 +31,21 @@ def expand_kv(t_BHkvTX: torch.Tensor, kv_head_of_query: torch.Tensor) -> torch.T
 
 
 def attention_probs_apply(scores_BHST: torch.Tensor, mask, is_causal: bool, softcap: float | None) -> torch.Tensor:
-    """softmax over keys in float32 after [softcap] and mask (bool: True attends; float: added)."""
+    """softmax over keys in float32 after [softcap] and mask (bool: True attends; float: added).
+
+    Masked scores get float32's lowest finite value, not −inf, as Hugging Face's eager attention
+    does: a fully masked row (a left-padding query) then averages finite values instead of giving
+    NaN, which would enter the cache and spread through 0·NaN at every later step."""
     s = scores_BHST.float()
+    lowest = torch.finfo(s.dtype).min
     if softcap is not None:
         s = torch.tanh(s / softcap) * softcap
     if is_causal:
         q_len, k_len = s.shape[-2:]
         keep = torch.ones(q_len, k_len, dtype=torch.bool, device=s.device).tril()
-        s = s.masked_fill(~keep, float("-inf"))
+        s = s.masked_fill(~keep, lowest)
     if mask is not None:
-        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.float()
+        s = s.masked_fill(~mask, lowest) if mask.dtype == torch.bool else (s + mask.float()).clamp(min=lowest)
     return torch.softmax(s, dim=-1)
 
 
