@@ -15,14 +15,19 @@ that computes the same function:
   f))`` (HF ``rotate_half``: ``Concat(−x[..., D/2:], x[..., :D/2])``) → ONNX ``RotaryEmbedding``
   (opset 23) fed the per-token half tables ``Cos(f)``, ``Sin(f)`` [B, S, D/2] (no position
   table, so nothing is assumed about the frequencies or the maximum length). When ``x`` is
-  ``Transpose(Reshape(y))`` of a projection ``y [B, S, H·D]`` and every use of the result goes
-  back through ``Transpose`` → ``Reshape`` to ``[B, S, H·D]``, the op rotates ``y`` in place of
-  the four layout nodes.
+  ``Transpose(Reshape(y))`` of a projection ``y [B, S, H·D]`` and the result goes back through
+  ``Transpose`` → ``Reshape`` to ``[B, S, H·D]``, the op rotates ``y`` itself and the four
+  layout nodes go.
+- **Layout round trips** ``Reshape`` / ``Identity`` / inverse ``Transpose`` pairs that end in
+  the shape they started from (v and the attention output around GroupQueryAttention) → nothing.
+- **Sibling projections** MatMuls of one input by constant weights (q/k/v, gate/up) → one
+  MatMul over the weights side by side + ``Split``.
 
-A near miss (scaled cos/sin, partial or interleaved rotation, LayerNorm with a mean, a
-broadcasting residual add, a value another node also reads) keeps its nodes: it stays correct,
-just not fused. ``export/onnx.py`` runs this pass on the fp32 graph before the float16 or int8
-conversions, and its export check compares the fused graph with PyTorch.
+A near miss (scaled cos/sin, interleaved rotation, a norm over another axis, a broadcasting
+residual add, an intermediate another node also reads) keeps its nodes: it stays correct, just
+not fused; LayerNormalization (GPT-2) is no RMSNorm and is left as it is. ``export/onnx.py``
+runs this pass on the fp32 graph before the float16 or int8 conversions, and its export check
+compares the fused graph with PyTorch.
 """
 from __future__ import annotations
 
@@ -111,6 +116,13 @@ class _Graph:
             return None
         return n
 
+    def live(self, node: onnx.NodeProto) -> bool:
+        return any(n is node for n in self.nodes)
+
+    def slot(self, node: onnx.NodeProto) -> int:
+        """Position of ``node`` (by identity: protobuf ``==`` compares contents)."""
+        return next(i for i, n in enumerate(self.nodes) if n is node)
+
     def uses(self, name: str) -> list[onnx.NodeProto]:
         return [self.nodes[i] for i in self.consumers.get(name, ()) if self.nodes[i] is not None]
 
@@ -149,19 +161,19 @@ class _Graph:
 
     def replace(self, old: onnx.NodeProto, new: onnx.NodeProto, dead: list[onnx.NodeProto]) -> None:
         """Put ``new`` in ``old``'s slot and remove ``dead`` (nodes the match folded away)."""
-        slot = self.nodes.index(old)
+        slot = self.slot(old)
         for n in [old, *dead]:
-            self.nodes[self.nodes.index(n)] = None
+            self.nodes[self.slot(n)] = None
         self.nodes[slot] = new
         self._reindex()
 
     def remove(self, nodes: list[onnx.NodeProto]) -> None:
         for n in nodes:
-            self.nodes[self.nodes.index(n)] = None
+            self.nodes[self.slot(n)] = None
         self._reindex()
 
     def insert_before(self, anchor: onnx.NodeProto, new: onnx.NodeProto) -> None:
-        self.nodes.insert(self.nodes.index(anchor), new)
+        self.nodes.insert(self.slot(anchor), new)
         self._reindex()
 
     def _reindex(self) -> None:
@@ -179,7 +191,7 @@ class _Graph:
             n = self.node(name)
             if n is None or any(o in self.outputs or self.uses(o) for o in n.output if o):
                 continue
-            i = self.nodes.index(n)
+            i = self.slot(n)
             self.nodes[i] = None
             for x in n.input:
                 if x and i in self.consumers.get(x, []):
@@ -190,6 +202,10 @@ class _Graph:
         live = [n for n in self.nodes if n is not None]
         del self.graph.node[:]
         self.graph.node.extend(live)
+        values = {o for n in live for o in n.output}
+        kept = [v for v in self.graph.value_info if v.name in values]     # shapes of values that are gone
+        del self.graph.value_info[:]
+        self.graph.value_info.extend(kept)
 
 
 def _other(node: onnx.NodeProto, name: str) -> str | None:
@@ -203,7 +219,7 @@ def _other(node: onnx.NodeProto, name: str) -> str | None:
 def _fuse_rms_norms(g: _Graph) -> int:
     fused = 0
     for mean in [n for n in g.nodes if n is not None and n.op_type == "ReduceMean" and n.domain == ""]:
-        match = _match_rms_norm(g, mean)
+        match = _match_rms_norm(g, mean) if g.live(mean) else None
         if match is None:
             continue
         x, scale, eps, out_node, chain = match
@@ -278,7 +294,7 @@ def _single_use(g: _Graph, name: str, op: str) -> onnx.NodeProto | None:
 def _fuse_skip_adds(g: _Graph) -> int:
     fused = 0
     for norm in [n for n in g.nodes if n is not None and n.op_type == "SimplifiedLayerNormalization"]:
-        add = g.node(norm.input[0], "Add")
+        add = g.node(norm.input[0], "Add") if g.live(norm) else None
         if add is None:
             continue
         a, b = add.input
@@ -303,7 +319,7 @@ def _fuse_rotaries(g: _Graph) -> int:
     fused = 0
     tables: dict[str, tuple[str, str]] = {}      # f → (Cos(f), Sin(f)): one pair per frequency tensor
     for add in [n for n in g.nodes if n is not None and n.op_type == "Add" and n.domain == ""]:
-        match = _match_rotary(g, add)
+        match = _match_rotary(g, add) if g.live(add) else None
         if match is None:
             continue
         x, freqs, dead = match
@@ -427,7 +443,7 @@ def _drop_round_trips(g: _Graph) -> int:
     z of y's shape (equal sizes or the same symbols): z is y, so its readers read y."""
     dropped = 0
     for z in [n for n in g.nodes if n is not None and n.op_type == "Reshape" and n.domain == ""]:
-        if g.nodes.count(z) == 0 or z.output[0] in g.outputs:
+        if not g.live(z) or z.output[0] in g.outputs:
             continue
         y, chain = z.input[0], [z]
         while True:
@@ -482,7 +498,7 @@ def _pack_matmuls(g: _Graph) -> int:
         matmul = helper.make_node("MatMul", [a, name], [total], name=g.fresh("packed_matmul"))
         split = helper.make_node("Split", [total, sizes], [n.output[0] for n in siblings], axis=-1,
                                  name=g.fresh("packed_split"))
-        first = min(g.nodes.index(n) for n in siblings)
+        first = min(g.slot(n) for n in siblings)
         g.nodes[first:first] = [matmul, split]
         g.remove(siblings)
         for n in siblings:
