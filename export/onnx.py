@@ -138,8 +138,7 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
     wrapper = _OnnxStep(step).eval()
     args, names, shapes = _example(step, spec, plans, vocab, torch.float32, cache_update)
     opset = 24 if cache_update == "in_place" else 23          # TensorScatter is opset 24
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:   # written whole, then moved: no half-written folder
+    with tempfile.TemporaryDirectory() as tmp:   # written whole, then moved: a failed export leaves no folder
         staging = Path(tmp)
         with torch.no_grad(), warnings.catch_warnings(), _quiet("torch.onnx"):
             warnings.simplefilter("ignore")
@@ -177,6 +176,7 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
             err = _verify(staging, manifest, wrapper, args, dtype, quantized=bool(quantize))
             manifest.notes["verify_max_abs_logit_error"] = err
         manifest.write(staging)
+        out.mkdir(parents=True, exist_ok=True)
         for f in staging.iterdir():
             shutil.move(str(f), out / f.name)
     return out
