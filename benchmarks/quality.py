@@ -111,7 +111,7 @@ def main() -> None:
     captured = capture(model)
     sites, _ = find_sites(captured)
     stats = collect(captured.gm, sites, calibration, captured.takes_positions, rope_norms=True, gram=True,
-                    score_error=True)
+                    score_error=True, nope_moments=("attention-centered",))     # what the defaults fit
     calibration_seconds = time.perf_counter() - t0
     per_layer = sites[0].n_kv_heads * (sites[0].head_dim + sites[0].value_dim)
     original_bytes = 2 * sum(s.n_kv_heads * (s.head_dim + s.value_dim) for s in sites)

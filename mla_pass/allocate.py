@@ -3,7 +3,8 @@
 Per site and per candidate number r of rotary pairs kept (per kv head), calibration gives two
 measured losses, each relative to what the site carries, so that sites and kinds compare:
 - rope: Σ over dropped pairs of the mean squared attention-score change when the pair loses its
-  rotation (``SiteStats.pair_score_error``), over the site's total pair score energy;
+  rotation (``SiteStats.pair_score_error``; with ``nope_fit``, the error left after the fitted
+  replacement), over the site's total pair score energy;
 - latent: the energy of [W_k_nope; W_v]·x that a rank-c factorisation loses, over the energy of
   [W_k; W_v]·x: the tail of the (activation-weighted when ``activation_aware``) spectrum. A
   principal submatrix of one Gram matrix per site gives every r's spectrum.
@@ -32,7 +33,7 @@ def rope_candidates(n_pairs: int) -> list[int]:
 
 @torch.no_grad()
 def site_choices(site: AttentionSite, config: MLAConfig, stats) -> SiteChoices:
-    from .plan import kept_pairs
+    from .plan import kept_pairs, pair_errors
 
     site_stats = stats.sites.get(site.index) if stats is not None else None
     w = site.weights
@@ -50,9 +51,7 @@ def site_choices(site: AttentionSite, config: MLAConfig, stats) -> SiteChoices:
         candidates = [config.rope_freqs]
     else:
         candidates = rope_candidates(site.rope.n_pairs)
-    error = energy = None
-    if site_stats is not None and site_stats.pair_score_error is not None:
-        error, energy = site_stats.pair_score_error, site_stats.pair_score_energy
+    error, energy = pair_errors(site, config, site_stats) or (None, None)
     losses = {}
     for r in candidates:
         chosen = kept_pairs(site, config, stats, r)

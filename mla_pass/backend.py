@@ -78,9 +78,9 @@ def parse_options(options: dict | None) -> BackendOptions:
                          f"(MLAConfig fields, and inner: {BACKEND_ONLY_OPTIONS['inner']})")
     config = MLAConfig(**{"best_effort": True, **{k: options[k] for k in config_fields if k in options}})
     if config.needs_calibration:
-        what = "rope_strategy='2-norm'" if config.needs_rope_statistics else "activation_aware=True"
-        raise ValueError(f"{what} needs calibration tokens, which a compiler backend never sees: use "
-                         "rope_strategy='high'|'low'|'uniform' without activation_aware, or "
+        raise ValueError(f"{config.calibration_reason} needs calibration tokens, which a compiler backend never "
+                         "sees: use rope_strategy='high'|'low'|'uniform' without activation_aware (and "
+                         "nope_fit='none'), or "
                          "mla_pass.convert(model, config, calibration=token_ids)")
     inner = options.get("inner", "inductor")
     if inner not in INNERS:

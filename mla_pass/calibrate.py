@@ -5,6 +5,8 @@ reduce each batch to running sums, and keep nothing else, so memory stays bounde
 - rotary pair norms of the raw (pre-RoPE) q and k, for ``rope_strategy="2-norm"``;
 - per rotary pair, the attention-score error of dropping its rotation (and the score energy it
   carries), for ``rope_strategy="score-error"`` and ``kv_budget``;
+- per query head and rotary pair, the moments that fit the map replacing a dropped pair's
+  rotation (``math.nope_fit``), uniform or attention-weighted, for ``nope_fit``;
 - the Gram matrix Σ x xᵀ of the K/V projections' input, for activation-aware SVD.
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 import torch.fx as fx
 
 from .graph import clone_graph_module, insert_observer, run_on_tokens
+from .math.nope_fit import WEIGHTINGS, pair_fit_moments
 from .math.rope import causal_pairs, pair_norms, pair_score_errors
 from .match import AttentionSite
 
@@ -30,6 +33,7 @@ class SiteStats:
     tokens: int = 0
     pair_score_error: torch.Tensor | None = None     # [Hkv, P], mean over causal token pairs, Σ over the group
     pair_score_energy: torch.Tensor | None = None    # [Hkv, P], mean (q_rot·k_rot)² of each pair, same averaging
+    nope_moments: dict[str, torch.Tensor] = field(default_factory=dict)   # weighting → [H, P, 3, 3], weighted mean
 
 
 @dataclass
@@ -73,12 +77,17 @@ class _GramObserver(torch.nn.Module):
 
 class _ScoreErrorCollector:
     """Receives a site's raw and rotated q and k of one batch (in whatever order the program
-    produces them) and, once it has all four, adds their pair score errors to running sums."""
+    produces them) and, once it has all four, adds their pair score errors (and the moments of the
+    ``weightings`` asked for) to running sums."""
 
     NAMES = ("query_raw", "query", "key_raw", "key")
 
-    def __init__(self, site: AttentionSite):
+    def __init__(self, site: AttentionSite, score_error: bool = True, weightings: tuple[str, ...] = ()):
         self.pairs, self.kv_map = site.rope.pairs, site.kv_head_of_query
+        self.score_error, self.weightings = score_error, weightings
+        self.scale, self.softcap = float(site.scale), site.core.softcap
+        self.moments: dict[str, torch.Tensor] = {}
+        self.weight_totals: dict[str, float] = {w: 0.0 for w in weightings}
         self.layouts = {"query_raw": site.raw_layouts["query"], "key_raw": site.raw_layouts["key"],
                         "query": "BHSD", "key": "BHSD"}
         self.pending: dict[str, torch.Tensor] = {}
@@ -90,10 +99,16 @@ class _ScoreErrorCollector:
         if len(self.pending) < len(self.NAMES):
             return
         p = self.pending
-        err, energy = pair_score_errors(p["query_raw"], p["query"], p["key_raw"], p["key"], self.pairs, self.kv_map)
-        self.error = err if self.error is None else self.error + err
-        self.energy = energy if self.energy is None else self.energy + energy
-        self.count += causal_pairs(p["key"].shape[0], p["key"].shape[2])
+        if self.score_error:
+            err, energy = pair_score_errors(p["query_raw"], p["query"], p["key_raw"], p["key"], self.pairs, self.kv_map)
+            self.error = err if self.error is None else self.error + err
+            self.energy = energy if self.energy is None else self.energy + energy
+            self.count += causal_pairs(p["key"].shape[0], p["key"].shape[2])
+        for w in self.weightings:
+            m, total = pair_fit_moments(p["query_raw"], p["query"], p["key_raw"], p["key"], self.pairs, self.kv_map,
+                                        w, self.scale, self.softcap)
+            self.moments[w] = m if w not in self.moments else self.moments[w] + m
+            self.weight_totals[w] += total
         self.pending = {}
 
     def means(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,8 +128,13 @@ class _SlotObserver(torch.nn.Module):
 
 
 def collect(gm: fx.GraphModule, sites: list[AttentionSite], tokens, takes_positions: bool, *,
-            rope_norms: bool, gram: bool, score_error: bool = False, batch_size: int = 4,
-            progress: bool = True) -> CalibrationStats:
+            rope_norms: bool, gram: bool, score_error: bool = False, nope_moments: tuple[str, ...] = (),
+            batch_size: int = 4, progress: bool = True) -> CalibrationStats:
+    """Per-site statistics of ``tokens`` [N, L]; ``nope_moments`` lists the weightings
+    (``math.nope_fit.WEIGHTINGS``) whose fit moments to collect."""
+    bad = [w for w in nope_moments if w not in WEIGHTINGS]
+    if bad:
+        raise ValueError(f"nope_moments weightings must be among {WEIGHTINGS}, got {bad}")
     tokens = as_token_batches(tokens)
     probe, mapping = clone_graph_module(gm)
     observers: dict[tuple[int, str], torch.nn.Module] = {}
@@ -130,8 +150,8 @@ def collect(gm: fx.GraphModule, sites: list[AttentionSite], tokens, takes_positi
             observe(site, "key", site.key_raw, _PairNormObserver(site.rope.pairs, site.raw_layouts["key"]))
         if gram:
             observe(site, "gram", site.hidden, _GramObserver())
-        if score_error and site.rope.pairs:
-            collector = _ScoreErrorCollector(site)
+        if (score_error or nope_moments) and site.rope.pairs:
+            collector = _ScoreErrorCollector(site, score_error, tuple(nope_moments))
             collectors[site.index] = collector
             for name, node in zip(collector.NAMES, (site.query_raw, site.core.query, site.key_raw, site.key_head)):
                 insert_observer(probe, mapping[node], f"_mla_observer_{site.index}_score_{name}",
@@ -148,7 +168,10 @@ def collect(gm: fx.GraphModule, sites: list[AttentionSite], tokens, takes_positi
             obs = observers[(site.index, "gram")]
             s.gram, s.tokens = obs.total / max(obs.tokens, 1), obs.tokens
         if site.index in collectors:
-            s.pair_score_error, s.pair_score_energy = collectors[site.index].means()
+            c = collectors[site.index]
+            if score_error:
+                s.pair_score_error, s.pair_score_energy = c.means()
+            s.nope_moments = {w: m / max(c.weight_totals[w], 1.0) for w, m in c.moments.items()}
         stats.sites[site.index] = s
     return stats
 

@@ -5,6 +5,8 @@ from dataclasses import asdict, dataclass, replace
 
 ROPE_STRATEGIES = ("auto", "high", "low", "uniform", "2-norm", "score-error")
 SVD_MODES = ("joint", "split")
+NOPE_FITS = ("auto", "none", "uniform", "attention", "attention-centered")
+NOPE_MAPS = ("rotation", "general")
 
 
 @dataclass(frozen=True)
@@ -37,12 +39,24 @@ class MLAConfig:
         refit: after the SVD fixes the down-projection, refit the up-projections by ridge least
             squares to the original keys and values on the calibration activations (needs
             ``calibration=``).
+        nope_fit: what scores a dropped rotary pair: ``"none"``, its raw q·k, unrotated (as
+            MHA2MLA does); otherwise qᵀMk with a 2×2 map M per query head and pair (folded into
+            the query), fitted by least squares to the rotated score over the causal token pairs
+            of the calibration text (needs ``calibration=``): ``"uniform"`` weights every pair
+            alike, ``"attention"`` by the original attention probabilities,
+            ``"attention-centered"`` also ignores what is common to a query's whole row (softmax
+            does; this is the row's KL to second order). ``"auto"`` (the default):
+            ``"attention-centered"`` with calibration tokens, else ``"none"``. With a fit,
+            ``"score-error"`` selection and ``kv_budget`` rank pairs by the error left after it.
+            Exact when no pair is dropped.
+        nope_map: the form of M: ``"rotation"`` (a·I + b·J, an averaged rotation) or
+            ``"general"`` (any 2×2).
         best_effort: leave sites that cannot be rewritten exactly untouched (with a warning and
             a line in the report) instead of raising.
 
     Example:
         >>> MLAConfig(d_kv=16, rope_freqs=4, rope_strategy="high")
-        MLAConfig(d_kv=16, rope_freqs=4, rope_strategy='high', svd='joint', activation_aware=None, damping=0.01, best_effort=False, kv_budget=None, refit=False)
+        MLAConfig(d_kv=16, rope_freqs=4, rope_strategy='high', svd='joint', activation_aware=None, damping=0.01, best_effort=False, kv_budget=None, refit=False, nope_fit='auto', nope_map='rotation')
     """
     d_kv: int | None = None
     rope_freqs: int | None = None
@@ -53,6 +67,8 @@ class MLAConfig:
     best_effort: bool = False
     kv_budget: float | None = None
     refit: bool = False
+    nope_fit: str = "auto"
+    nope_map: str = "rotation"
 
     def __post_init__(self):
         if self.d_kv is not None and (not isinstance(self.d_kv, int) or isinstance(self.d_kv, bool) or self.d_kv <= 0):
@@ -66,6 +82,10 @@ class MLAConfig:
             raise ValueError(f"rope_strategy must be one of {ROPE_STRATEGIES}, got {self.rope_strategy!r}")
         if not (isinstance(self.damping, (int, float)) and self.damping >= 0):
             raise ValueError(f"damping must be a non-negative number, got {self.damping!r}")
+        if self.nope_fit not in NOPE_FITS:
+            raise ValueError(f"nope_fit must be one of {NOPE_FITS}, got {self.nope_fit!r}")
+        if self.nope_map not in NOPE_MAPS:
+            raise ValueError(f"nope_map must be one of {NOPE_MAPS}, got {self.nope_map!r}")
         if self.svd not in SVD_MODES:
             raise ValueError(f"svd must be one of {SVD_MODES}, got {self.svd!r}")
         if self.kv_budget is not None:
@@ -80,18 +100,23 @@ class MLAConfig:
     @classmethod
     def mha2mla(cls, d_kv: int, rope_freqs: int = 4) -> "MLAConfig":
         """The published MHA2MLA recipe: 2-norm frequency selection + weight-only joint SVD."""
-        return cls(d_kv=d_kv, rope_freqs=rope_freqs, rope_strategy="2-norm", svd="joint", activation_aware=False)
+        return cls(d_kv=d_kv, rope_freqs=rope_freqs, rope_strategy="2-norm", svd="joint", activation_aware=False,
+                   nope_fit="none")
 
     def resolved(self, has_calibration: bool) -> "MLAConfig":
         """The config with its automatic choices made: with calibration tokens, the measured best
-        (score-error selection, activation-aware SVD); without, the weight-only fallbacks."""
+        (score-error selection, activation-aware SVD, fitted maps for dropped pairs); without, the
+        weight-only fallbacks."""
         strategy = self.rope_strategy
         if strategy == "auto":
             strategy = "score-error" if has_calibration and not self.exact else "high"
         aware = self.activation_aware
         if aware is None:
             aware = has_calibration and not self.exact
-        return replace(self, rope_strategy=strategy, activation_aware=aware)
+        nope_fit = self.nope_fit
+        if nope_fit == "auto":
+            nope_fit = "attention-centered" if has_calibration and self.drops_pairs else "none"
+        return replace(self, rope_strategy=strategy, activation_aware=aware, nope_fit=nope_fit)
 
     @property
     def benefits_from_calibration(self) -> bool:
@@ -114,12 +139,26 @@ class MLAConfig:
             (self.kv_budget is not None and self.rope_freqs is None)
 
     @property
+    def drops_pairs(self) -> bool:
+        """Some rotary pairs may lose their rotation."""
+        return self.rope_freqs is not None or self.kv_budget is not None
+
+    @property
+    def fits_nope(self) -> bool:
+        """Dropped pairs are scored through a fitted map (``nope_fit`` resolved to a weighting)."""
+        return self.nope_fit not in ("auto", "none")
+
+    @property
+    def needs_nope_moments(self) -> bool:
+        return self.fits_nope and self.drops_pairs
+
+    @property
     def needs_gram(self) -> bool:
         return bool(self.activation_aware) or self.refit
 
     @property
     def needs_rope_statistics(self) -> bool:
-        return self.needs_pair_norms or self.needs_score_error
+        return self.needs_pair_norms or self.needs_score_error or self.needs_nope_moments
 
     @property
     def needs_calibration(self) -> bool:
@@ -130,6 +169,8 @@ class MLAConfig:
         """Which setting needs calibration tokens (for error messages)."""
         if self.kv_budget is not None:
             return f"kv_budget={self.kv_budget}"
+        if self.needs_nope_moments:
+            return f"nope_fit={self.nope_fit!r}"
         if self.needs_rope_statistics:
             return f"rope_strategy={self.rope_strategy!r}"
         return "activation_aware=True" if self.activation_aware else "refit=True"

@@ -4,7 +4,9 @@ The rewritten graph calls it as ``attn(x, query_raw, query, key_rope_full, mask[
 past_rope_key])``: ``query`` is the model's own rotated query and ``query_raw`` the same before
 RoPE, so partial RoPE on q is a per-dim select and any RoPE idiom works unchanged. The rope
 keys come from ``rope_key`` (a projection onto the kept dims, zero elsewhere) passed through a
-copy of the model's own RoPE region.
+copy of the model's own RoPE region. Where the plan fits the dropped pairs (``nope_pairs``), the
+nope query goes through a per-head 2×2 map on each dropped pair (``query_nope_mix``: q' = Mᵀq,
+see ``math.nope_fit``), so the cache and the key side are unchanged.
 """
 from __future__ import annotations
 
@@ -67,6 +69,7 @@ class SitePlan:
     key_norm: str | None = None      # "head" | "all": k is RMS-normalised before RoPE (Qwen3, OLMo2)
     key_norm_eps: float = 0.0
     key_norm_bias: bool = False
+    nope_pairs: list[list[int]] | None = None   # all rotary pairs (dims), when dropped ones get a fitted query map
 
     @property
     def rope_width(self) -> int:
@@ -140,6 +143,18 @@ class LatentAttention(nn.Module):
                         ("query_rope_dims", rope[kv_map]), ("query_nope_dims", nope[kv_map]),
                         ("query_rotated", rotated_q)):
             self.register_buffer(name, t, persistent=False)
+        if p.nope_pairs:     # per query head and nope dim: (self, partner) coefficients; identity = (1, 0)
+            partner = torch.arange(n_nope).repeat(p.n_heads, 1)
+            for h, dims in enumerate(nope[kv_map].tolist()):
+                where = {d: i for i, d in enumerate(dims)}
+                for d0, d1 in p.nope_pairs:
+                    if d0 in where and d1 in where:
+                        partner[h, where[d0]], partner[h, where[d1]] = where[d1], where[d0]
+            self.register_buffer("query_nope_partner", partner, persistent=False)
+            self.query_nope_mix = nn.Parameter(torch.stack([torch.ones(p.n_heads, n_nope),
+                                                            torch.zeros(p.n_heads, n_nope)], dim=-1))
+        else:
+            self.register_parameter("query_nope_mix", None)
         self.form = "auto"
         self.cache_update = "concat"   # or "in_place": past are preallocated buffers (rewrite.to_in_place)
         self.decode_kernel = True    # the fused Triton decode on CUDA where it applies (kernels/dispatch.py)
@@ -158,6 +173,9 @@ class LatentAttention(nn.Module):
         b, h, s, _ = q.shape
         q_nope = q.gather(-1, self.query_nope_dims[None, :, None, :].expand(b, h, s, -1))
         q_rope = q.gather(-1, self.query_rope_dims[None, :, None, :].expand(b, h, s, -1))
+        if self.query_nope_mix is not None:        # the fitted map standing in for dropped rotations
+            partner = q_nope.gather(-1, self.query_nope_partner[None, :, None, :].expand(b, h, s, -1))
+            q_nope = q_nope * self.query_nope_mix[:, None, :, 0] + partner * self.query_nope_mix[:, None, :, 1]
         return q_nope, q_rope
 
     def rope_keys(self, key_rope_full_BHkvSD, like_BSD):

@@ -19,7 +19,7 @@ from .config import MLAConfig
 from .latent_attention import LatentAttention, SitePlan
 from .match import AttentionSite, SiteError, build_site, find_attention_cores, kv_values_per_token
 from .model import MLAModel, SiteReport
-from .plan import PlanError, initialise, plan_site
+from .plan import PlanError, initialise, nope_maps, plan_site
 from .probe import extract_site_weights
 from .rewrite import MODULES, CacheMask, rewrite
 
@@ -121,7 +121,14 @@ def build(captured: Captured, config: MLAConfig, *, calibration=None, plans: dic
         if config.needs_calibration and stats is None:
             stats = collect(captured.gm, sites, calibration, captured.takes_positions,
                             rope_norms=config.needs_pair_norms, gram=config.needs_gram,
-                            score_error=config.needs_score_error, progress=progress)
+                            score_error=config.needs_score_error,
+                            nope_moments=(config.nope_fit,) if config.needs_nope_moments else (), progress=progress)
+        missing = [s.layer for s in sites if config.needs_nope_moments and s.rope.pairs
+                   and config.nope_fit not in stats.sites[s.index].nope_moments]
+        if missing:
+            raise ValueError(f"the calibration statistics hold no nope_fit={config.nope_fit!r} moments (e.g. at "
+                             f"{missing[0]}): collect them with calibrate.collect(..., nope_moments=("
+                             f"{config.nope_fit!r},)), or pass calibration tokens instead")
         try:
             if config.kv_budget is not None:
                 from .allocate import allocate_budget
@@ -141,7 +148,7 @@ def build(captured: Captured, config: MLAConfig, *, calibration=None, plans: dic
         if initialise_weights:
             gram = stats.sites[site.index].gram if stats is not None and config.needs_gram else None
             initialise(module, site, gram=gram, damping=config.damping, activation_aware=config.activation_aware,
-                       refit=config.refit)
+                       refit=config.refit, nope_maps=nope_maps(site, config, stats))
         modules[str(site.index)] = module
     root = captured.gm
     root.add_module(MODULES, modules)

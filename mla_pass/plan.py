@@ -6,12 +6,37 @@ import torch
 from .config import MLAConfig
 from .latent_attention import LatentAttention, SitePlan
 from .match import AttentionSite
+from .math.nope_fit import fit_maps, group_sum
 from .math.rope import select_pairs, two_norm_scores
 from .math.svd import factorize_kv, full_latent_dim, refit_up, split_key_width
 
 
 class PlanError(ValueError):
     pass
+
+
+def pair_errors(site: AttentionSite, config: MLAConfig, site_stats) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(error, energy) [Hkv, P] of dropping each rotary pair, summed over each group's query heads:
+    with ``nope_fit``, the error left after the fitted replacement; else that of scoring the raw,
+    unrotated pair. None when calibration did not measure them."""
+    if site_stats is None:
+        return None
+    if config.fits_nope and config.nope_fit in site_stats.nope_moments:
+        fit = fit_maps(site_stats.nope_moments[config.nope_fit], config.nope_map)
+        n_kv = site.n_kv_heads
+        return (group_sum(fit.fitted_error, site.kv_head_of_query, n_kv),
+                group_sum(fit.energy, site.kv_head_of_query, n_kv))
+    if site_stats.pair_score_error is not None:
+        return site_stats.pair_score_error, site_stats.pair_score_energy
+    return None
+
+
+def nope_maps(site: AttentionSite, config: MLAConfig, stats) -> torch.Tensor | None:
+    """The fitted maps M [H, P, 2, 2] per query head and rotary pair (``math.nope_fit``), or None."""
+    if not config.fits_nope or stats is None or site.index not in stats.sites:
+        return None
+    moments = stats.sites[site.index].nope_moments.get(config.nope_fit)
+    return None if moments is None else fit_maps(moments, config.nope_map).maps
 
 
 def kept_pairs(site: AttentionSite, config: MLAConfig, stats, keep: int) -> list[list[int]]:
@@ -24,7 +49,7 @@ def kept_pairs(site: AttentionSite, config: MLAConfig, stats, keep: int) -> list
     site_stats = stats.sites.get(site.index) if stats is not None else None
     strategy = config.rope_strategy
     if strategy == "auto":        # unresolved (e.g. the compiler backend): measured if measured, else high
-        strategy = "score-error" if site_stats is not None and site_stats.pair_score_error is not None else "high"
+        strategy = "score-error" if pair_errors(site, config, site_stats) is not None else "high"
     if strategy in ("2-norm", "score-error") and keep < n_pairs:
         if strategy == "2-norm":
             if site_stats is None or site_stats.query_pair_norms is None:
@@ -32,10 +57,11 @@ def kept_pairs(site: AttentionSite, config: MLAConfig, stats, keep: int) -> list
                                 "token ids to convert(..., calibration=ids)")
             scores = two_norm_scores(site_stats.query_pair_norms, site_stats.key_pair_norms, site.kv_head_of_query)
         else:
-            if site_stats is None or site_stats.pair_score_error is None:
+            errors = pair_errors(site, config, site_stats)
+            if errors is None:
                 raise PlanError("rope_strategy='score-error' measures frequencies on real activations: pass "
                                 "calibration token ids to convert(..., calibration=ids)")
-            scores = site_stats.pair_score_error
+            scores = errors[0]
     return select_pairs(strategy, site.rope.speeds, keep, site.n_kv_heads, scores)
 
 
@@ -73,15 +99,18 @@ def plan_site(site: AttentionSite, config: MLAConfig, stats, keep: int | None = 
         key_bias=site.weights.b_key is not None, value_bias=site.weights.b_value is not None, svd=config.svd,
         key_norm=site.key_norm.group if site.key_norm else None,
         key_norm_eps=site.key_norm.eps if site.key_norm else 0.0,
-        key_norm_bias=bool(site.key_norm and site.key_norm_weights.full_bias is not None))
+        key_norm_bias=bool(site.key_norm and site.key_norm_weights.full_bias is not None),
+        nope_pairs=[list(pair) for pair in rope.pairs] if config.fits_nope and keep < n_pairs else None)
 
 
 @torch.no_grad()
 def initialise(module: LatentAttention, site: AttentionSite, gram: torch.Tensor | None = None,
-               damping: float = 1e-2, activation_aware: bool = True, refit: bool = False) -> None:
+               damping: float = 1e-2, activation_aware: bool = True, refit: bool = False,
+               nope_maps: torch.Tensor | None = None) -> None:
     """Fill a module's weights from the site's pretrained K/V projections: SVD (activation-aware
     when ``gram``, the mean x·xᵀ of the projections' input, is given and ``activation_aware``),
-    then optionally a least-squares refit of the up-projections on ``gram``."""
+    then optionally a least-squares refit of the up-projections on ``gram``; ``nope_maps``
+    [H, P, 2, 2] (from ``plan.nope_maps``) fill the query map of the dropped pairs."""
     p, w = module.plan, site.weights
     rope_dims = module.rope_dims                                   # [Hkv, R]
     nope_dims = module.nope_dims                                   # [Hkv, N]
@@ -111,7 +140,26 @@ def initialise(module: LatentAttention, site: AttentionSite, gram: torch.Tensor 
         module.key_norm_weight.copy_(norm.full_weight.reshape(-1, p.hidden))
         if module.key_norm_bias is not None:
             module.key_norm_bias.copy_(norm.full_bias.reshape(-1))
+    if module.query_nope_mix is not None:
+        if nope_maps is None:
+            raise ValueError(f"{p.layer}: the plan fits the dropped rotary pairs (nope_fit) but no fit was given")
+        _fill_query_nope_mix(module, nope_maps, p.nope_pairs)
     if module.rope_key is not None:
         module.rope_key.weight.copy_(idx(w.w_key, rope_dims).reshape(-1, p.hidden))
         if module.rope_key.bias is not None:
             module.rope_key.bias.copy_(idx(w.b_key, rope_dims).reshape(-1))
+
+
+def _fill_query_nope_mix(module: LatentAttention, maps_HP22: torch.Tensor, pairs: list[list[int]]) -> None:
+    """q' = Mᵀq on each dropped pair (d0, d1): q'0 = M00·q0 + M10·q1, q'1 = M11·q1 + M01·q0, written
+    as (self, partner) coefficients at the pair's positions among each query head's nope dims."""
+    mix = torch.zeros_like(module.query_nope_mix, dtype=torch.float64)
+    mix[..., 0] = 1.0
+    for h, nope in enumerate(module.query_nope_dims.tolist()):
+        where = {d: i for i, d in enumerate(nope)}
+        for k, (d0, d1) in enumerate(pairs):
+            if d0 in where and d1 in where:
+                m = maps_HP22[h, k].double()
+                mix[h, where[d0]] = torch.stack([m[0, 0], m[1, 0]])
+                mix[h, where[d1]] = torch.stack([m[1, 1], m[0, 1]])
+    module.query_nope_mix.copy_(mix)

@@ -94,7 +94,8 @@ def test_score_error_strategy_keeps_the_largest_errors():
     sites, _ = find_sites(captured)
     stats = collect(captured.gm, sites, tokens, captured.takes_positions, rope_norms=False, gram=False,
                     score_error=True, progress=False)
-    mla = build(captured, MLAConfig(rope_freqs=3, rope_strategy="score-error"), calibration=tokens, progress=False)
+    mla = build(captured, MLAConfig(rope_freqs=3, rope_strategy="score-error", nope_fit="none"), calibration=tokens,
+                progress=False)
     for site in sites:
         err = stats.sites[site.index].pair_score_error
         plan = mla.plans[site.index]
@@ -173,7 +174,7 @@ def test_budget_config_checks_and_round_trip(tmp_path):
     mla = mla_pass.convert(tiny_qwen2(), cfg, calibration=_calibration(), progress=False)
     mla.save(tmp_path / "m")
     back = mla_pass.load(tmp_path / "m")
-    assert back.config == cfg and back.plans == mla.plans
+    assert back.config == mla.config == cfg.resolved(True) and back.plans == mla.plans
     ids = _calibration(2, 7, seed=3)
     with torch.no_grad():
         assert torch.equal(back(ids), mla(ids))
@@ -275,9 +276,12 @@ def test_defaults_use_calibration_when_given_and_fall_back_without():
     cfg = MLAConfig(d_kv=2, rope_freqs=2)
     assert cfg.rope_strategy == "auto" and cfg.activation_aware is None and not cfg.needs_calibration
     assert cfg.benefits_from_calibration and not MLAConfig().benefits_from_calibration
-    assert cfg.resolved(True) == MLAConfig(d_kv=2, rope_freqs=2, rope_strategy="score-error", activation_aware=True)
-    assert cfg.resolved(False) == MLAConfig(d_kv=2, rope_freqs=2, rope_strategy="high", activation_aware=False)
-    assert MLAConfig().resolved(True) == MLAConfig(rope_strategy="high", activation_aware=False)   # exact: nothing to fit
+    assert cfg.resolved(True) == MLAConfig(d_kv=2, rope_freqs=2, rope_strategy="score-error", activation_aware=True,
+                                           nope_fit="attention-centered")
+    assert cfg.resolved(False) == MLAConfig(d_kv=2, rope_freqs=2, rope_strategy="high", activation_aware=False,
+                                            nope_fit="none")
+    assert MLAConfig().resolved(True) == MLAConfig(rope_strategy="high", activation_aware=False,   # exact: nothing to fit
+                                                   nope_fit="none")
     model = tiny_llama()
     without = mla_pass.convert(model, cfg, progress=False)
     with_calibration = mla_pass.convert(model, cfg, calibration=_calibration(), progress=False)
