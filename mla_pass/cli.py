@@ -60,7 +60,7 @@ def _config_from_args(args):
     from .config import MLAConfig
     return MLAConfig(d_kv=args.d_kv, rope_freqs=args.rope_freqs, rope_strategy=args.rope_strategy,
                      svd=args.svd, activation_aware=args.activation_aware, best_effort=args.best_effort,
-                     kv_budget=args.kv_budget, refit=args.refit)
+                     kv_budget=args.kv_budget, refit=args.refit, nope_fit=args.nope_fit)
 
 
 def _calibration_tokens(tokenizer, cache_dir, windows: int = 8, length: int = 512):
@@ -236,6 +236,9 @@ def _add_mla_options(p):
                    "layer between rotary pairs and latent width (instead of --d-kv)")
     p.add_argument("--refit", action="store_true", help="least-squares refit of the up-projections on calibration "
                    "activations")
+    p.add_argument("--nope-fit", default="auto", choices=["auto", "none", "uniform", "attention", "attention-centered"],
+                   help="what scores a dropped rotary pair: a 2×2 query map fitted on calibration text, or none (its "
+                   "raw q·k); auto (default): attention-centered when the model folder has a tokenizer, else none")
 
 
 def main(argv=None) -> int:

@@ -302,3 +302,16 @@ def test_config_checks():
         captured = capture(model)
         collect(captured.gm, find_sites(captured)[0], _tokens(), captured.takes_positions, rope_norms=False,
                 gram=False, nope_moments=("bogus",), progress=False)
+
+
+def test_cli_option(tmp_path):
+    import json
+
+    from mla_pass.cli import main
+
+    hf = tmp_path / "tiny-llama"
+    tiny_llama().save_pretrained(str(hf))          # no tokenizer: nothing to calibrate with
+    with pytest.raises(SystemExit, match="tokenizer"):
+        main(["convert", str(hf), "--out", str(tmp_path / "a"), "--rope-freqs", "2", "--nope-fit", "uniform"])
+    assert main(["convert", str(hf), "--out", str(tmp_path / "b"), "--rope-freqs", "2", "--nope-fit", "none"]) == 0
+    assert json.loads((tmp_path / "b" / "mla_config.json").read_text())["config"]["nope_fit"] == "none"
