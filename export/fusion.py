@@ -31,6 +31,7 @@ compares the fused graph with PyTorch.
 """
 from __future__ import annotations
 
+import heapq
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -199,13 +200,42 @@ class _Graph:
                     todo.append(x)
 
     def commit(self) -> None:
-        live = [n for n in self.nodes if n is not None]
+        live = _topological([n for n in self.nodes if n is not None])
         del self.graph.node[:]
         self.graph.node.extend(live)
         values = {o for n in live for o in n.output}
         kept = [v for v in self.graph.value_info if v.name in values]     # shapes of values that are gone
         del self.graph.value_info[:]
         self.graph.value_info.extend(kept)
+
+
+def _topological(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """``nodes`` in an order where every input is produced first, as close to the given order as
+    possible (a fused node takes one matched node's slot, which may come after a reader of
+    another of its outputs, e.g. the residual sum)."""
+    produced_by = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    waiting: dict[str, list[int]] = defaultdict(list)
+    missing = [{x for x in n.input if x in produced_by} for n in nodes]    # the rest: inputs, initializers
+    for i, need in enumerate(missing):
+        for x in need:
+            waiting[x].append(i)
+    order, done = [], [False] * len(nodes)
+    heap = [i for i, need in enumerate(missing) if not need]
+    heapq.heapify(heap)
+    while heap:
+        i = heapq.heappop(heap)
+        if done[i]:
+            continue
+        done[i] = True
+        order.append(nodes[i])
+        for o in nodes[i].output:
+            for j in waiting.pop(o, ()):
+                missing[j].discard(o)
+                if not missing[j]:
+                    heapq.heappush(heap, j)
+    if len(order) != len(nodes):
+        raise RuntimeError("fusion left a cycle in the graph: a bug in export/fusion.py (export with fuse=False)")
+    return order
 
 
 def _other(node: onnx.NodeProto, name: str) -> str | None:

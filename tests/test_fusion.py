@@ -177,11 +177,18 @@ def test_residual_add_fuses_only_without_broadcast():
         del g.input[:]
         del g.value_info[:]
         g.input.extend([_value("a", ["b", "s", D]), _value("skip", skip_shape)])
+        # the residual stream goes on, read before the norm in node order (the fused node, in
+        # the norm's slot, must still come first)
         g.node.insert(0, helper.make_node("Add", ["a", "skip"], ["x"]))
-        g.output.append(_value("x", ["b", "s", D]))        # the residual stream goes on
+        g.node.insert(1, helper.make_node("Identity", ["x"], ["residual"]))
+        g.output.append(_value("residual", ["b", "s", D]))
         m = onnx.shape_inference.infer_shapes(m)
         fused, counts = fuse(m)
         assert counts["rms_norm"] == 1 and counts["skip_rms_norm"] == want
+        seen = {"a", "skip", "w", ""}
+        for node in fused.graph.node:
+            assert set(node.input) <= seen, f"{node.op_type} reads a value produced later"
+            seen |= set(node.output)
         feeds = {"a": X["x"], "skip": np.random.default_rng(2).standard_normal(
             [2, 3, D] if want else [D]).astype(np.float32)}
         _same_outputs(m, fused, feeds)
