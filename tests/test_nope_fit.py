@@ -147,12 +147,13 @@ def _hf_heads(model, tokens):
     for h in hooks:
         h.remove()
     out = []
-    for attn, x, (cos, sin) in seen:
-        b, s, _ = x.shape
-        q = attn.q_proj(x).view(b, s, -1, attn.head_dim).transpose(1, 2).double()
-        k = attn.k_proj(x).view(b, s, -1, attn.head_dim).transpose(1, 2).double()
-        q_rot, k_rot = apply_rotary_pos_emb(q, k, cos.double(), sin.double())
-        out.append((q, q_rot, k, k_rot))
+    with torch.no_grad():
+        for attn, x, (cos, sin) in seen:
+            b, s, _ = x.shape
+            q = attn.q_proj(x).view(b, s, -1, attn.head_dim).transpose(1, 2).double()
+            k = attn.k_proj(x).view(b, s, -1, attn.head_dim).transpose(1, 2).double()
+            q_rot, k_rot = apply_rotary_pos_emb(q, k, cos.double(), sin.double())
+            out.append((q, q_rot, k, k_rot))
     return out
 
 
