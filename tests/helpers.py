@@ -35,3 +35,27 @@ def byte_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def hf_rotated_heads(model, tokens):
+    """Per layer of a HF Llama-style model: (q, q_rot, k, k_rot) [B, H, S, D] in float64, from the
+    attention modules' own projections and RoPE on ``tokens`` (a reference for calibration tests)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    seen = []
+    hooks = [layer.self_attn.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append((mod, kwargs["hidden_states"], kwargs["position_embeddings"])),
+        with_kwargs=True) for layer in model.model.layers]
+    with torch.no_grad():
+        model(tokens)
+    for h in hooks:
+        h.remove()
+    out = []
+    with torch.no_grad():
+        for attn, x, (cos, sin) in seen:
+            b, s, _ = x.shape
+            q = attn.q_proj(x).view(b, s, -1, attn.head_dim).transpose(1, 2).double()
+            k = attn.k_proj(x).view(b, s, -1, attn.head_dim).transpose(1, 2).double()
+            q_rot, k_rot = apply_rotary_pos_emb(q, k, cos.double(), sin.double())
+            out.append((q, q_rot, k, k_rot))
+    return out

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import mla_pass
-from helpers import tiny_llama, tiny_qwen2
+from helpers import hf_rotated_heads, tiny_llama, tiny_qwen2
 from mla_pass import MLAConfig
 from mla_pass.calibrate import collect
 from mla_pass.capture import capture
@@ -134,29 +134,6 @@ def test_an_unrotated_pair_fits_the_identity():
 
 
 # -- calibration and conversion on a tiny model ---------------------------------------------------
-def _hf_heads(model, tokens):
-    """Per layer: raw and rotated q, k [B, H, S, D] from the HF attention modules' own projections and RoPE."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    seen = []
-    hooks = [layer.self_attn.register_forward_pre_hook(
-        lambda mod, args, kwargs: seen.append((mod, kwargs["hidden_states"], kwargs["position_embeddings"])),
-        with_kwargs=True) for layer in model.model.layers]
-    with torch.no_grad():
-        model(tokens)
-    for h in hooks:
-        h.remove()
-    out = []
-    with torch.no_grad():
-        for attn, x, (cos, sin) in seen:
-            b, s, _ = x.shape
-            q = attn.q_proj(x).view(b, s, -1, attn.head_dim).transpose(1, 2).double()
-            k = attn.k_proj(x).view(b, s, -1, attn.head_dim).transpose(1, 2).double()
-            q_rot, k_rot = apply_rotary_pos_emb(q, k, cos.double(), sin.double())
-            out.append((q, q_rot, k, k_rot))
-    return out
-
-
 @pytest.fixture(scope="module")
 def llama_moments():
     model = tiny_llama()
@@ -172,7 +149,7 @@ def test_calibration_moments_equal_a_direct_computation(llama_moments):
     model, _, sites, stats = llama_moments
     tokens = _tokens()
     s = tokens.shape[1]
-    for site, (q, q_rot, k, k_rot) in zip(sites, _hf_heads(model, tokens)):
+    for site, (q, q_rot, k, k_rot) in zip(sites, hf_rotated_heads(model, tokens)):
         pairs, kv_map = site.rope.pairs, site.kv_head_of_query
         causal = torch.ones(s, s).tril().double().expand(tokens.shape[0], q.shape[1], s, s)
         want = _direct_moments(q, q_rot, k, k_rot, pairs, kv_map, causal) / (tokens.shape[0] * s * (s + 1) / 2)
@@ -199,7 +176,7 @@ def test_fitted_map_lowers_the_calibration_score_error(llama_moments, weighting,
         mla = build(capture(model), MLAConfig(rope_freqs=1, rope_strategy="high", nope_fit=fit_name, nope_map=form),
                     stats=stats, progress=False)
         total = 0.0
-        for site, (q, q_rot, k, k_rot) in zip(sites, _hf_heads(model, tokens)):
+        for site, (q, q_rot, k, k_rot) in zip(sites, hf_rotated_heads(model, tokens)):
             module = mla.program.get_submodule(f"mla.{site.index}")
             assert (module.query_nope_mix is not None) == (fit_name != "none")
             q_in = q.float() if module.plan.query_raw_layout == "BHSD" else q.float().transpose(1, 2)

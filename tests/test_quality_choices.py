@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mla_pass
-from helpers import tiny_llama, tiny_qwen2
+from helpers import hf_rotated_heads, tiny_llama, tiny_qwen2
 from mla_pass import MLAConfig
 from mla_pass.calibrate import collect
 from mla_pass.capture import capture
@@ -39,23 +39,9 @@ def llama_stats():
 def _direct_score_errors(model, tokens, pairs):
     """For each layer: Σ_{h in group j} Σ_{causal m ≥ n} (q_rot_p·k_rot_p − q_raw_p·k_raw_p)² / #pairs,
     computed on full L×L score matrices from the HF attention module's own projections and RoPE."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    seen = []
-    hooks = [layer.self_attn.register_forward_pre_hook(
-        lambda mod, args, kwargs: seen.append((mod, kwargs["hidden_states"], kwargs["position_embeddings"])),
-        with_kwargs=True) for layer in model.model.layers]
-    with torch.no_grad():
-        model(tokens)
-    for h in hooks:
-        h.remove()
     out = []
-    for attn, x, (cos, sin) in seen:
-        b, s, _ = x.shape
-        d = attn.head_dim
-        q = attn.q_proj(x).view(b, s, -1, d).transpose(1, 2).double()
-        k = attn.k_proj(x).view(b, s, -1, d).transpose(1, 2).double()
-        q_rot, k_rot = apply_rotary_pos_emb(q, k, cos.double(), sin.double())
+    for q, q_rot, k, k_rot in hf_rotated_heads(model, tokens):
+        b, _, s, _ = q.shape
         n_kv, group = k.shape[1], q.shape[1] // k.shape[1]
         causal = torch.ones(s, s, dtype=torch.bool).tril()
         err = torch.zeros(n_kv, len(pairs), dtype=torch.float64)
