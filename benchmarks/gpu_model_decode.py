@@ -9,7 +9,9 @@ on the values):
 
 Rows per (shape, B, T):
   original        the HF model (SDPA attention) over a DynamicCache of full K/V
-  MLA, kernel     ``mla_pass.convert`` at d_kv, r = 4: absorbed decode through the Triton kernel
+  MLA, kernel     ``mla_pass.convert`` at d_kv, r = 4, ``LatentAttention.decode_kernel = True``: the
+                  dispatcher's choice (the Triton kernel where it measured faster, see
+                  ``kernels/dispatch.py``; ``--force-kernel``: in every layer, as the README's runs did)
   MLA, PyTorch    the same model with ``LatentAttention.decode_kernel = False`` (the fallback math)
 
 Both caches start as random tensors of T tokens (no prefill is timed) and grow by concatenation,
@@ -177,12 +179,17 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--max-cache-gib", type=float, default=24.0,
                     help="skip (shape, B, T) whose original K/V cache would exceed this")
+    ap.add_argument("--force-kernel", action="store_true",
+                    help="use the Triton kernel in every layer, not only where the dispatcher expects it to pay")
     ap.add_argument("--plot", default="gpu_model_decode.png")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device: this benchmark measures GPU decode and prints nothing else without one")
         return 0
+    if args.force_kernel:
+        from mla_pass.kernels import dispatch
+        dispatch.KERNEL_MAX_LATENT, dispatch.KERNEL_MIN_CACHE_BYTES = 1 << 30, 0
     device_name = torch.cuda.get_device_name()
     print(f"device: {device_name}, torch {torch.__version__}")
     rows = []
