@@ -145,11 +145,8 @@ class LatentAttention(nn.Module):
             self.register_buffer(name, t, persistent=False)
         if p.nope_pairs:     # per query head and nope dim: (self, partner) coefficients; identity = (1, 0)
             partner = torch.arange(n_nope).repeat(p.n_heads, 1)
-            for h, dims in enumerate(nope[kv_map].tolist()):
-                where = {d: i for i, d in enumerate(dims)}
-                for d0, d1 in p.nope_pairs:
-                    if d0 in where and d1 in where:
-                        partner[h, where[d0]], partner[h, where[d1]] = where[d1], where[d0]
+            for h, _, i0, i1 in self.dropped_pair_positions():
+                partner[h, i0], partner[h, i1] = i1, i0
             self.register_buffer("query_nope_partner", partner, persistent=False)
             self.query_nope_mix = nn.Parameter(torch.stack([torch.ones(p.n_heads, n_nope),
                                                             torch.zeros(p.n_heads, n_nope)], dim=-1))
@@ -177,6 +174,16 @@ class LatentAttention(nn.Module):
             partner = q_nope.gather(-1, self.query_nope_partner[None, :, None, :].expand(b, h, s, -1))
             q_nope = q_nope * self.query_nope_mix[:, None, :, 0] + partner * self.query_nope_mix[:, None, :, 1]
         return q_nope, q_rope
+
+    def dropped_pair_positions(self) -> list[tuple[int, int, int, int]]:
+        """(query head, index into ``plan.nope_pairs``, position of its two dims among the head's
+        nope dims) for every rotary pair that head's kv head no longer rotates."""
+        out = []
+        for h, dims in enumerate(self.query_nope_dims.tolist()):
+            where = {d: i for i, d in enumerate(dims)}
+            out += [(h, k, where[d0], where[d1]) for k, (d0, d1) in enumerate(self.plan.nope_pairs or [])
+                    if d0 in where and d1 in where]
+        return out
 
     def rope_keys(self, key_rope_full_BHkvSD, like_BSD):
         if key_rope_full_BHkvSD is None:

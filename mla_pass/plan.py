@@ -143,23 +143,20 @@ def initialise(module: LatentAttention, site: AttentionSite, gram: torch.Tensor 
     if module.query_nope_mix is not None:
         if nope_maps is None:
             raise ValueError(f"{p.layer}: the plan fits the dropped rotary pairs (nope_fit) but no fit was given")
-        _fill_query_nope_mix(module, nope_maps, p.nope_pairs)
+        _fill_query_nope_mix(module, nope_maps)
     if module.rope_key is not None:
         module.rope_key.weight.copy_(idx(w.w_key, rope_dims).reshape(-1, p.hidden))
         if module.rope_key.bias is not None:
             module.rope_key.bias.copy_(idx(w.b_key, rope_dims).reshape(-1))
 
 
-def _fill_query_nope_mix(module: LatentAttention, maps_HP22: torch.Tensor, pairs: list[list[int]]) -> None:
+def _fill_query_nope_mix(module: LatentAttention, maps_HP22: torch.Tensor) -> None:
     """q' = Mᵀq on each dropped pair (d0, d1): q'0 = M00·q0 + M10·q1, q'1 = M11·q1 + M01·q0, written
     as (self, partner) coefficients at the pair's positions among each query head's nope dims."""
     mix = torch.zeros_like(module.query_nope_mix, dtype=torch.float64)
     mix[..., 0] = 1.0
-    for h, nope in enumerate(module.query_nope_dims.tolist()):
-        where = {d: i for i, d in enumerate(nope)}
-        for k, (d0, d1) in enumerate(pairs):
-            if d0 in where and d1 in where:
-                m = maps_HP22[h, k].double()
-                mix[h, where[d0]] = torch.stack([m[0, 0], m[1, 0]])
-                mix[h, where[d1]] = torch.stack([m[1, 1], m[0, 1]])
+    for h, k, i0, i1 in module.dropped_pair_positions():
+        m = maps_HP22[h, k].double()
+        mix[h, i0] = torch.stack([m[0, 0], m[1, 0]])
+        mix[h, i1] = torch.stack([m[1, 1], m[0, 1]])
     module.query_nope_mix.copy_(mix)

@@ -150,6 +150,8 @@ def decode_attention(q_latent_BHC: torch.Tensor, q_rope_BHR: torch.Tensor, laten
     """
     b, h, c, t, hkv, r, kv_heads = _check(q_latent_BHC, q_rope_BHR, latent_BTC, rope_key_BHkvTR, lengths_B,
                                           start_B, key_mask_BT, q_bias_BH, key_scale_BHkvT, kv_head_of_query)
+    from triton.runtime.errors import OutOfResources
+
     from . import _triton_decode as K
     device = latent_BTC.device
     if K.INTERPRETED == latent_BTC.is_cuda:
@@ -165,8 +167,8 @@ def decode_attention(q_latent_BHC: torch.Tensor, q_rope_BHR: torch.Tensor, laten
             return _launch(K, cfg, plan, q_latent_BHC,
                            q_rope_BHR, latent_BTC, rope_key_BHkvTR, scale, lengths_B, start_B, key_mask_BT,
                            kv_heads, softcap, q_bias_BH, key_scale_BHkvT)
-        except Exception as e:      # triton's OutOfResources (shared memory / registers); triton is optional
-            if type(e).__name__ != "OutOfResources" or (smaller := _shrink(cfg, plan)) is None:
+        except OutOfResources as e:     # shared memory / registers of this tiling
+            if (smaller := _shrink(cfg, plan)) is None:
                 raise
             _SHRUNK[key] = smaller
             log.debug("decode kernel: %s; retrying with %s", e, smaller)
