@@ -190,6 +190,23 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def paired_ratios(reference: list[dict] | None, results: list[dict]) -> list[float]:
+    """reference ms / model ms for each interleaved round (empty without a reference)."""
+    if not reference:
+        return []
+    if len(reference) != len(results):        # a round failed: rounds no longer pair up, compare medians
+        return [statistics.median(a["ms"] for a in reference) / statistics.median(b["ms"] for b in results)]
+    return [a["ms"] / b["ms"] for a, b in zip(reference, results)]
+
+
+def format_ratios(ratios: list[float]) -> str:
+    """Median of the per-round ratios, with their range when there was more than one round."""
+    if not ratios:
+        return "—"
+    median = f"{statistics.median(ratios):.2f}×"
+    return median if len(ratios) == 1 else f"{median} ({min(ratios):.2f}–{max(ratios):.2f})"
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] in ("--worker", "--genai-worker"):
         folder, batch, past, steps, threads = sys.argv[2], *map(int, sys.argv[3:7])
@@ -230,7 +247,6 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for batch in args.batch:
         for past in args.past:
-            base = yardstick = None
             runs = [(name, folder, False) for name, folder in folders.items()]
             if args.genai and batch == 1:
                 runs.insert(0, (GENAI, args.genai, True))
@@ -244,20 +260,20 @@ def main() -> None:
                             raise
                         print(f"| {name} | {batch} | {past} | failed: {str(e).splitlines()[-1][:80]} |", flush=True)
             for name, results in measured.items():
-                genai = name == GENAI
                 r = dict(results[0], ms=statistics.median(x["ms"] for x in results),
                          peak_rss_mb=max(x["peak_rss_mb"] for x in results))
                 r["tokens_per_s"] = batch * 1000 / r["ms"]
                 r.update(model=name, batch=batch, past=past)
+                # ratios within each interleaved round (the machine drifts between rounds), then their median
+                r["vs_original"] = paired_ratios(measured.get("original"), results)
+                r["vs_genai"] = paired_ratios(measured.get(GENAI), results)
                 rows.append(r)
-                base = r["ms"] if name == "original" else base
-                yardstick = r["ms"] if genai else yardstick
-                speed = f"{base / r['ms']:.2f}×" if base else "—"
-                vs_genai = f"{yardstick / r['ms']:.2f}×" if yardstick else "—"
+                speed, vs_genai = format_ratios(r["vs_original"]), format_ratios(r["vs_genai"])
                 print(f"| {name} | {batch} | {past} | {r['ms']:.1f} | {r['tokens_per_s']:.1f} | {speed} | {vs_genai} | "
                       f"{r['kv_bytes_per_token']:,} | {r['peak_rss_mb']:.0f} |", flush=True)
     plot(rows, args.plot)
-    print(f"\nplot: {args.plot}")
+    args.plot.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    print(f"\nplot: {args.plot} (numbers, with each round's ratios: {args.plot.with_suffix('.json')})")
 
 
 if __name__ == "__main__":
