@@ -36,7 +36,6 @@ from mla_pass.evaluate import (
     held_out_windows,
     passkey,
     text_quality,
-    training_windows,
 )
 from mla_pass.pipeline import build, find_sites
 
@@ -74,6 +73,18 @@ def main() -> None:
     parser.add_argument("--distill-batch", type=int, default=2)
     parser.add_argument("--distill-train", default="latent", choices=["latent", "latent+norms", "all"])
     parser.add_argument("--distill-autocast", default="bfloat16", help="'none' for float32")
+    parser.add_argument("--distill-text", default="real", choices=["real", "generated", "mix"],
+                        help="distillation text: the three books, the original's own samples "
+                        "(mla_pass.selfgen), or both interleaved")
+    parser.add_argument("--generated-tokens", type=int, default=100_000, help="tokens of self-generated text "
+                        "(--distill-text generated|mix; cached, its CPU time counts as recovery)")
+    parser.add_argument("--generated-prompts", default="mix", choices=["books", "chat", "mix"])
+    parser.add_argument("--recovery-cpu-minutes", type=float, default=None, help="instead of --distill-minutes: "
+                        "ALL recovery CPU time (layer-wise + generation + distillation); distillation gets the rest")
+    parser.add_argument("--checkpoint", default=None, help="distillation checkpoint folder (a rerun with the same "
+                        "options resumes from it)")
+    parser.add_argument("--start", default=None, help="a folder from benchmarks/recovery_start.py (converted and "
+                        "refitted layer-wise): recover from it instead of converting (implies --recovered-only)")
     parser.add_argument("--long-windows", type=int, default=0, help="also evaluate on this many 2048-token windows")
     parser.add_argument("--recovered-only", action="store_true", help="only the recovered model's rows (before and "
                         "after recovery; the original's perplexity comes from the same evaluation)")
@@ -90,6 +101,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if args.merge:
         return _merge(args.merge, out)
+    if args.start:
+        return _from_start(args, out)
     widths = [int(x) for x in args.d_kv.split(",") if x]
     recover_at = {int(x) for x in args.recover_at.split(",") if x}
 
@@ -200,33 +213,144 @@ def _merge(paths: list[str], out: Path) -> None:
 def _recovered(args, mla, model, tok, calibration, label, original_bytes, measure, run_passkey) -> Row:
     """``mla`` after layer-wise recovery and distillation, with the time and tokens it took."""
     tokens = calibration[: args.recover_windows]
-    distill_config, train = None, None
-    if args.distill_minutes > 0:
-        train = training_windows(tok, None, 512)
-        distill_config = DistillConfig(steps=None, lr=args.distill_lr, batch_size=args.distill_batch,
-                                       train=args.distill_train,
-                                       autocast=None if args.distill_autocast == "none" else args.distill_autocast)
     wall0, cpu0 = time.perf_counter(), time.process_time()
     layer_wise = recover(mla, model, tokens, RecoveryConfig(steps=args.recover_steps))
-    report = None
-    if distill_config is not None:
-        from mla_pass import distill
-        report = distill(mla, model, train, distill_config, max_seconds=60 * args.distill_minutes, clock="cpu")
-    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-    q, long = measure(mla)
+    lw_cpu, lw_wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    del layer_wise
     stages = [f"layer-wise {args.recover_steps} steps/site"] if args.recover_steps else []
     n_tokens = tokens.numel() if args.recover_steps else 0
-    if report is not None:
-        stages.append(f"distillation {report.steps} steps ({args.distill_train}, lr {args.distill_lr:g}, "
-                      f"{args.distill_autocast})")
-        n_tokens += report.tokens
-        print(f"distillation KL on training text: first 10 steps {sum(report.losses[:10]) / max(len(report.losses[:10]), 1):.3f}, "
-              f"last 10 {report.mean_loss(10):.3f}", flush=True)
-    del layer_wise
+    d = _distill_stage(args, mla, model, tok, lw_cpu)
+    q, long = measure(mla)
     return Row("project default after recovery", label, mla.kv_cache_bytes_per_token(),
-               mla.kv_cache_bytes_per_token() / original_bytes, q.perplexity, q.agreement, q.kl, wall, run_passkey(mla),
-               note=f"{args.recover_recipe} model; {' + '.join(stages)}: {cpu / 60:.0f} CPU-min ({wall / 60:.0f} "
-                    f"wall-min) on {n_tokens:,} tokens", long=long)
+               mla.kv_cache_bytes_per_token() / original_bytes, q.perplexity, q.agreement, q.kl,
+               lw_wall + d["wall"], run_passkey(mla),
+               note=_recovery_note(args.recover_recipe + " model", stages + d["stages"], lw_cpu + d["cpu"],
+                                   lw_wall + d["wall"], n_tokens + d["tokens"]), long=long)
+
+
+def _recovery_note(what: str, stages: list[str], cpu: float, wall: float, tokens: int) -> str:
+    return f"{what}; {' + '.join(stages)}: {cpu / 60:.0f} CPU-min ({wall / 60:.0f} wall-min) on {tokens:,} tokens"
+
+
+def _distill_stage(args, mla, model, tok, prior_cpu: float) -> dict:
+    """Distillation after the layer-wise stage (``prior_cpu`` CPU-seconds spent already): the
+    training text (self-generated windows are made first; their CPU time counts), then
+    ``distill`` for ``--distill-minutes`` of CPU time, or for what is left of
+    ``--recovery-cpu-minutes``. Returns the stage descriptions, CPU/wall seconds and tokens."""
+    from mla_pass import distill
+    from mla_pass.selfgen import SelfGenConfig, distillation_text
+
+    result = {"stages": [], "cpu": 0.0, "wall": 0.0, "tokens": 0, "report": None, "generated": None}
+    if args.distill_minutes <= 0 and args.recovery_cpu_minutes is None:
+        return result
+    gen_config = SelfGenConfig(tokens=args.generated_tokens, length=512, prompts=args.generated_prompts)
+    train, gen = distillation_text(args.distill_text, model, tok, length=512, generated=gen_config)
+    if gen is not None:
+        result["stages"].append(f"generation of {gen.tokens.shape[0]} × 512 windows ({gen.sampled_tokens:,} sampled "
+                                f"tokens, {args.generated_prompts} prompts{', cached' if not gen.generated_now else ''})")
+        result["cpu"] += gen.cpu_seconds
+        result["wall"] += gen.wall_seconds
+        result["generated"] = {"windows": gen.tokens.shape[0], "sampled_tokens": gen.sampled_tokens,
+                               "cpu_seconds": gen.cpu_seconds, "wall_seconds": gen.wall_seconds,
+                               "generated_now": gen.generated_now, "path": str(gen.path)}
+        print(f"self-generated text: {gen.tokens.shape[0]} windows, {gen.sampled_tokens:,} sampled tokens, "
+              f"{gen.cpu_seconds / 60:.1f} CPU-min ({gen.generated_now} windows sampled now)", flush=True)
+    if args.recovery_cpu_minutes is not None:
+        budget = 60 * args.recovery_cpu_minutes - prior_cpu - result["cpu"]
+        if budget <= 0:
+            raise SystemExit(f"error: --recovery-cpu-minutes {args.recovery_cpu_minutes:g} is used up before "
+                             f"distillation ({(prior_cpu + result['cpu']) / 60:.1f} CPU-min): raise it or generate less")
+    else:
+        budget = 60 * args.distill_minutes
+    print(f"distillation on {args.distill_text} text ({train.shape[0]} × {train.shape[1]} tokens) for "
+          f"{budget / 60:.1f} CPU-min", flush=True)
+    config = DistillConfig(steps=None, lr=args.distill_lr, batch_size=args.distill_batch, train=args.distill_train,
+                           autocast=None if args.distill_autocast == "none" else args.distill_autocast)
+    spent = 0.0              # a resumed run: the checkpoint's CPU time counts against the same budget
+    if args.checkpoint and (Path(args.checkpoint) / "distill.json").is_file():
+        spent = json.loads((Path(args.checkpoint) / "distill.json").read_text())["cpu_seconds"]
+        print(f"resuming distillation from {args.checkpoint} ({spent / 60:.1f} CPU-min done)", flush=True)
+    report = distill(mla, model, train, config, max_seconds=max(budget - spent, 1.0), clock="cpu",
+                     checkpoint=args.checkpoint)
+    if not report.complete:         # the budget ran out before the planned schedule did (slower steps later)
+        print(f"note: the CPU budget ran out after {report.steps}/{report.total_steps} distillation steps", flush=True)
+    first = sum(report.losses[:10]) / max(len(report.losses[:10]), 1)
+    print(f"distillation KL on training text: first 10 steps {first:.3f}, last 10 {report.mean_loss(10):.3f}",
+          flush=True)
+    result["stages"].append(f"distillation {report.steps} steps on {args.distill_text} text ({args.distill_train}, "
+                            f"lr {args.distill_lr:g}, {args.distill_autocast})")
+    result["cpu"] += report.cpu_seconds
+    result["wall"] += report.seconds
+    result["tokens"] = report.tokens
+    result["report"] = report
+    return result
+
+
+def _from_start(args, out: Path) -> None:
+    """Recover from a saved start (``benchmarks/recovery_start.py``): distillation only, then the
+    rows: original, training-free and after layer-wise (measured when the start was made, on the
+    same windows), after recovery (measured now)."""
+    from mla_pass import load
+
+    start = Path(args.start)
+    info = json.loads((start / "start.json").read_text())
+    model, tok = assets.load_smollm2()
+    mla = load(start)
+    ids = held_out_windows(tok, args.windows, args.length)
+    long_ids = held_out_windows(tok, args.long_windows, 2048) if args.long_windows else None
+    d = _distill_stage(args, mla, model, tok, info["layer_wise"]["cpu_seconds"])
+    t0 = time.perf_counter()
+    q = text_quality(mla, ids, reference=model)
+    ql = text_quality(mla, long_ids, reference=model) if long_ids is not None else None
+    eval_seconds = time.perf_counter() - t0
+    original_bytes = mla.original_kv_cache_bytes_per_token()
+    site = next(iter(mla.plans.values()))
+    width = round(info["kv_budget"] * original_bytes / 2 / len(mla.plans) / site.n_kv_heads) - 2 * args.rope_freqs
+    label = f"d_kv={width}, r={args.rope_freqs} / kv_budget={info['kv_budget']:g}"
+    nbytes = mla.kv_cache_bytes_per_token()
+
+    def long_of(m: dict) -> dict:
+        return {"perplexity": m["perplexity"], "agreement": m["agreement"], "kl": m["kl"]} if m else {}
+
+    rows = [Row("original", "—", original_bytes, 1.0, q.reference_perplexity, 1.0, 0.0, 0.0,
+                long={"perplexity": ql.reference_perplexity, "agreement": 1.0, "kl": 0.0} if ql else {},
+                note="reference side of the last row's evaluation")]
+    same = (info["training_free"].get("short", {}).get("windows") == args.windows and args.length == 512 and
+            info["training_free"].get("long", {}).get("windows", 0) == args.long_windows)
+    lw = info["layer_wise"]
+    if same:        # measured by recovery_start.py on the same windows
+        for recipe, key, note in (
+                ("project default, kv_budget (split chosen per layer)", "training_free",
+                 f"calibration + conversion {info['convert']['cpu_seconds'] / 60:.0f} CPU-min (not recovery)"),
+                (f"kv_budget + layer-wise recovery ({lw['steps_per_site']} steps/site)", "after_layer_wise",
+                 _recovery_note("the start", [f"layer-wise {lw['steps_per_site']} steps/site"], lw["cpu_seconds"],
+                                lw["wall_seconds"], lw["tokens"]))):
+            m = info[key]
+            rows.append(Row(recipe, label, nbytes, nbytes / original_bytes, m["short"]["perplexity"],
+                            m["short"]["agreement"], m["short"]["kl"], 0.0, note=note, long=long_of(m.get("long"))))
+    else:
+        print("note: the start was evaluated on other windows: its training-free and layer-wise rows are left out")
+    long = ({"perplexity": ql.perplexity, "agreement": ql.agreement, "kl": ql.kl} if ql else {})
+    rows.append(Row("project default after recovery", label, nbytes, nbytes / original_bytes, q.perplexity,
+                    q.agreement, q.kl, eval_seconds,
+                    note=_recovery_note(f"from {start.name}", [f"layer-wise {lw['steps_per_site']} steps/site"] +
+                                        d["stages"], lw["cpu_seconds"] + d["cpu"], lw["wall_seconds"] + d["wall"],
+                                        lw["tokens"] + d["tokens"]), long=long))
+    for row in rows:
+        print(_row_line(row), flush=True)
+    command = "python benchmarks/quality.py " + shlex.join(sys.argv[1:])
+    header = (f"SmolLM2-135M-Instruct, fp32, CPU ({args.threads} thread); {args.windows} × {args.length} held-out tokens "
+              f"of lcet10.txt from token 2000" + (f" (and {args.long_windows} × 2048)" if args.long_windows else "") +
+              f"; start `{start}` made by `benchmarks/recovery_start.py` (calibration {info['calibration_windows']} × "
+              f"512 tokens of alice29.txt, layer-wise on {lw['tokens']:,} tokens). Command: `{command}`\n\n")
+    report = d["report"]
+    extra = {"start": info, "generated": d["generated"],
+             "distill": None if report is None else {"steps": report.steps, "tokens": report.tokens,
+                                                     "cpu_seconds": report.cpu_seconds, "seconds": report.seconds,
+                                                     "losses": report.losses}}
+    (out / "quality.json").write_text(json.dumps({"header": header, "passkey": False,
+                                                  "rows": [asdict(r) for r in rows], **extra}, indent=1))
+    _write(rows, header, False, out)
 
 
 def _ablation() -> list[tuple[str, MLAConfig]]:

@@ -41,6 +41,11 @@ def add_commands(sub) -> None:
     p.add_argument("--distill-windows", type=int, default=None, help="training windows (default: all of "
                    "alice29.txt + asyoulik.txt + plrabn12.txt, never the evaluation text)")
     p.add_argument("--distill-length", type=int, default=512, help="tokens per training window")
+    p.add_argument("--distill-text", default="real", choices=["real", "generated", "mix"],
+                   help="training text: the books (real), the original model's own samples (generated, cached "
+                   "under the cache folder; its time counts against --minutes) or both interleaved (mix)")
+    p.add_argument("--generated-tokens", type=int, default=100_000, help="tokens of generated text "
+                   "(--distill-text generated|mix)")
     p.add_argument("--train", default="latent", choices=["latent", "latent+norms", "all"],
                    help="which weights distillation moves (default: the converted attention's)")
     p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
@@ -175,6 +180,11 @@ def cmd_recover(args) -> int:
                                        autocast="bfloat16" if args.bf16 else None)
         settings.update(distill_steps=args.distill_steps, distill_windows=args.distill_windows,
                         distill_length=args.distill_length)     # the rest is checked by the distillation checkpoint
+        if args.distill_text != "real":
+            settings.update(distill_text=args.distill_text, generated_tokens=args.generated_tokens)
+    if args.distill_text != "real" and args.generated_tokens < 1:
+        raise SystemExit(f"error: --generated-tokens must be >= 1 with --distill-text {args.distill_text}, got "
+                         f"{args.generated_tokens}")
     state = {"settings": settings, "done": [], "losses": {}, "seconds": 0.0, "complete": False}
     if args.resume:                       # settle the checkpoint before any heavy loading
         if not state_path.is_file():
@@ -192,7 +202,7 @@ def cmd_recover(args) -> int:
     def windows(tok):             # checked before the models load when the folder has its tokenizer
         return (calibration_windows(tok, args.windows, args.length, args.cache_dir),
                 training_windows(tok, args.distill_windows, args.distill_length, args.cache_dir)
-                if distill_config else None)
+                if distill_config and args.distill_text != "generated" else None)
 
     tok = _tokenizer(src, None)
     tokens, train_tokens = windows(tok) if tok is not None else (None, None)
@@ -250,6 +260,12 @@ def cmd_recover(args) -> int:
     summary = (f"layer-wise: {n_sites} sites, site output error (relative MSE) {before:.3f} → {after:.3f}"
                if args.steps else "layer-wise: skipped")
     if distill_config is not None:
+        gen = None
+        if args.distill_text != "real":             # sampled once, cached; a resumed run reads the cache
+            from .selfgen import SelfGenConfig, generated_windows, interleave
+            gen = generated_windows(original, tok, SelfGenConfig(tokens=args.generated_tokens, length=args.distill_length,
+                                                                 seed=args.seed), cache_dir=args.cache_dir)
+            train_tokens = gen.tokens if args.distill_text == "generated" else interleave(train_tokens, gen.tokens)
         left = None if budget is None else max(budget - (time.perf_counter() - t0), 0.0)   # 0: one step
         d = distill(mla, original, train_tokens, distill_config, max_seconds=left, checkpoint=out)
         save_state()
@@ -259,8 +275,12 @@ def cmd_recover(args) -> int:
                   "(same options)")
             return 0
         first, last = sum(d.losses[:10]) / len(d.losses[:10]), d.mean_loss(10)
-        summary += (f"; distillation: {d.steps} steps on {d.tokens:,} training tokens, KL {first:.3f} → {last:.3f} "
-                    f"(training text, first/last 10 steps), {d.cpu_seconds / 60:.1f} CPU-min")
+        if gen is not None:
+            summary += (f"; generation: {gen.tokens.shape[0]} windows, {gen.sampled_tokens:,} tokens sampled from the "
+                        f"original, {gen.cpu_seconds / 60:.1f} CPU-min" + ("" if gen.generated_now else " (cached)"))
+        on = "" if args.distill_text == "real" else f" on {args.distill_text} text"
+        summary += (f"; distillation{on}: {d.steps} steps on {d.tokens:,} training tokens, KL "
+                    f"{first:.3f} → {last:.3f} (training text, first/last 10 steps), {d.cpu_seconds / 60:.1f} CPU-min")
     mla.to("cpu").save(out)
     tok.save_pretrained(str(out))
     state["complete"] = True
