@@ -83,10 +83,12 @@ def source_fingerprint() -> str:
 
 
 def random_cache(rng, shape, dtype: str):
-    """Cache contents for timing (values do not change the speed): int8 codes or floats."""
+    """Cache contents for timing (values do not change the speed): 8-bit codes or floats."""
     import numpy as np
     if dtype == "int8":
         return rng.integers(-127, 128, shape, dtype=np.int8)
+    if dtype == "uint8":                      # the int8 latent cache's codes + 128
+        return rng.integers(1, 256, shape, dtype=np.uint8)
     return (rng.standard_normal(shape) * 0.5).astype(dtype)
 
 

@@ -1,8 +1,9 @@
-"""The int8 latent cache: per-token quantization math, the step-program surgery, and its export.
+"""The int8 latent cache: per-token quantization math, the integer attention that reads it, the
+step-program surgery, and its export.
 
 The exported int8 program must agree with the same program in PyTorch (logits ≤ 1e-4 over a
-prefill and 32 decode steps, identical greedy tokens); against the float cache it may differ
-only by the quantization error.
+prefill and 32 decode steps, identical greedy tokens; both run the absorbed integer attention);
+against the float cache it may differ only by the quantization error.
 """
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ import mla_pass
 from helpers import tiny_llama
 from mla_pass import MLAConfig
 from mla_pass.cache_quant import to_int8_latent
+from mla_pass.int_matmul import matmul_integer
+from mla_pass.latent_attention import LatentAttention
 from mla_pass.math.absorbed_mqa import absorbed_attention_mqa
 from mla_pass.math.attention import absorbed_attention
-from mla_pass.math.int8_cache import dequantize_per_token, quantize_per_token
+from mla_pass.math.int8_cache import ZERO_POINT, dequantize_per_token, quantize_per_token
 
 onnx_export = pytest.importorskip("mla_pass.export.onnx", reason="the ONNX exporter needs onnx and onnxscript")
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
@@ -32,14 +35,49 @@ def test_per_token_quantization_error_is_half_a_step():
     x = torch.randn(3, 50, 24) * torch.rand(3, 50, 1) * 10
     x[1, 7] = 0
     q, s = quantize_per_token(x)
-    assert q.dtype == torch.int8 and s.shape == (3, 50)
+    assert q.dtype == torch.uint8 and s.shape == (3, 50)
+    assert int(q.min()) >= 1                                               # codes + 128: [-127, 127] → [1, 255]
     back = dequantize_per_token(q, s)
     assert torch.all((back - x).abs() <= s[..., None] / 2 + 1e-6)
     assert torch.equal(back[1, 7], torch.zeros(24))                        # an all-zero token stays zero
-    assert torch.equal(q.abs().amax(-1)[x.abs().amax(-1) > 0], torch.full_like(q[..., 0], 127)[x.abs().amax(-1) > 0])
+    codes = (q.int() - ZERO_POINT).abs().amax(-1)
+    assert torch.equal(codes[x.abs().amax(-1) > 0], torch.full_like(codes, 127)[x.abs().amax(-1) > 0])
 
 
-def test_folded_scales_equal_attention_over_the_dequantized_latent():
+@pytest.mark.parametrize("a_type,b_type,zps", [(torch.uint8, torch.int8, (128, 0)), (torch.uint8, torch.uint8, (0, 128)),
+                                               (torch.int8, torch.int8, (0, 0))])
+def test_matmul_integer_is_exact_in_pytorch_and_onnxruntime(a_type, b_type, zps, tmp_path):
+    """The op and its ONNX translation (MatMulInteger): batched, with zero points, exact."""
+    ort = pytest.importorskip("onnxruntime")
+    g = torch.Generator().manual_seed(0)
+    lo_a, lo_b = (0, 256) if a_type == torch.uint8 else (-128, 128), (0, 256) if b_type == torch.uint8 else (-128, 128)
+    a = torch.randint(*lo_a, (2, 37, 19), generator=g, dtype=a_type)
+    b = torch.randint(*lo_b, (2, 19, 5), generator=g, dtype=b_type)
+    want = (a.long() - zps[0]) @ (b.long() - zps[1])
+    got = matmul_integer(a, b, *zps)
+    assert got.dtype == torch.int32 and torch.equal(got.long(), want)
+
+    class Product(torch.nn.Module):
+        def forward(self, a, b):
+            return matmul_integer(a, b, *zps)
+    program = torch.onnx.export(Product().eval(), (a, b), dynamo=True, opset_version=24,
+                                custom_translation_table=onnx_export._translations(), verbose=False)
+    program.save(str(tmp_path / "m.onnx"))
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert [n.op_type for n in program.model.graph if n.op_type == "MatMulInteger"] == ["MatMulInteger"]
+    np.testing.assert_array_equal(session.run(None, {"a": a.numpy(), "b": b.numpy()})[0], want.numpy())
+
+
+def test_matmul_integer_refuses_a_zero_point_on_a_signed_operand():
+    with pytest.raises(ValueError, match="zero point"):
+        matmul_integer(torch.zeros(2, 3, dtype=torch.int8), torch.zeros(3, 2, dtype=torch.int8), 128, 0)
+    with pytest.raises(TypeError, match="uint8/int8"):
+        matmul_integer(torch.zeros(2, 3), torch.zeros(3, 2, dtype=torch.int8), 0, 0)
+
+
+def test_integer_attention_is_close_to_attention_over_the_dequantized_latent():
+    """8-bit queries and weights (one scale per row) on top of the 8-bit cache: a small error,
+    not a different function."""
     g = torch.Generator().manual_seed(0)
     b, h, n_kv, s, t, n, r, c, v = 2, 6, 3, 1, 40, 5, 4, 12, 7
     q_nope, q_rope = torch.randn(b, h, s, n, generator=g), torch.randn(b, h, s, r, generator=g)
@@ -51,7 +89,8 @@ def test_folded_scales_equal_attention_over_the_dequantized_latent():
     mask[1, ..., :9] = False
     got = absorbed_attention_mqa(q_nope, q_rope, latent, k_rope, up_k, up_v, None, kv, 0.3, mask, latent_scale_BT=scale)
     want = absorbed_attention(q_nope, q_rope, dequantize_per_token(latent, scale), k_rope, up_k, up_v, None, kv, 0.3, mask)
-    assert (got - want).abs().max() <= 1e-5
+    rel = float((got - want).norm() / want.norm())
+    assert 0 < rel < 2e-2, rel
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +108,7 @@ def test_manifest_and_bytes_per_token(converted, int8_folder):
     kinds = [e.input.rsplit(".", 1)[1] for e in manifest.cache]
     assert kinds == ["latent", "rope_key", "latent_scale"] * len(converted.plans)
     by_kind = {e.input.rsplit(".", 1)[1]: e for e in manifest.cache}
-    assert by_kind["latent"].dtype == "int8" and by_kind["latent_scale"].dtype == "float32"
+    assert by_kind["latent"].dtype == "uint8" and by_kind["latent_scale"].dtype == "float32"
     assert by_kind["latent_scale"].shape == ["batch", "past"] and by_kind["latent_scale"].time_axis == 1
     per_site = [p.latent_dim * 1 + p.n_kv_heads * p.rope_width * 4 + 4 for p in converted.plans.values()]
     assert manifest.kv_cache_bytes_per_token() == sum(per_site)
@@ -77,13 +116,18 @@ def test_manifest_and_bytes_per_token(converted, int8_folder):
 
 
 def test_onnxruntime_agrees_with_the_int8_program_over_32_decode_steps(converted, int8_folder):
-    """The runtime (in-place buffers, IO binding) next to the PyTorch int8 program (concat)."""
+    """The runtime (in-place buffers, IO binding) next to the PyTorch int8 program (concat), both
+    in the absorbed form the exporter writes (prompts too: the integer attention is not the
+    decompressed form's math)."""
     step, spec = to_int8_latent(copy.deepcopy(converted.step), converted.cache_spec)
+    for m in step.modules():
+        if isinstance(m, LatentAttention):
+            m.form = "absorbed"
     engine = OnnxEngine(int8_folder, threads=1)
     ids = torch.randint(0, converted.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
     b, s = ids.shape
     kv = engine.new_cache(b, s + STEPS + 1)
-    dtype_of = {"latent": torch.int8}
+    dtype_of = {"latent": torch.uint8}
     torch_cache = [torch.zeros(converted.plans[t.site].cache_shape(t.kind, b, 0), dtype=dtype_of.get(t.kind, torch.float32))
                    for t in spec]
     mask = torch.ones(b, s, dtype=torch.long)
@@ -101,7 +145,7 @@ def test_onnxruntime_agrees_with_the_int8_program_over_32_decode_steps(converted
         mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.long)], dim=1)
     assert max(errors) <= 1e-4, errors
     np.testing.assert_array_equal(np.stack(tokens_ort), np.stack(tokens_torch))
-    assert torch_cache[0].dtype == torch.int8 and torch_cache[0].shape[1] == s + STEPS
+    assert torch_cache[0].dtype == torch.uint8 and torch_cache[0].shape[1] == s + STEPS
 
 
 def test_int8_cache_stays_close_to_the_float_cache(converted):
@@ -113,7 +157,7 @@ def test_int8_cache_stays_close_to_the_float_cache(converted):
         out = converted(ids)
         want = getattr(out, "logits", out)
         cache = [torch.zeros(converted.plans[t.site].cache_shape(t.kind, 1, 0),
-                             dtype=torch.int8 if t.kind == "latent" else torch.float32) for t in spec]
+                             dtype=torch.uint8 if t.kind == "latent" else torch.float32) for t in spec]
         got = step(ids, pos, mask, *cache)[0]
     rel = (got - want).abs().max() / want.abs().max()
     assert 0 < rel < 0.05, f"int8 latent changes the logits by {rel:.3%} of their range"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from .attention import in_repeat_kv_order
+from .int8_cache import ZERO_POINT, quantize_rows_int8, quantize_rows_uint8
 
 
 def eligible(softcap, key_scale, kv_head_of_query: list[int], n_kv_heads: int) -> bool:
@@ -47,30 +48,57 @@ def mask_bias(mask, is_causal: bool, s: int, t: int, dtype, device):
 def absorbed_attention_mqa(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_BHkvTR, up_key_HkvNC, up_value_HkvVC,
                            b_value_HkvV, kv_head_of_query, scale: float, mask=None, is_causal=False,
                            latent_scale_BT=None):
-    """``latent_scale_BT``: the latent is int8 with one scale per token (``math/int8_cache.py``);
-    the scale multiplies each key's score and each key's weight, so the cache is only cast."""
+    """``latent_scale_BT``: the latent is the 8-bit cache of ``math/int8_cache.py`` (uint8 codes +
+    128, one scale per token), read by ``integer_latent_attention``."""
     b, h, s, _ = q_nope_BHSN.shape
     t, c = latent_BTC.shape[1:]
-    if latent_scale_BT is not None:
-        latent_BTC = latent_BTC.to(q_nope_BHSN.dtype)
     n_kv = up_key_HkvNC.shape[0]
     g = h // n_kv
     q_latent_BHSC = (q_nope_BHSN * scale) @ up_key_HkvNC.index_select(0, kv_head_of_query)     # [B,H,S,N]@[H,N,C]
-    scores = (q_latent_BHSC.reshape(b, h * s, c) @ latent_BTC.transpose(1, 2)).reshape(b, h, s, t)
-    if latent_scale_BT is not None:
-        scores = scores * latent_scale_BT[:, None, None, :]
     r = k_rope_BHkvTR.shape[-1]
+    rope = None
     if r:
         rope = (q_rope_BHSR * scale).reshape(b, n_kv, g * s, r) @ k_rope_BHkvTR.transpose(-1, -2)  # [B,Hkv,g·S,T]
-        scores = scores + rope.reshape(b, h, s, t)
-    bias = mask_bias(mask, is_causal, s, t, scores.dtype, scores.device)
-    if bias is not None:
-        scores = scores + bias
-    weights = torch.softmax(scores, dim=-1)
+        rope = rope.reshape(b, h, s, t)
+    bias = mask_bias(mask, is_causal, s, t, q_latent_BHSC.dtype, q_latent_BHSC.device)
     if latent_scale_BT is not None:
-        weights = weights * latent_scale_BT[:, None, None, :]
-    out_latent = (weights.reshape(b, h * s, t) @ latent_BTC).reshape(b, h, s, c)               # [B,H,S,C]
+        out_latent = integer_latent_attention(q_latent_BHSC, latent_BTC, latent_scale_BT, rope, bias)
+    else:
+        scores = (q_latent_BHSC.reshape(b, h * s, c) @ latent_BTC.transpose(1, 2)).reshape(b, h, s, t)
+        weights = torch.softmax(_plus(scores, rope, bias), dim=-1)
+        out_latent = (weights.reshape(b, h * s, t) @ latent_BTC).reshape(b, h, s, c)           # [B,H,S,C]
     out = out_latent @ up_value_HkvVC.index_select(0, kv_head_of_query).transpose(-1, -2)     # [B,H,S,V]
     if b_value_HkvV is not None:
         out = out + b_value_HkvV.index_select(0, kv_head_of_query)[None, :, None, :]
     return out
+
+
+def _plus(scores, *terms):
+    for x in terms:
+        if x is not None:
+            scores = scores + x
+    return scores
+
+
+def integer_latent_attention(q_latent_BHSC, codes_BTC, latent_scale_BT, rope_BHST=None, bias=None):
+    """softmax(q·c_t + rope + bias) · c_t over the 8-bit latent cache, both products in integers.
+
+    scores: each query row is quantized to int8 (one scale per row), and ``codes · q_codesᵀ`` is
+    one integer GEMM with the cache as its left operand, read as stored ([B,T,C] uint8, zero
+    point 128; no transpose of the cache), → [B,T,R] int32, × query scale × token scale.
+    output: the weights × token scales are quantized per row to uint8 (scale rowmax/255) and
+    ``w_codes · codes`` is the second integer GEMM, × the row scale. The latent is never cast
+    to float. Exported as onnxruntime's ``MatMulInteger`` (``mla_pass.int_matmul``)."""
+    from ..int_matmul import matmul_integer
+
+    b, h, s, c = q_latent_BHSC.shape
+    t = codes_BTC.shape[1]
+    dtype = q_latent_BHSC.dtype
+    q_codes, q_scale = quantize_rows_int8(q_latent_BHSC.reshape(b, h * s, c))                 # [B,R,C], [B,R,1]
+    scores = matmul_integer(codes_BTC, q_codes.transpose(1, 2), ZERO_POINT, 0)                # [B,T,R] int32
+    scores = scores.transpose(1, 2).to(dtype) * q_scale * latent_scale_BT[:, None, :]         # [B,R,T]
+    weights = torch.softmax(_plus(scores.reshape(b, h, s, t), rope_BHST, bias), dim=-1)
+    weights = weights.reshape(b, h * s, t) * latent_scale_BT[:, None, :]
+    w_codes, w_scale = quantize_rows_uint8(weights)                                            # [B,R,T], [B,R,1]
+    out = matmul_integer(w_codes, codes_BTC, 0, ZERO_POINT).to(dtype) * w_scale               # [B,R,C]
+    return out.reshape(b, h, s, c)
