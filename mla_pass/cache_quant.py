@@ -3,9 +3,10 @@
 ``to_int8_latent(step, cache_spec)`` takes a converted step program (``rewrite(...,
 with_cache=True)``, concat or in place) and gives every latent attention site one more cache
 tensor, ``past_key_values.{i}.latent_scale [B, T]``, right after the site's other cache tensors;
-the site's ``latent`` cache becomes int8. New tokens are quantized per token as they are written
-(``math/int8_cache.py``); the absorbed form reads the int8 cache with the scales folded into
-scores and weights. Rope keys (and Qwen3/OLMo2 key scales) stay in the float dtype: they are
+the site's ``latent`` cache becomes 8-bit (int8 codes stored as uint8 = code + 128). New tokens
+are quantized per token as they are written (``math/int8_cache.py``); the absorbed form reads the
+codes with integer GEMMs, the scales folded into scores and weights
+(``math/absorbed_mqa.integer_latent_attention``). Rope keys (and Qwen3/OLMo2 key scales) stay in the float dtype: they are
 2r values per kv head and carry the position signal.
 
 Mutates ``step`` and its modules: call it on a copy.

@@ -155,7 +155,7 @@ class LatentAttention(nn.Module):
         self.form = "auto"
         self.cache_update = "concat"   # or "in_place": past are preallocated buffers (rewrite.to_in_place)
         self.decode_kernel = True    # the fused Triton decode on CUDA where it applies (kernels/dispatch.py)
-        self.latent_cache = "float"  # or "int8": the cached latent is int8 + a per-token scale (cache_quant.to_int8_latent)
+        self.latent_cache = "float"  # or "int8": 8-bit codes (uint8 + 128) + a per-token scale (cache_quant.to_int8_latent)
 
     @property
     def cache_kinds(self) -> list[str]:
