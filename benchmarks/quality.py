@@ -271,7 +271,7 @@ def _distill_stage(args, mla, model, tok, prior_cpu: float) -> dict:
         spent = json.loads((Path(args.checkpoint) / "distill.json").read_text())["cpu_seconds"]
         print(f"resuming distillation from {args.checkpoint} ({spent / 60:.1f} CPU-min done)", flush=True)
     report = distill(mla, model, train, config, max_seconds=max(budget - spent, 1.0), clock="cpu",
-                     checkpoint=args.checkpoint)
+                     checkpoint=args.checkpoint, checkpoint_every=5)     # a stopped run loses at most 5 steps
     if not report.complete:         # the budget ran out before the planned schedule did (slower steps later)
         print(f"note: the CPU budget ran out after {report.steps}/{report.total_steps} distillation steps", flush=True)
     first = sum(report.losses[:10]) / max(len(report.losses[:10]), 1)
