@@ -30,6 +30,7 @@ import torch
 from mla_pass import DistillConfig, MLAConfig, RecoveryConfig, assets, recover
 from mla_pass.calibrate import collect
 from mla_pass.capture import capture
+from mla_pass.distillation import CHECKPOINT_STATE
 from mla_pass.evaluate import (
     PasskeyConfig,
     calibration_windows,
@@ -267,8 +268,9 @@ def _distill_stage(args, mla, model, tok, prior_cpu: float) -> dict:
     config = DistillConfig(steps=None, lr=args.distill_lr, batch_size=args.distill_batch, train=args.distill_train,
                            autocast=None if args.distill_autocast == "none" else args.distill_autocast)
     spent = 0.0              # a resumed run: the checkpoint's CPU time counts against the same budget
-    if args.checkpoint and (Path(args.checkpoint) / "distill.json").is_file():
-        spent = json.loads((Path(args.checkpoint) / "distill.json").read_text())["cpu_seconds"]
+    state = Path(args.checkpoint or "") / CHECKPOINT_STATE
+    if args.checkpoint and state.is_file():
+        spent = json.loads(state.read_text())["cpu_seconds"]
         print(f"resuming distillation from {args.checkpoint} ({spent / 60:.1f} CPU-min done)", flush=True)
     report = distill(mla, model, train, config, max_seconds=max(budget - spent, 1.0), clock="cpu",
                      checkpoint=args.checkpoint, checkpoint_every=5)     # a stopped run loses at most 5 steps

@@ -185,6 +185,14 @@ def cmd_recover(args) -> int:
     if args.distill_text != "real" and args.generated_tokens < 1:
         raise SystemExit(f"error: --generated-tokens must be >= 1 with --distill-text {args.distill_text}, got "
                          f"{args.generated_tokens}")
+    generated = None
+    if args.distill_text != "real":        # checked before any heavy work; short windows keep a short prompt
+        from .selfgen import SelfGenConfig
+        try:
+            generated = SelfGenConfig(tokens=args.generated_tokens, length=args.distill_length, seed=args.seed,
+                                      prefix=min(SelfGenConfig.prefix, max(args.distill_length // 4, 1)))
+        except ValueError as e:
+            raise SystemExit(f"error: --distill-text {args.distill_text}: {e} (see --distill-length)") from None
     state = {"settings": settings, "done": [], "losses": {}, "seconds": 0.0, "complete": False}
     if args.resume:                       # settle the checkpoint before any heavy loading
         if not state_path.is_file():
@@ -262,10 +270,10 @@ def cmd_recover(args) -> int:
     if distill_config is not None:
         gen = None
         if args.distill_text != "real":             # sampled once, cached; a resumed run reads the cache
-            from .selfgen import SelfGenConfig, generated_windows, interleave
-            gen = generated_windows(original, tok, SelfGenConfig(tokens=args.generated_tokens, length=args.distill_length,
-                                                                 seed=args.seed), cache_dir=args.cache_dir)
-            train_tokens = gen.tokens if args.distill_text == "generated" else interleave(train_tokens, gen.tokens)
+            from .selfgen import distillation_text
+            train_tokens, gen = distillation_text(args.distill_text, original, tok, length=args.distill_length,
+                                                  real_windows=args.distill_windows, generated=generated,
+                                                  cache_dir=args.cache_dir)
         left = None if budget is None else max(budget - (time.perf_counter() - t0), 0.0)   # 0: one step
         d = distill(mla, original, train_tokens, distill_config, max_seconds=left, checkpoint=out)
         save_state()

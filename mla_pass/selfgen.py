@@ -297,15 +297,19 @@ def _is_chat(b: int, config: SelfGenConfig) -> bool:
     return config.prompts == "chat" or (config.prompts == "mix" and b % 2 == 1)
 
 
+def _chat_prompt(b: int, config: SelfGenConfig, chats) -> torch.Tensor:
+    """The instruction of chat batch ``b`` (under "mix" every other batch is a chat one)."""
+    return chats[(b // 2 if config.prompts == "mix" else b) % len(chats)]
+
+
 def _prompt_length(b: int, config: SelfGenConfig, chats) -> int:
-    return len(chats[(b // 2 if config.prompts == "mix" else b) % len(chats)]) if _is_chat(b, config) else config.prefix
+    return len(_chat_prompt(b, config, chats)) if _is_chat(b, config) else config.prefix
 
 
 def _batch_prompt(b: int, config: SelfGenConfig, books, chats, g: torch.Generator) -> torch.Tensor:
     """[batch, P] prompt ids of batch ``b``: one chat prompt repeated, or real prefixes."""
     if _is_chat(b, config):
-        ids = chats[(b // 2 if config.prompts == "mix" else b) % len(chats)]
-        return ids[None].expand(config.batch_size, -1).clone()
+        return _chat_prompt(b, config, chats)[None].expand(config.batch_size, -1).clone()
     rows = []
     for _ in range(config.batch_size):
         text = books[int(torch.randint(len(books), (1,), generator=g))]

@@ -122,3 +122,21 @@ def test_recover_with_distillation_resumes_to_the_same_result(folders, tmp_path,
         main(["recover", str(mla), "--out", str(tmp_path / "c"), "--distill-steps", "-1"])
     assert main(["recover", str(mla), "--out", str(tmp_path / "c"), *common[:2], "--distill-windows", "100000"]) == 2
     assert "windows of 512 tokens" in capsys.readouterr().err
+
+
+def test_recover_distils_on_generated_text(folders, tmp_path, capsys):
+    """--distill-text mix: the original's samples (cached under --cache-dir) interleaved with the books."""
+    from mla_pass import assets
+    _, mla = folders
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "text").symlink_to(assets.text_path("alice29.txt").parent, target_is_directory=True)
+    args = ["--cache-dir", str(cache), "recover", str(mla), "--steps", "2", "--windows", "2", "--length", "32",
+            "--distill-steps", "2", "--distill-windows", "2", "--distill-length", "160", "--distill-text", "mix",
+            "--generated-tokens", "320"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "generation: 2 windows" in out and "distillation on mix text: 2 steps" in out
+    assert len(list((cache / "selfgen").glob("*.safetensors"))) == 1
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0          # the samples come from the cache
+    assert "(cached)" in capsys.readouterr().out
