@@ -81,7 +81,8 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
             updates with TensorScatter and returns as present: bound to one buffer, a decode step
             copies nothing) or ``"concat"`` (present = past + new, a copy of the cache per step).
         quantize: ``"int8"`` stores the weights of every MatMul as int8, one scale per 32 input
-            channels (onnxruntime's ``MatMulNBits``; activations stay float).
+            channels (onnxruntime's ``MatMulNBits``, as onnxruntime-genai's int8 build; activations
+            stay float). A tied lm_head gets its own int8 copy; the embedding stays fp32.
         latent_cache: ``"int8"`` (converted models only) caches the latent as 8-bit codes with
             one scale per token (``past_key_values.{i}.latent_scale``; stored as uint8 = code + 128),
             read by integer attention (``math/absorbed_mqa.integer_latent_attention``, onnxruntime's
@@ -155,8 +156,7 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
         fused = _fuse(staging / MODEL_FILE) if fuse else None
         if dtype == "float16":
             _to_float16(staging / MODEL_FILE)
-        if quantize == "int8":
-            _to_int8_weights(staging / MODEL_FILE)
+        quantized = _to_int8_weights(staging / MODEL_FILE) if quantize == "int8" else None
         has_tokenizer = _write_tokenizer(tokenizer, staging / TOKENIZER_FILE)
         entries = [_cache_entry(t, plans[t.site], "uint8" if _is_int8(t, latent_cache) else dtype) for t in spec]
         eos = generation.get("eos_token_id")
@@ -168,13 +168,16 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
             mla_config=mla_config, source={k: v for k, v in source.items() if k != "config"},
             cache_update=cache_update,
             notes={"exporter": f"torch.onnx.export(dynamo=True, opset {opset})", "torch": torch.__version__,
-                   "weights": f"int8 (MatMulNBits, blocks of {INT8_BLOCK})" if quantize else dtype,
+                   "weights": f"int8 (MatMulNBits, symmetric, blocks of {INT8_BLOCK}, accuracy level 4; "
+                              "embedding fp32)" if quantize else dtype,
                    "latent_cache": "8-bit (uint8 = code + 128), one scale per token; integer attention "
                                    "(MatMulInteger)" if latent_cache == "int8" else dtype})
         if attention:
             manifest.notes["attention"] = attention
         if fused is not None:
             manifest.notes["fused"] = fused
+        if quantized is not None:
+            manifest.notes["quantized"] = quantized
         if verify:
             err = _verify(staging, manifest, wrapper, args, dtype, quantized=bool(quantize))
             manifest.notes["verify_max_abs_logit_error"] = err
@@ -356,21 +359,70 @@ def _write_tokenizer(tokenizer, path: Path) -> bool:
     return True
 
 
-def _to_int8_weights(path: Path) -> None:
+def _to_int8_weights(path: Path) -> dict[str, int]:
     """Weight-only int8 (onnxruntime's ``MatMulNBits``, 8 bits, symmetric, one scale per block of
-    32 input channels; accuracy level 4 = int8 dot products on CPU). Activations stay float:
-    onnxruntime's dynamic quantization (per-tensor uint8 activations) measured top-1 agreement
-    of 42% with the fp32 SmolLM2 on random tokens, this 94%."""
+    32 input channels; accuracy level 4 = int8 dot products on CPU), as onnxruntime-genai's
+    ``-p int8`` build quantizes (same bits, block, symmetry, accuracy level; its lm_head too, its
+    embedding stays fp32). Activations stay float: onnxruntime's dynamic quantization (per-tensor
+    uint8 activations) measured top-1 agreement of 42% with the fp32 SmolLM2 on random tokens,
+    this 94%. Returns how many weights were quantized and how many tied ones got their own copy."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    model = onnx.load(str(path))
+    untied = _untie_transposed_weights(model.graph)
     with _quiet("root"), _quiet("onnxruntime.quantization.matmul_nbits_quantizer"):
-        quantizer = MatMulNBitsQuantizer(onnx.load(str(path)), bits=8, block_size=INT8_BLOCK, is_symmetric=True,
-                                         accuracy_level=4)
+        quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=INT8_BLOCK, is_symmetric=True, accuracy_level=4)
         quantizer.process()
     for f in (path, path.with_name(path.name + ".data")):
         f.unlink(missing_ok=True)
     quantizer.model.save_model_to_file(str(path), use_external_data_format=True)
+    quantized = sum(n.op_type == "MatMulNBits" for n in quantizer.model.model.graph.node)
+    return {"int8_matmuls": quantized, "untied": untied}
+
+
+def _untie_transposed_weights(graph) -> int:
+    """Give every ``MatMul(x, Transpose(W))`` over a float initializer W its own transposed copy.
+
+    A tied lm_head is traced as ``logits = h · Transpose(E)`` over the embedding E that the
+    token Gather also reads; ``MatMulNBitsQuantizer`` only quantizes a MatMul whose weight is an
+    initializer, so without this the largest matrix of a small model (SmolLM2: 49,152 × 576)
+    stayed fp32. E itself stays for the Gather (the quantizer's Gather is 4-bit only), so the
+    lm_head costs an int8 copy on disk (SmolLM2: 28 MB of codes + 3.5 MB of scales). Returns
+    the number of MatMuls rewired."""
+    import onnx
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, int] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    rewired, copies = 0, {}
+    for node in graph.node:
+        if node.op_type != "MatMul" or len(node.input) != 2:
+            continue
+        t = producers.get(node.input[1])
+        if t is None or t.op_type != "Transpose" or t.input[0] not in inits:
+            continue
+        weight = inits[t.input[0]]
+        perm = [list(a.ints) for a in t.attribute if a.name == "perm"]
+        if len(weight.dims) != 2 or perm not in ([], [[1, 0]]) or \
+                weight.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+            continue
+        if t.output[0] not in copies:
+            name = f"{weight.name}.transposed"
+            graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(weight).T.copy(), name))
+            copies[t.output[0]] = name
+        node.input[1] = copies[t.output[0]]
+        readers[t.output[0]] -= 1
+        rewired += 1
+    outputs = {o.name for o in graph.output}
+    for out in copies:                # a Transpose nobody reads any more
+        if readers[out] == 0 and out not in outputs:
+            graph.node.remove(producers[out])
+    return rewired
 
 
 def _verify(folder: Path, manifest: Manifest, wrapper: nn.Module, args: tuple, dtype: str,

@@ -183,3 +183,42 @@ def test_int8_weights_shrink_the_folder_and_still_run(mla_folder, tmp_path):
     assert max(errors) < 0.25 * 4, errors      # close to fp32, not equal: int8 weights change the logits
     with pytest.raises(ValueError, match="int8"):
         to_onnx(mla, tmp_path / "bad", quantize="int8", dtype="float16")
+
+
+def test_int8_weights_quantize_a_tied_lm_head_as_onnxruntime_genai_does(tmp_path):
+    """A tied lm_head is traced as h · Transpose(embedding): it gets its own int8 copy (as in
+    onnxruntime-genai's int8 build), the token Gather keeps reading the fp32 embedding."""
+    import onnx
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from mla_pass.baseline import kv_step_program
+
+    # vocab 512 × 64 is above the exporter's constant folding limit (8192 values), as real models
+    # are: the lm_head stays Transpose(embedding) in the graph (smaller ones get a folded copy)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    tied = AutoModelForCausalLM.from_config(cfg).eval()
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    folder = to_onnx(tied, tmp_path / "int8", quantize="int8")
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    inits = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    head = producer["logits"]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in head.attribute}
+    assert head.op_type == "MatMulNBits", head.op_type
+    assert (attrs["bits"], attrs["block_size"], attrs["accuracy_level"], attrs["N"]) == (8, 32, 4, tied.config.vocab_size)
+    assert len(head.input) == 3, "symmetric: no zero points"
+    # every MatMul left in float reads no weight (constant or transposed constant)
+    weights = [n for n in graph.node if n.op_type == "MatMul" and any(
+        i in inits or (i in producer and producer[i].op_type == "Transpose") for i in n.input)]
+    assert not weights, [n.name for n in weights]
+    embedding = [n for n in graph.node if n.op_type == "Gather" and n.input[0] in inits
+                 and list(inits[n.input[0]].dims) == [tied.config.vocab_size, tied.config.hidden_size]]
+    assert len(embedding) == 1 and inits[embedding[0].input[0]].data_type == onnx.TensorProto.FLOAT
+    manifest = Manifest.read(folder)
+    assert manifest.notes["quantized"]["untied"] == 1, "the lm_head was not traced as Transpose(embedding)"
+    program = kv_step_program(tied)
+    ids = torch.randint(0, tied.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(3))
+    errors, _, _ = _drive(folder, program.step, program.empty_cache, ids, steps=4)
+    assert max(errors) < 0.25 * 4, errors
