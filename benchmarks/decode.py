@@ -11,7 +11,14 @@ use the training-free ``MLAConfig(d_kv, rope_freqs=4)``.
     python benchmarks/decode.py                      # table (markdown) + benchmarks/decode.png
     python benchmarks/decode.py --past 512 --batch 1 --steps 5      # a quick look
     python benchmarks/decode.py --genai DIR          # + onnxruntime-genai's build of the original
+    python benchmarks/decode.py --genai DIR --genai-int8 DIR8 --models original "original int8 weights"
     python benchmarks/decode.py --models original "mla d_kv=8 int8 cache" --extra "NAME=DIR" --repeats 3
+
+Yardsticks: ``--genai`` is onnxruntime-genai's fp32 build of the original (``-p fp32``),
+``--genai-int8`` its int8 build (``-p int8``: MatMulNBits, 8 bits, blocks of 32, symmetric,
+accuracy level 4, lm_head int8, embedding fp32 — what ``to_onnx(quantize="int8")`` does). Each
+row's "vs genai" compares equal weight precision: rows whose name says "int8 weights" against
+the int8 build, the others against the fp32 build.
 
 Exports are cached under ``~/.cache/mla-pass/exports/<source fingerprint>/``: a change to the
 code that shapes the exported program exports afresh.
@@ -37,10 +44,18 @@ VARIANTS = {            # name: (d_kv or None for the original, latent cache dty
     "original int8 weights": (None, "float", "int8"),
     "mla d_kv=8 int8 weights": (8, "float", "int8"),
     "mla d_kv=8 int8 weights+cache": (8, "int8", "int8"),
+    "mla d_kv=32 int8 weights": (32, "float", "int8"),
+    "mla d_kv=32 int8 weights+cache": (32, "int8", "int8"),
 }
 DEFAULT_MODELS = ["original", "mla d_kv=32", "mla d_kv=8"]
 GENAI = "onnxruntime-genai (original)"
+GENAI_INT8 = "onnxruntime-genai int8 weights (original)"
 ROPE_FREQS = 4
+
+
+def weight_precision(name: str) -> str:
+    """The weights a row's model runs on, by its name: its yardstick is genai's build of the same."""
+    return "int8" if "int8 weights" in name else "fp32"
 
 
 def export_all(cache_dir: Path, variants: dict) -> dict[str, Path]:
@@ -116,8 +131,9 @@ def worker(folder: str, batch: int, past: int, steps: int, threads: int) -> dict
 
 
 def genai_worker(folder: str, batch: int, past: int, steps: int, threads: int) -> dict:
-    """The yardstick: onnxruntime-genai's own build of the original model (its model builder,
-    GroupQueryAttention, cache shared between past and present), batch 1, same threads."""
+    """A yardstick: onnxruntime-genai's own build of the original model (its model builder,
+    GroupQueryAttention, cache shared between past and present; fp32 cache in its fp32 and int8
+    builds alike), batch 1, same threads."""
     import json as _json
 
     import numpy as np
@@ -226,7 +242,11 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, default=Path(__file__).with_suffix(".png"))
     parser.add_argument("--genai", type=Path, default=None, help="an onnxruntime-genai build of the original "
                         "(python -m onnxruntime_genai.models.builder -i HF_DIR -o DIR -p fp32 -e cpu; drop "
-                        "'quantization_config' from config.json first): timed at batch 1 as the yardstick")
+                        "'quantization_config' from config.json first): timed at batch 1, the yardstick of "
+                        "the fp32-weight rows")
+    parser.add_argument("--genai-int8", type=Path, default=None, help="onnxruntime-genai's int8 build of the "
+                        "original (the same builder with -p int8): timed at batch 1, the yardstick of the rows "
+                        "whose name says 'int8 weights'")
     parser.add_argument("--extra", nargs="+", default=[], metavar="NAME=DIR",
                         help="also time these exported folders (e.g. from benchmarks/quantized.py)")
     parser.add_argument("--repeats", type=int, default=1, help="measure every row this many times, interleaved "
@@ -244,14 +264,15 @@ def main() -> None:
     rows = []
     print(f"SmolLM2-135M decode step, onnxruntime CPU, {args.threads} threads, median of {args.steps} steps "
           f"(median of {args.repeats} interleaved runs), fp32 unless the name says int8, cache updated in place")
-    print("| model | batch | past | ms/step | tokens/s | speedup vs original | vs genai | KV bytes/token | "
-          "peak RSS MB |")
+    yardsticks = {"fp32": GENAI if args.genai else None, "int8": GENAI_INT8 if args.genai_int8 else None}
+    print("| model | batch | past | ms/step | tokens/s | speedup vs original | vs genai of the same weights "
+          "(fp32 rows: genai fp32; int8-weight rows: genai int8) | KV bytes/token | peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for batch in args.batch:
         for past in args.past:
             runs = [(name, folder, False) for name, folder in folders.items()]
-            if args.genai and batch == 1:
-                runs.insert(0, (GENAI, args.genai, True))
+            if batch == 1:
+                runs[:0] = [(n, d, True) for n, d in ((GENAI, args.genai), (GENAI_INT8, args.genai_int8)) if d]
             measured: dict[str, list[dict]] = {}
             for _ in range(args.repeats):
                 for name, folder, genai in runs:
@@ -268,7 +289,8 @@ def main() -> None:
                 r.update(model=name, batch=batch, past=past)
                 # ratios within each interleaved round (the machine drifts between rounds), then their median
                 r["vs_original"] = paired_ratios(measured.get("original"), results)
-                r["vs_genai"] = paired_ratios(measured.get(GENAI), results)
+                r["genai_yardstick"] = yardsticks[weight_precision(name)]
+                r["vs_genai"] = paired_ratios(measured.get(r["genai_yardstick"]), results)
                 rows.append(r)
                 speed, vs_genai = format_ratios(r["vs_original"]), format_ratios(r["vs_genai"])
                 print(f"| {name} | {batch} | {past} | {r['ms']:.1f} | {r['tokens_per_s']:.1f} | {speed} | {vs_genai} | "

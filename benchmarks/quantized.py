@@ -2,8 +2,8 @@
 
 SmolLM2-135M, original and converted with the project default (calibrated on alice29, d_kv and
 r = 4), each exported by ``mla_pass.export.to_onnx`` as: fp32; int8 latent cache
-(``latent_cache="int8"``); int8 weights (``quantize="int8"``, onnxruntime dynamic
-quantization); both. Every folder is run by ``mla_pass.runtime.OnnxEngine`` (onnxruntime CPU)
+(``latent_cache="int8"``); int8 weights (``quantize="int8"``: MatMulNBits, 8 bits, blocks
+of 32, symmetric, the tied lm_head included, as onnxruntime-genai's int8 build); both. Every folder is run by ``mla_pass.runtime.OnnxEngine`` (onnxruntime CPU)
 as one prefill per held-out window of ``lcet10.txt`` — through the cache: the int8 latent is
 quantized as it is written, and the attention reads it back from the cache — and compared with
 the original PyTorch model on the same windows: perplexity, top-1 agreement, KL(original ‖
