@@ -453,20 +453,38 @@ def _verify(folder: Path, manifest: Manifest, wrapper: nn.Module, args: tuple, d
     # d_kv=32 conversion reached 0.37); a wrong program is off by the whole range. Exactness of
     # the same program is tests/test_int8_cache.py's job (≤ 1e-4 on a tiny model).
     tol = 0.5 if quantized or int8_outputs else 1e-3 if dtype == "float32" else 2e-2
+    # int8 weights: the example's random cache puts some tokens where a deep model is chaotic
+    # (SmolLM2's original: one of the six new tokens moved its logits by 1.3× the largest logit,
+    # with weight-only int8 at fp32 activations still 0.7×, while on real text the int8 export's
+    # logits stay within 1.9 of 35, KL 0.005): judge the typical new token, the median over
+    # (row, token) of the largest error, since a wrong program is off at every token.
     logit_error = 0.0
-    filled = {e.output: (e.time_axis, args[1].shape[1]) for e in manifest.cache if manifest.cache_update == "in_place"}
+    new_tokens, total = args[0].shape[1], args[1].shape[1]
+    time_axes = {e.output: e.time_axis for e in manifest.cache}
+    filled = {e.output for e in manifest.cache if manifest.cache_update == "in_place"}
     for name, g, w in zip(["logits"] + [e.output for e in manifest.cache], got, want):
         g = g.astype(np.float32)
         if name in filled:      # a buffer holds T+S tokens; what lies beyond is unspecified (GroupQueryAttention)
-            axis, total = filled[name]
-            g, w = g.take(range(total), axis=axis), w.take(range(total), axis=axis)
+            g, w = g.take(range(total), axis=time_axes[name]), w.take(range(total), axis=time_axes[name])
         scale = max(1.0, float(np.abs(w).max()))
         err = float(np.abs(g - w).max()) if g.shape == w.shape else float("inf")
         if name == "logits":
             logit_error = err
+        what = "max |Δ|"
+        if quantized and g.shape == w.shape:
+            axis = 1 if name == "logits" else time_axes[name]
+            new = range(g.shape[axis] - new_tokens, g.shape[axis])
+            err = float(np.median(_token_errors(g.take(new, axis=axis), w.take(new, axis=axis), axis)))
+            what = "median over new tokens of max |Δ|"
         # int8 codes: one step for a flipped tie, plus the drift the float tolerance allows
         allowed = 1 + tol * 127 if name in int8_outputs else tol * scale
         if not err <= allowed:
             raise ExportError(f"onnxruntime disagrees with PyTorch on output {name}: shape {g.shape} vs {w.shape}, "
-                              f"max |Δ| {err:.2e} (allowed {allowed:.1e}); the export is not usable")
+                              f"{what} {err:.2e} (allowed {allowed:.1e}); the export is not usable")
     return logit_error
+
+
+def _token_errors(got: np.ndarray, want: np.ndarray, axis: int) -> np.ndarray:
+    """The largest |got − want| of each (batch row, token along ``axis``), flattened."""
+    d = np.moveaxis(np.abs(got - want), axis, 1)
+    return d.reshape(d.shape[0] * d.shape[1], -1).max(-1)

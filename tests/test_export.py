@@ -222,3 +222,16 @@ def test_int8_weights_quantize_a_tied_lm_head_as_onnxruntime_genai_does(tmp_path
     ids = torch.randint(0, tied.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(3))
     errors, _, _ = _drive(folder, program.step, program.empty_cache, ids, steps=4)
     assert max(errors) < 0.25 * 4, errors
+
+
+def test_int8_weight_check_judges_the_typical_token():
+    """to_onnx's check of an int8-weight export takes the median over (row, token) of each
+    token's largest error: one token thrown far by a chaotic random cache passes, a program
+    that is wrong at every token does not."""
+    want = np.random.default_rng(0).standard_normal((2, 3, 8, 5)).astype(np.float32)     # cache-like, time axis 2
+    one_off = want.copy()
+    one_off[1, :, 1] += 100.0
+    per_token = onnx_export._token_errors(one_off, want, axis=2)
+    assert per_token.shape == (2 * 8,) and sorted(per_token)[-1] == pytest.approx(100.0)
+    assert np.median(per_token) == 0.0
+    assert np.median(onnx_export._token_errors(want + 100.0, want, axis=2)) == pytest.approx(100.0)
