@@ -207,7 +207,8 @@ def test_int8_weights_quantize_a_tied_lm_head_as_onnxruntime_genai_does(tmp_path
     head = producer["logits"]
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in head.attribute}
     assert head.op_type == "MatMulNBits", head.op_type
-    assert (attrs["bits"], attrs["block_size"], attrs["accuracy_level"], attrs["N"]) == (8, 32, 4, tied.config.vocab_size)
+    quantized = (attrs["bits"], attrs["block_size"], attrs["accuracy_level"], attrs["N"])
+    assert quantized == (8, 32, 4, tied.config.vocab_size), quantized
     assert len(head.input) == 3, "symmetric: no zero points"
     # every MatMul left in float reads no weight (constant or transposed constant)
     weights = [n for n in graph.node if n.op_type == "MatMul" and any(
