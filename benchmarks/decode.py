@@ -192,6 +192,8 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     batches = sorted({r["batch"] for r in rows})
+    if len({r["past"] for r in rows}) == 1:          # one context length: bars, with each row's range of rounds
+        return _plot_bars(rows, path, plt)
     fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4), squeeze=False)
     for ax, b in zip(axes[0], batches):
         for name in dict.fromkeys(r["model"] for r in rows):
@@ -204,6 +206,26 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_title(f"SmolLM2-135M, batch {b}, onnxruntime CPU")
         ax.grid(alpha=0.3)
         ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _plot_bars(rows: list[dict], path: Path, plt) -> None:
+    """One bar per (model, batch): median ms/step, labelled with the speedup against its genai yardstick."""
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
+    labels = [f"{r['model']}" + (f" (batch {r['batch']})" if len({x['batch'] for x in rows}) > 1 else "") for r in rows]
+    bars = ax.barh(range(len(rows)), [r["ms"] for r in rows],
+                   color=["tab:gray" if "genai" in r["model"] else "tab:blue" for r in rows])
+    for bar, r in zip(bars, rows):
+        ratios = r.get("vs_genai") or []
+        note = f"{r['ms']:.1f} ms" + (f", {statistics.median(ratios):.2f}× genai" if ratios else "")
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, " " + note, va="center", fontsize=8)
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("median decode step (ms)")
+    ax.set_xlim(0, max(r["ms"] for r in rows) * 1.35)
+    ax.set_title(f"SmolLM2-135M decode, past {rows[0]['past']}, onnxruntime CPU")
+    ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
