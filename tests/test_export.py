@@ -7,6 +7,9 @@ own cache. fp32 logits must agree within 1e-4 at every step and the greedy token
 from __future__ import annotations
 
 import json
+import logging
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -176,6 +179,9 @@ def test_int8_weights_shrink_the_folder_and_still_run(mla_folder, tmp_path):
     folder = to_onnx(mla, tmp_path / "int8", quantize="int8")
     manifest = Manifest.read(folder)
     assert manifest.notes["weights"].startswith("int8")
+    # the graph was held to the float tolerance before its weights were quantized
+    assert manifest.notes["verify_before_int8_weights_max_abs_logit_error"] < 1e-3, manifest.notes
+    assert manifest.notes["verify_worst_relative_rms_error"] < 0.5, manifest.notes
     size = lambda f: sum(p.stat().st_size for p in f.iterdir() if p.name.startswith("model."))  # noqa: E731
     assert size(folder) < 0.7 * size(fp32)        # embeddings and norms stay fp32
     ids = torch.randint(0, mla.vocab_size, (1, 5), generator=torch.Generator().manual_seed(2))
@@ -225,14 +231,79 @@ def test_int8_weights_quantize_a_tied_lm_head_as_onnxruntime_genai_does(tmp_path
     assert max(errors) < 0.25 * 4, errors
 
 
-def test_int8_weight_check_judges_the_typical_token():
-    """to_onnx's check of an int8-weight export takes the median over (row, token) of each
-    token's largest error: one token thrown far by a chaotic random cache passes, a program
-    that is wrong at every token does not."""
-    want = np.random.default_rng(0).standard_normal((2, 3, 8, 5)).astype(np.float32)     # cache-like, time axis 2
-    one_off = want.copy()
-    one_off[1, :, 1] += 100.0
-    per_token = onnx_export._token_errors(one_off, want, axis=2)
-    assert per_token.shape == (2 * 8,) and sorted(per_token)[-1] == pytest.approx(100.0)
-    assert np.median(per_token) == 0.0
-    assert np.median(onnx_export._token_errors(want + 100.0, want, axis=2)) == pytest.approx(100.0)
+
+def test_int8_weights_leave_the_logging_configuration_alone():
+    """onnxruntime's quantizer module calls logging.basicConfig(level=INFO) on import, which
+    made later exports print hundreds of onnxscript INFO lines."""
+    code = ("import logging; from mla_pass.export.onnx import _import_quantizer; _import_quantizer(); "
+            "root = logging.getLogger(); print(len(root.handlers), root.level)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["0", str(logging.WARNING)], out
+
+
+@pytest.mark.parametrize("cache_update", ["in_place", "concat"])
+def test_quantized_exports_are_checked_over_text_and_a_cache_the_model_wrote(llama, tmp_path, monkeypatch,
+                                                                             cache_update):
+    """A quantized export is verified on the example step over the model's own greedy text and a
+    past its own program prefilled (random tokens throw a deep model's int8 logits around): that
+    past is a real cache, so the step's logits equal those of one prefill of the whole text."""
+    mla = mla_pass.convert(llama, MLAConfig(d_kv=6, rope_freqs=3), progress=False)
+    seen = {}
+    real_verify, real_text = onnx_export._verify, onnx_export._model_text
+
+    def spy_verify(folder, manifest, wrapper, args, *rest, **kw):
+        seen.update(args=args, wrapper=wrapper)
+        return real_verify(folder, manifest, wrapper, args, *rest, **kw)
+
+    def spy_text(*a, **kw):
+        seen["text"] = real_text(*a, **kw)
+        return seen["text"]
+
+    monkeypatch.setattr(onnx_export, "_verify", spy_verify)
+    monkeypatch.setattr(onnx_export, "_model_text", spy_text)
+    to_onnx(mla, tmp_path / "q", quantize="int8", cache_update=cache_update)
+    ids, mask, pos, *past = seen["args"]
+    text, (b, s) = seen["text"], ids.shape
+    t = mask.shape[1] - s
+    assert torch.equal(ids, text[:, t:])
+    if cache_update == "in_place":          # nothing written beyond the prefill's T tokens
+        assert all(not p.narrow(axis, t, p.shape[axis] - t).any()
+                   for p, axis in zip(past, [e.time_axis for e in Manifest.read(tmp_path / "q").cache]))
+    with torch.no_grad():
+        step_logits = seen["wrapper"](ids, mask, pos, *past)[0]
+        whole = mla(text, attention_mask=mask)
+    whole = whole.logits if hasattr(whole, "logits") else whole
+    first = mask.argmax(-1)
+    for row in range(b):                    # row 1 is left-padded: compare where the mask is 1
+        torch.testing.assert_close(step_logits[row], whole[row, -s:], atol=1e-4, rtol=0)
+        greedy = whole[row, first[row]:-1].argmax(-1)          # each token after the first is greedy
+        assert torch.equal(greedy, text[row, first[row] + 1:]), (greedy, text[row])
+
+
+def test_the_check_of_an_int8_cache_export_refuses_a_wrong_program(llama, tmp_path, monkeypatch):
+    """The int8 latent is compared as the values it stands for: the export's own program passes,
+    one whose latent values are negated (codes mirrored around 128) does not."""
+    mla = mla_pass.convert(llama, MLAConfig(d_kv=6, rope_freqs=3), progress=False)
+    seen = {}
+    real_verify = onnx_export._verify
+
+    def spy(folder, manifest, wrapper, args, *rest, **kw):
+        seen.update(args=args, wrapper=wrapper)
+        return real_verify(folder, manifest, wrapper, args, *rest, **kw)
+
+    monkeypatch.setattr(onnx_export, "_verify", spy)
+    folder = to_onnx(mla, tmp_path / "q", latent_cache="int8")
+    manifest = Manifest.read(folder)
+    latent = [i for i, e in enumerate(manifest.cache) if e.dtype == "uint8"]
+    assert latent, "no int8 latent in the manifest"
+
+    class Mirrored(torch.nn.Module):
+        def forward(self, *args):
+            out = list(seen["wrapper"](*args))
+            for i in latent:                                    # outputs: logits, then the cache
+                out[1 + i] = (256 - out[1 + i].int()).clamp(0, 255).to(torch.uint8)
+            return tuple(out)
+
+    real_verify(folder, manifest, seen["wrapper"], seen["args"], "float32")
+    with pytest.raises(ExportError, match="latent"):
+        real_verify(folder, manifest, Mirrored(), seen["args"], "float32")
