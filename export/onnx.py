@@ -38,6 +38,7 @@ from torch import nn
 
 from mla_pass.cache_quant import CACHE_DTYPES, to_int8_latent
 from mla_pass.latent_attention import cache_time_axis
+from mla_pass.math.int8_cache import dequantize_per_token
 from mla_pass.rewrite import to_in_place, use_group_query_attention
 from mla_pass.runtime.manifest import CACHE_UPDATES, CacheEntry, Manifest
 
@@ -175,12 +176,10 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
             manifest.notes["attention"] = attention
         if fused is not None:
             manifest.notes["fused"] = fused
-        # int8 programs are checked over a cache the model wrote itself: on the example's random
-        # cache a deep model is chaotic at some tokens (SmolLM2 with int8 weights: one token of six
-        # moved by 1.3× the largest logit, while on real text its logits stay within 1.9 of 35,
-        # KL 0.005), which says nothing about the export
-        checked = _self_filled(wrapper, args, spec, vocab, cache_update) if quantize or latent_cache == "int8" \
-            else args
+        # int8 programs are checked over the model's own text and cache (``_self_filled``): on
+        # random ones a deep model is chaotic at some tokens, which says nothing about the export
+        checked = _self_filled(wrapper, args, spec, vocab, cache_update) \
+            if verify and (quantize or latent_cache == "int8") else args
         if verify and quantize:
             # the graph as written is held to the float tolerance before onnxruntime's quantizer
             # touches its weights; what the quantizer changes gets the approximate check below
@@ -500,20 +499,16 @@ def _verify(folder: Path, manifest: Manifest, wrapper: nn.Module, args: tuple, d
     got = session.run(None, feeds)
     with torch.no_grad():
         want = [t.float().cpu().numpy() for t in wrapper(*args)]
-    # relative to the largest value; int8 weights only have to be in the right range (their
-    # quality change is measured on real text, not asserted here)
-    # (fp32: 1e-3, since round-off grows over a real model's depth — SmolLM2's 30 layers reach
-    # ~3e-4 on the cache — while a wrong program is off by O(1))
+    # float programs: max |Δ| relative to the largest value (fp32: 1e-3, since round-off grows
+    # over a real model's depth — SmolLM2's 30 layers reach ~3e-4 on the cache — while a wrong
+    # program is off by O(1)). int8 weights or an int8 latent cache: int8 weights move logits and
+    # cache (their quality change is measured on real text, not asserted here), and a code
+    # flipped at a rounding tie (cache, the integer attention's 8-bit queries and weights) is a
+    # change later layers carry. Those are judged by the RMS error relative to the output's
+    # spread (its std, so a shared offset such as the logits' mean cannot hide an error), ≤ 0.5,
+    # where an unrelated output is ≈ √2; exactness of the int8 program is tests/test_int8_cache.py's
+    # job (≤ 1e-4, tiny model). An int8 latent is compared as the values it stands for.
     int8_outputs = {e.output for e in manifest.cache if e.dtype in ("int8", "uint8")}
-    # int8 weights or an int8 latent cache (checked over a cache the model wrote itself): int8
-    # weights move the logits and the cache (their quality change is measured on real text), a
-    # code flipped at a rounding tie (cache, and the integer attention's 8-bit queries and
-    # weights) is a change that later layers carry, and on random tokens a few values of a deep
-    # layer drift by half their range (SmolLM2 with int8 weights: layer 29's rope keys): judged by
-    # the RMS error relative to the output's spread (its std, so a shared offset such as the
-    # logits' mean cannot hide an error), ≤ 0.5, where an unrelated output is ≈ √2. Exactness of the same program
-    # is tests/test_int8_cache.py's job (≤ 1e-4, tiny model). An int8 latent is compared as the
-    # values it stands for (codes × token scales), like a float cache.
     approximate = quantized or bool(int8_outputs)
     tol = 0.5 if approximate else 1e-3 if dtype == "float32" else 2e-2
     names = ["logits"] + [e.output for e in manifest.cache]
@@ -521,7 +516,8 @@ def _verify(folder: Path, manifest: Manifest, wrapper: nn.Module, args: tuple, d
     for name in int8_outputs:                   # its scales are the output named <latent>_scale
         codes, scales = (got[name], want[name]), (got[name + "_scale"], want[name + "_scale"])
         if codes[0].shape == codes[1].shape and scales[0].shape == scales[1].shape:   # else: a shape error below
-            got[name], want[name] = _dequantized(codes[0], scales[0]), _dequantized(codes[1], scales[1])
+            got[name], want[name] = (dequantize_per_token(torch.from_numpy(c), torch.from_numpy(sc).float()).numpy()
+                                     for c, sc in zip(codes, scales))
     figures: dict[str, float | str] = {}
     total = args[1].shape[1]
     time_axes = {e.output: e.time_axis for e in manifest.cache}
@@ -545,8 +541,4 @@ def _verify(folder: Path, manifest: Manifest, wrapper: nn.Module, args: tuple, d
                               f"{what} {err:.2e} (allowed {allowed:.1e}); the export is not usable")
     return figures
 
-
-def _dequantized(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """uint8 latent codes (code + 128) [B, T, c] with per-token scales [B, T] → the values they stand for."""
-    return (codes.astype(np.float32) - 128.0) * scales.astype(np.float32)[..., None]
 

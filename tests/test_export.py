@@ -241,6 +241,19 @@ def test_int8_weights_leave_the_logging_configuration_alone():
     assert out.split() == ["0", str(logging.WARNING)], out
 
 
+def _spy_on_verify(monkeypatch) -> dict:
+    """Let to_onnx's check run as usual and keep what it was given: ``args`` and ``wrapper`` of
+    its last call, and the unpatched ``real_verify``."""
+    seen = {"real_verify": onnx_export._verify}
+
+    def spy(folder, manifest, wrapper, args, *rest, **kw):
+        seen.update(args=args, wrapper=wrapper)
+        return seen["real_verify"](folder, manifest, wrapper, args, *rest, **kw)
+
+    monkeypatch.setattr(onnx_export, "_verify", spy)
+    return seen
+
+
 @pytest.mark.parametrize("cache_update", ["in_place", "concat"])
 def test_quantized_exports_are_checked_over_text_and_a_cache_the_model_wrote(llama, tmp_path, monkeypatch,
                                                                              cache_update):
@@ -248,18 +261,13 @@ def test_quantized_exports_are_checked_over_text_and_a_cache_the_model_wrote(lla
     past its own program prefilled (random tokens throw a deep model's int8 logits around): that
     past is a real cache, so the step's logits equal those of one prefill of the whole text."""
     mla = mla_pass.convert(llama, MLAConfig(d_kv=6, rope_freqs=3), progress=False)
-    seen = {}
-    real_verify, real_text = onnx_export._verify, onnx_export._model_text
-
-    def spy_verify(folder, manifest, wrapper, args, *rest, **kw):
-        seen.update(args=args, wrapper=wrapper)
-        return real_verify(folder, manifest, wrapper, args, *rest, **kw)
+    seen = _spy_on_verify(monkeypatch)
+    real_text = onnx_export._model_text
 
     def spy_text(*a, **kw):
         seen["text"] = real_text(*a, **kw)
         return seen["text"]
 
-    monkeypatch.setattr(onnx_export, "_verify", spy_verify)
     monkeypatch.setattr(onnx_export, "_model_text", spy_text)
     to_onnx(mla, tmp_path / "q", quantize="int8", cache_update=cache_update)
     ids, mask, pos, *past = seen["args"]
@@ -284,14 +292,7 @@ def test_the_check_of_an_int8_cache_export_refuses_a_wrong_program(llama, tmp_pa
     """The int8 latent is compared as the values it stands for: the export's own program passes,
     one whose latent values are negated (codes mirrored around 128) does not."""
     mla = mla_pass.convert(llama, MLAConfig(d_kv=6, rope_freqs=3), progress=False)
-    seen = {}
-    real_verify = onnx_export._verify
-
-    def spy(folder, manifest, wrapper, args, *rest, **kw):
-        seen.update(args=args, wrapper=wrapper)
-        return real_verify(folder, manifest, wrapper, args, *rest, **kw)
-
-    monkeypatch.setattr(onnx_export, "_verify", spy)
+    seen = _spy_on_verify(monkeypatch)
     folder = to_onnx(mla, tmp_path / "q", latent_cache="int8")
     manifest = Manifest.read(folder)
     latent = [i for i, e in enumerate(manifest.cache) if e.dtype == "uint8"]
@@ -304,6 +305,6 @@ def test_the_check_of_an_int8_cache_export_refuses_a_wrong_program(llama, tmp_pa
                 out[1 + i] = (256 - out[1 + i].int()).clamp(0, 255).to(torch.uint8)
             return tuple(out)
 
-    real_verify(folder, manifest, seen["wrapper"], seen["args"], "float32")
+    seen["real_verify"](folder, manifest, seen["wrapper"], seen["args"], "float32")
     with pytest.raises(ExportError, match="latent"):
-        real_verify(folder, manifest, Mirrored(), seen["args"], "float32")
+        seen["real_verify"](folder, manifest, Mirrored(), seen["args"], "float32")
