@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mla_pass.absorb import absorb_projections
 from mla_pass.cache_quant import CACHE_DTYPES, to_int8_latent
 from mla_pass.latent_attention import cache_time_axis
 from mla_pass.math.int8_cache import dequantize_per_token
@@ -139,8 +140,12 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
                 "".join(f"; site {i}: masked SDPA, {why}" for i, why in sorted(refused.items()))
     if latent_cache == "int8":
         step, spec = to_int8_latent(step, spec)
-    wrapper = _OnnxStep(step).eval()
     args, names, shapes = _example(step, spec, plans, vocab, torch.float32, cache_update)
+    absorbed = None
+    if kind == "mla":     # W_uk and W_uv folded into the query and output projections
+        ids, mask, pos, *past = args
+        absorbed = absorb_projections(step, (ids, pos, mask, *past))
+    wrapper = _OnnxStep(step).eval()
     opset = 24 if cache_update == "in_place" else 23          # TensorScatter is opset 24
     with tempfile.TemporaryDirectory() as tmp:   # written whole, then moved: a failed export leaves no folder
         staging = Path(tmp)
@@ -174,6 +179,8 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
                                    "(MatMulInteger)" if latent_cache == "int8" else dtype})
         if attention:
             manifest.notes["attention"] = attention
+        if absorbed is not None:
+            manifest.notes["absorbed_projections"] = absorbed
         if fused is not None:
             manifest.notes["fused"] = fused
         # int8 programs are checked over the model's own text and cache (``_self_filled``): on

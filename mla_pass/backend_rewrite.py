@@ -232,7 +232,7 @@ def rewrite_sites(gm: fx.GraphModule, sites: list[GraphSite], modules: dict[int,
         core_out.replace_all_uses_with(out)
     output = next(n for n in graph.nodes if n.op == "output")
     output.args = fx.node.map_arg(output.args, lambda n: slot_for.get(n, n))
-    graph.eliminate_dead_code()
+    G.eliminate_dead_code(graph)
     alive = set(graph.nodes)
     leftover = [gs.cache.name for gs in sites if gs.cache is not None and gs.cache in alive]
     if leftover:

@@ -138,6 +138,19 @@ def depends_on_placeholders(gm: fx.GraphModule) -> set[fx.Node]:
     return dep
 
 
+def eliminate_dead_code(graph: fx.Graph) -> bool:
+    """``graph.eliminate_dead_code`` that also drops unused seeded-random ops. torch.fx keeps
+    those as impure, and SDPA is one (for its dropout): without this a replaced attention core,
+    with the q/k/v projections feeding it, stays in the program and runs on every call."""
+    def impure(n: fx.Node) -> bool:
+        if n.op in ("placeholder", "output") or n.target in fx.node._side_effectful_functions:
+            return True
+        schema = getattr(n.target, "_schema", None)
+        return n.op == "call_function" and schema is not None and schema.is_mutable
+
+    return graph.eliminate_dead_code(is_impure_node=impure)
+
+
 def run_region(gm: fx.GraphModule, nodes: list[fx.Node], env: dict[fx.Node, object],
                inputs: dict[fx.Node, object], *, cast: Callable | None = None) -> dict[fx.Node, object]:
     """Evaluate ``nodes`` (graph order) with some nodes' values replaced by ``inputs``.

@@ -17,6 +17,7 @@ from torch import nn
 
 from .cache_ops import cache_write
 from .kernels.dispatch import absorbed_decode
+from .math.absorbed_mqa import latent_mqa
 from .math.attention import decompressed_attention
 from .math.int8_cache import dequantize_per_token, quantize_per_token
 
@@ -98,23 +99,33 @@ class SitePlan:
         return asdict(self)
 
 
-class RopeKeyProjection(nn.Module):
-    """x_BSD → k_rope_full in the model's pre-RoPE key layout, kept dims filled, others 0."""
+class RopeProjection(nn.Module):
+    """x_BSD → the rotated dims of every head in the model's pre-RoPE layout, others 0: what the
+    model's own RoPE is then applied to (so no rotation formula is assumed)."""
 
-    def __init__(self, plan: SitePlan):
+    def __init__(self, n_heads: int, head_dim: int, hidden: int, dims, layout: str, bias: bool):
+        """``dims``: per head, the rotated dims it keeps (2r each)."""
         super().__init__()
-        r2, n_kv = plan.rope_width, plan.n_kv_heads
-        self.n_kv, self.head_dim, self.layout = n_kv, plan.head_dim, plan.key_raw_layout
-        self.weight = nn.Parameter(torch.zeros(n_kv * r2, plan.hidden))
-        self.bias = nn.Parameter(torch.zeros(n_kv * r2)) if plan.key_bias else None
-        self.register_buffer("dims", torch.tensor(plan.rope_dims, dtype=torch.long).reshape(n_kv, r2), persistent=False)
+        self.n_heads, self.head_dim, self.layout = n_heads, head_dim, layout
+        dims = torch.as_tensor(dims, dtype=torch.long).reshape(n_heads, -1)
+        self.weight = nn.Parameter(torch.zeros(dims.numel(), hidden))
+        self.bias = nn.Parameter(torch.zeros(dims.numel())) if bias else None
+        self.register_buffer("dims", dims, persistent=False)
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         b, s = x_BSD.shape[:2]
-        kr_BSHkvR = nn.functional.linear(x_BSD, self.weight, self.bias).reshape(b, s, self.n_kv, -1)
-        full = kr_BSHkvR.new_zeros(b, s, self.n_kv, self.head_dim)
-        full = full.scatter(-1, self.dims.expand(b, s, -1, -1), kr_BSHkvR)
+        r_BSHR = nn.functional.linear(x_BSD, self.weight, self.bias).reshape(b, s, self.n_heads, -1)
+        full = r_BSHR.new_zeros(b, s, self.n_heads, self.head_dim)
+        full = full.scatter(-1, self.dims.expand(b, s, -1, -1), r_BSHR)
         return full if self.layout == "BSHD" else full.transpose(1, 2)
+
+
+class RopeKeyProjection(RopeProjection):
+    """x_BSD → k_rope_full in the model's pre-RoPE key layout, kept dims filled, others 0."""
+
+    def __init__(self, plan: SitePlan):
+        super().__init__(plan.n_kv_heads, plan.head_dim, plan.hidden, plan.rope_dims, plan.key_raw_layout,
+                         bool(plan.key_bias))
 
 
 class LatentAttention(nn.Module):
@@ -156,6 +167,12 @@ class LatentAttention(nn.Module):
         self.cache_update = "concat"   # or "in_place": past are preallocated buffers (rewrite.to_in_place)
         self.decode_kernel = True    # the fused Triton decode on CUDA where it applies (kernels/dispatch.py)
         self.latent_cache = "float"  # or "int8": 8-bit codes (uint8 + 128) + a per-token scale (cache_quant.to_int8_latent)
+        # the up-projections absorbed into the query and output projections (absorb.py, for export):
+        # then the call's query_raw is unused, query is the model's RoPE of ``rope_query(x)`` and the
+        # result is the output projection's [B, S, D] instead of [B, H, S, Dv]
+        self.query_latent: nn.Linear | None = None
+        self.rope_query: RopeProjection | None = None
+        self.output_projection: nn.Linear | None = None
 
     @property
     def cache_kinds(self) -> list[str]:
@@ -209,12 +226,10 @@ class LatentAttention(nn.Module):
             v = v + self.value_bias[None, :, None, :]
         return k_nope, v
 
-    # -- the call the graph makes --------------------------------------------------------------
-    def forward(self, x_BSD, query_raw, query, key_rope_full, mask, *past):
-        """Without ``past``: out [B,H,S,Dv]. With the cache tensors of ``plan.cache_kinds``
-        (each holding T earlier tokens): (out, *present) with T+S tokens each."""
+    def cache_update_of(self, x_BSD, key_rope_full, past) -> tuple[dict, bool]:
+        """This call's cache tensors (``cache_kinds``): the new tokens' alone without ``past``,
+        else the past with them written in (T+S tokens each)."""
         p = self.plan
-        q_nope, q_rope = self.split_query(query_raw, query)
         new = {"latent": nn.functional.linear(x_BSD, self.down),                      # [B, S, C]
                "rope_key": self.rope_keys(key_rope_full, x_BSD)}                      # [B, Hkv, S, R]
         if p.key_norm:
@@ -230,6 +245,33 @@ class LatentAttention(nn.Module):
                 new["latent"], new["latent_scale"] = quantize_per_token(new["latent"])
             for kind, old in zip(kinds, past):
                 new[kind] = update_cache(old, new[kind], cache_time_axis(kind), write_index)
+        return new, cached
+
+    def absorbed_projections(self, x_BSD, query_rope_full, new: dict, mask, cached: bool):
+        """The absorbed form with the up-projections folded into the query and output
+        projections (``math/absorption.py``) → the output projection's y [B, S, D]."""
+        p = self.plan
+        b, s = x_BSD.shape[:2]
+        q_latent = self.query_latent(x_BSD).reshape(b, s, p.n_heads, -1).transpose(1, 2)        # [B,H,S,C], scaled
+        if self.rope_query is not None:        # the model's RoPE of rope_query(x), heads first like its core's query
+            q_rope = query_rope_full.gather(-1, self.query_rope_dims[None, :, None, :].expand(b, p.n_heads, s, -1))
+        else:
+            q_rope = q_latent.new_zeros(b, p.n_heads, s, 0)
+        rope_key = new["rope_key"] if "rope_key" in p.cache_kinds else q_latent.new_zeros(b, p.n_kv_heads, s, 0)
+        out_latent = latent_mqa(q_latent, q_rope, new["latent"], rope_key, mask, p.is_causal and not cached,
+                                new.get("latent_scale"))
+        return self.output_projection(out_latent.transpose(1, 2).reshape(b, s, -1))
+
+    # -- the call the graph makes --------------------------------------------------------------
+    def forward(self, x_BSD, query_raw, query, key_rope_full, mask, *past):
+        """Without ``past``: out [B,H,S,Dv]. With the cache tensors of ``plan.cache_kinds``
+        (each holding T earlier tokens): (out, *present) with T+S tokens each."""
+        p = self.plan
+        new, cached = self.cache_update_of(x_BSD, key_rope_full, past)
+        if self.query_latent is not None:
+            out = self.absorbed_projections(x_BSD, query, new, mask, cached)
+            return (out, *(new[kind] for kind in self.cache_kinds)) if cached else out
+        q_nope, q_rope = self.split_query(query_raw, query)
         latent, latent_scale = new["latent"], new.get("latent_scale")
         if "rope_key" not in p.cache_kinds:            # no rope keys: zero-width over all keys
             new["rope_key"] = latent.new_zeros(latent.shape[0], p.n_kv_heads, latent.shape[1], 0)
@@ -252,5 +294,5 @@ class LatentAttention(nn.Module):
             out = decompressed_attention(q_nope, q_rope, k_nope, new["rope_key"], v, self.kv_head_of_query, p.scale,
                                          mask, is_causal, p.softcap)
         if cached:
-            return (out, *(new[kind] for kind in kinds))
+            return (out, *(new[kind] for kind in self.cache_kinds))
         return out

@@ -88,48 +88,80 @@ def to_heads(t: torch.Tensor, layout: str) -> torch.Tensor:
 def _affine_map(gm, site, env, target: fx.Node, batch: int, seq: int, heads_fn=None):
     """W [Hkv, Dout, D], b [Hkv, Dout] | None of the affine path hidden → target (BHSD or BSHD,
     or any layout ``heads_fn`` maps to BHSD)."""
-    nodes = G.region(site.hidden, target)
-    x_rec = env[site.hidden]
-    d = x_rec.shape[-1]
     if heads_fn is None:
         layout = layout_of(env[target], batch, seq)
         heads_fn = lambda t: to_heads(t, layout)  # noqa: E731
+    heads = heads_fn(env[target]).shape[1]
+    x_shape = env[site.hidden].shape
+
+    def to_tokens(t):                                      # [B, H, S, Dout] → [B, S, H·Dout]
+        t = heads_fn(t)
+        return t.transpose(1, 2).reshape(*t.shape[:1], t.shape[2], -1)
+
+    w, b = affine_map(gm, env, site.hidden, target, to_source=lambda x: x.reshape(x_shape), to_tokens=to_tokens,
+                      layer=site.layer)
+    w = w.reshape(heads, -1, w.shape[-1])                  # [H, Dout, D]
+    return w, (None if b is None else b.reshape(heads, -1))
+
+
+def affine_map(gm: fx.GraphModule, env: dict, source: fx.Node, target: fx.Node, *, to_source, to_tokens,
+               layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """W [O, I], b [O] | None (float64) of a per-token affine path source → target, from probes.
+
+    ``to_source`` maps a [B, S, I] token tensor to the source node's layout, ``to_tokens`` the
+    target's value to [B, S, O]. The map is evaluated in float64 on zero and on basis vectors
+    (B·S of them per run), then verified on the recorded run: a path that is not affine, or
+    that mixes tokens, is a ``SiteError`` naming the target node."""
+    nodes = G.region(source, target)
+    rec_tokens = to_tokens(env[target])
+    batch, seq = rec_tokens.shape[:2]
     wide = torch.float64
 
     def cast(v):
         return v.to(wide) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
 
-    def run(x):
+    def run(tokens_BSI):
         try:
-            out = G.run_region(gm, nodes, env, {site.hidden: x}, cast=cast)[target]
+            out = G.run_region(gm, nodes, env, {source: to_source(tokens_BSI)}, cast=cast)[target]
         except Exception as e:  # an op that cannot run on a probe is not affine in our sense
-            raise SiteError(site.layer, target.name, f"path from '{site.hidden.name}' could not be probed: {e}") from e
-        return heads_fn(out)  # [B, Hkv, S, Dout]
+            raise SiteError(layer, target.name, f"path from '{source.name}' could not be probed: {e}") from e
+        return to_tokens(out)
 
+    src = env[source]
+    dev = src.device
+    d = src.numel() // (batch * seq)
     tokens = batch * seq
-    dev = x_rec.device
-    zero = torch.zeros(x_rec.shape, dtype=wide, device=dev)
-    bias = run(zero)[0, :, 0, :]                           # [Hkv, Dout]
+    bias = run(torch.zeros(batch, seq, d, dtype=wide, device=dev))[0, 0]     # [O]
     cols = []
     eye = torch.eye(d, dtype=wide, device=dev)
     for start in range(0, d, tokens):
         chunk = eye[start:start + tokens]
         probe = torch.zeros(tokens, d, dtype=wide, device=dev)
         probe[: chunk.shape[0]] = chunk
-        out = run(probe.reshape(x_rec.shape))               # [B, Hkv, S, Dout]
-        out = out.permute(0, 2, 1, 3).reshape(tokens, *out.shape[1:2], out.shape[-1])[: chunk.shape[0]]
+        out = run(probe.reshape(batch, seq, d)).reshape(tokens, -1)[: chunk.shape[0]]
         cols.append(out - bias)
-    w = torch.cat(cols).permute(1, 2, 0).contiguous()     # [Hkv, Dout, D]
-    # verify on the recorded hidden state (fp32 recompute, relative tolerance)
-    recomputed = torch.einsum("hod,bsd->bhso", w, x_rec.to(wide)) + bias[None, :, None, :]
-    reference = heads_fn(env[target]).to(wide)
+    w = torch.cat(cols).T.contiguous()                                         # [O, I]
+    # verify on the recorded run (relative tolerance of the recorded dtype)
+    x_rec = _source_tokens(src, to_source, batch, seq, d)
+    recomputed = x_rec.to(wide) @ w.T + bias
+    reference = rec_tokens.to(wide)
     err = (recomputed - reference).abs().max().item()
-    tol = _tolerance(x_rec.dtype) * max(1.0, reference.abs().max().item())
+    tol = _tolerance(src.dtype) * max(1.0, reference.abs().max().item())
     if err > tol:
-        raise SiteError(site.layer, target.name, f"path from '{site.hidden.name}' is not affine "
+        raise SiteError(layer, target.name, f"path from '{source.name}' is not affine "
                         f"(reconstruction error {err:.2e}); q/k normalisation is not supported yet")
     has_bias = bias.abs().max().item() > 0
     return w, (bias if has_bias else None)
+
+
+def _source_tokens(value: torch.Tensor, to_source, batch: int, seq: int, d: int) -> torch.Tensor:
+    """The recorded source value as [B, S, I] tokens: ``to_source`` is a pure layout map, so its
+    inverse is read off by sending the token indices through it."""
+    index = torch.arange(batch * seq * d, dtype=torch.float64).reshape(batch, seq, d)
+    where = to_source(index).reshape(-1).long()                 # source position → token position
+    flat = torch.empty(batch * seq * d, dtype=value.dtype, device=value.device)
+    flat[where.to(value.device)] = value.reshape(-1)
+    return flat.reshape(batch, seq, d)
 
 
 def _normed_key(gm, site, env, batch, seq):

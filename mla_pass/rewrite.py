@@ -116,7 +116,7 @@ def use_group_query_attention(step: fx.GraphModule) -> dict[int, str]:
         module.op = "group_query_attention"
         query, key, value, _, past_key, past_value, _ = n.args      # (..., mask, *buffers, write_index)
         n.args = (query, key, value, inputs, past_key, past_value)
-    graph.eliminate_dead_code()           # the [B, 1, S, T_max] mask, when no site reads it any more
+    G.eliminate_dead_code(graph)          # the [B, 1, S, T_max] mask, when no site reads it any more
     graph.lint()
     step.recompile()
     return refused
@@ -207,7 +207,7 @@ def rewrite(gm: fx.GraphModule, sites: list[AttentionSite], modules: dict[int, L
         logits = logits[0]
     output.args = ((logits, *presents),) if with_cache else (logits,)
     staging = fx.GraphModule(root, graph)          # dead-code elimination needs an owning module
-    staging.graph.eliminate_dead_code()
+    G.eliminate_dead_code(staging.graph)
     staging.graph.lint()
     final_graph, _ = G.clone_graph(staging.graph)   # rebuilt so unused weights are not carried
     return fx.GraphModule(root, final_graph), cache

@@ -50,27 +50,35 @@ def absorbed_attention_mqa(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_BHkvTR, 
                            latent_scale_BT=None):
     """``latent_scale_BT``: the latent is the 8-bit cache of ``math/int8_cache.py`` (uint8 codes +
     128, one scale per token), read by ``integer_latent_attention``."""
-    b, h, s, _ = q_nope_BHSN.shape
-    t, c = latent_BTC.shape[1:]
-    n_kv = up_key_HkvNC.shape[0]
-    g = h // n_kv
     q_latent_BHSC = (q_nope_BHSN * scale) @ up_key_HkvNC.index_select(0, kv_head_of_query)     # [B,H,S,N]@[H,N,C]
-    r = k_rope_BHkvTR.shape[-1]
-    rope = None
-    if r:
-        rope = (q_rope_BHSR * scale).reshape(b, n_kv, g * s, r) @ k_rope_BHkvTR.transpose(-1, -2)  # [B,Hkv,g·S,T]
-        rope = rope.reshape(b, h, s, t)
-    bias = mask_bias(mask, is_causal, s, t, q_latent_BHSC.dtype, q_latent_BHSC.device)
-    if latent_scale_BT is not None:
-        out_latent = integer_latent_attention(q_latent_BHSC, latent_BTC, latent_scale_BT, rope, bias)
-    else:
-        scores = (q_latent_BHSC.reshape(b, h * s, c) @ latent_BTC.transpose(1, 2)).reshape(b, h, s, t)
-        weights = torch.softmax(_plus(scores, rope, bias), dim=-1)
-        out_latent = (weights.reshape(b, h * s, t) @ latent_BTC).reshape(b, h, s, c)           # [B,H,S,C]
+    q_rope_BHSR = q_rope_BHSR * scale if q_rope_BHSR.shape[-1] else q_rope_BHSR
+    out_latent = latent_mqa(q_latent_BHSC, q_rope_BHSR, latent_BTC, k_rope_BHkvTR, mask, is_causal,
+                            latent_scale_BT)
     out = out_latent @ up_value_HkvVC.index_select(0, kv_head_of_query).transpose(-1, -2)     # [B,H,S,V]
     if b_value_HkvV is not None:
         out = out + b_value_HkvV.index_select(0, kv_head_of_query)[None, :, None, :]
     return out
+
+
+def latent_mqa(q_latent_BHSC, q_rope_BHSR, latent_BTC, k_rope_BHkvTR, mask=None, is_causal=False,
+               latent_scale_BT=None):
+    """softmax(q_latent·c_t + q_rope·k_rope_t + mask) · c_t → the heads' latent outputs [B,H,S,C]
+    (queries already scaled; query heads grouped by kv head, see ``eligible``)."""
+    b, h, s, c = q_latent_BHSC.shape
+    t = latent_BTC.shape[1]
+    n_kv = k_rope_BHkvTR.shape[1]
+    g = h // n_kv
+    r = k_rope_BHkvTR.shape[-1]
+    rope = None
+    if r:
+        rope = q_rope_BHSR.reshape(b, n_kv, g * s, r) @ k_rope_BHkvTR.transpose(-1, -2)      # [B,Hkv,g·S,T]
+        rope = rope.reshape(b, h, s, t)
+    bias = mask_bias(mask, is_causal, s, t, q_latent_BHSC.dtype, q_latent_BHSC.device)
+    if latent_scale_BT is not None:
+        return integer_latent_attention(q_latent_BHSC, latent_BTC, latent_scale_BT, rope, bias)
+    scores = (q_latent_BHSC.reshape(b, h * s, c) @ latent_BTC.transpose(1, 2)).reshape(b, h, s, t)
+    weights = torch.softmax(_plus(scores, rope, bias), dim=-1)
+    return (weights.reshape(b, h * s, t) @ latent_BTC).reshape(b, h, s, c)                   # [B,H,S,C]
 
 
 def _plus(scores, *terms):

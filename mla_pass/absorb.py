@@ -1,0 +1,148 @@
+"""Absorb the up-projections into a step program's query and output projections (for export).
+
+``absorb_projections(step, example_args)`` rewrites every ``LatentAttention`` call that runs the
+absorbed multi-query form (``math/absorbed_mqa.py``): the model's query projection and the
+output projection after the attention are measured by probing (they must be affine, checked on
+a recorded run), folded with W_uk and W_uv (``math/absorption.py``) and installed on the module
+as ``query_latent`` / ``rope_query`` / ``output_projection``. The query's rotated dims still go
+through a copy of the model's own RoPE region, so no rotation formula is assumed. The original
+projections become dead code: the program computes [H·C] queries and reads [H·C] outputs
+instead of [H·Dh] and [H·Dv], and runs neither per-head up-projection.
+
+A site that does not qualify (decompressed form, softcapping, normalised keys, a query or an
+output path that is not affine) is left as it was; ``absorb_projections`` says which and why.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from . import graph as G
+from .latent_attention import LatentAttention, RopeProjection
+from .match import SiteError
+from .math.absorbed_mqa import eligible
+from .math.absorption import absorbed_output, absorbed_query, rope_query
+from .probe import affine_map
+
+
+def absorb_projections(step: fx.GraphModule, example_args: tuple) -> dict[str, object]:
+    """Fold every qualifying site of ``step`` in place → {"sites": n folded, "left": {layer: why}}."""
+    env = G.record_values(step, *example_args)
+    inputs_of = G.depends_on_placeholders(step)
+    folded, left = 0, {}
+    for node in list(step.graph.nodes):
+        if node.op != "call_module" or not isinstance(step.get_submodule(node.target), LatentAttention):
+            continue
+        module = step.get_submodule(node.target)
+        reason = _refusal(module)
+        if reason is None:
+            try:
+                _absorb_site(step, node, module, env, inputs_of)
+                folded += 1
+                continue
+            except SiteError as e:
+                reason = e.reason
+        left[module.plan.layer] = reason
+    G.eliminate_dead_code(step.graph)
+    step.graph.lint()
+    step.recompile()
+    return {"sites": folded, "left": left}
+
+
+def _refusal(module: LatentAttention) -> str | None:
+    p = module.plan
+    if module.form != "absorbed":
+        return f"runs the {module.form} form"
+    if not eligible(p.softcap, p.key_norm or None, p.kv_head_of_query, p.n_kv_heads):
+        return "not the multi-query form (softcapping, normalised keys or query heads out of kv-group order)"
+    return None
+
+
+def _absorb_site(step: fx.GraphModule, node: fx.Node, module: LatentAttention, env: dict, inputs_of: set) -> None:
+    p = module.plan
+    x, query_raw, query = node.args[:3]
+    out = next((u for u in node.users if G.is_getitem(u) and u.args[1] == 0), None) if _returns_tuple(node, env) \
+        else node
+    if out is None:
+        raise SiteError(p.layer, node.name, "its attention output is not used")
+    b, s, d = env[x].shape
+    heads_first = p.query_raw_layout == "BHSD"
+    w_q, b_q = affine_map(step, env, x, query_raw, to_source=lambda t: t.reshape(b, s, d), layer=p.layer,
+                          to_tokens=lambda t: (t.transpose(1, 2) if heads_first else t).reshape(t.shape[0], s, -1))
+    w_q = w_q.reshape(p.n_heads, p.head_dim, d)
+    b_q = None if b_q is None else b_q.reshape(p.n_heads, p.head_dim)
+    end, w_o, b_o = _output_projection(step, out, env, inputs_of, p)
+
+    mix = module.query_nope_mix
+    w_ql, b_ql = absorbed_query(w_q, b_q, module.query_nope_dims, module.up_key.detach().double(),
+                                module.kv_head_of_query, p.scale, None if mix is None else mix.detach().double(),
+                                getattr(module, "query_nope_partner", None))
+    w_y, b_y = absorbed_output(w_o.reshape(w_o.shape[0], p.n_heads, p.value_dim), b_o, module.up_value.detach().double(),
+                               None if module.value_bias is None else module.value_bias.detach().double(),
+                               module.kv_head_of_query)
+    dtype = module.down.dtype
+    module.query_latent = _linear(w_ql, b_ql, dtype)
+    module.output_projection = _linear(w_y, b_y, dtype)
+    new_query = None
+    graph = step.graph
+    if p.rope_width:
+        w_qr, b_qr = rope_query(w_q, b_q, module.query_rope_dims, p.scale)
+        rope = RopeProjection(p.n_heads, p.head_dim, d, module.query_rope_dims, p.query_raw_layout, b_qr is not None)
+        with torch.no_grad():
+            rope.weight.copy_(w_qr)
+            if b_qr is not None:
+                rope.bias.copy_(b_qr)
+        module.rope_query = rope.to(dtype)
+        with graph.inserting_before(node):
+            full = graph.call_module(f"{node.target}.rope_query", (x,))
+            new_query = G.copy_region(graph, G.region(query_raw, query), {query_raw: full})[query]
+    node.args = (x, None, new_query, *node.args[3:])
+    end.replace_all_uses_with(out)
+
+
+def _returns_tuple(node: fx.Node, env: dict) -> bool:
+    return isinstance(env[node], (tuple, list))
+
+
+def _output_projection(step, out: fx.Node, env: dict, inputs_of: set, p):
+    """(end node, W [Y, H·Dv], b [Y] | None): the longest single-user chain after the attention
+    output that is one affine map per token and applies a weight (the output projection, its
+    layout ops and bias), ending at a [B, S, Y] value."""
+    chain, n = [], out
+    while len(n.users) == 1:
+        user = next(iter(n.users))
+        if any(a in inputs_of and isinstance(env.get(a), torch.Tensor) for a in user.all_input_nodes if a is not n):
+            break                      # another activation joins here (the residual add)
+        chain.append(user)
+        n = user
+    b, h, s, v = env[out].shape
+    why = "no output projection follows the attention"
+    for end in reversed(chain):
+        val = env[end]
+        if not (isinstance(val, torch.Tensor) and val.dim() == 3 and tuple(val.shape[:2]) == (b, s)):
+            continue
+        if not _applies_a_weight(G.region(out, end), inputs_of, env):
+            continue
+        try:
+            w, bias = affine_map(step, env, out, end, layer=p.layer, to_tokens=lambda t: t,
+                                 to_source=lambda t: t.reshape(b, s, h, v).transpose(1, 2))
+        except SiteError as e:
+            why = e.reason
+            continue
+        return end, w, bias
+    raise SiteError(p.layer, out.name, why)
+
+
+def _applies_a_weight(nodes: list[fx.Node], inputs_of: set, env: dict) -> bool:
+    return any(a not in inputs_of and isinstance(env.get(a), torch.Tensor) and env[a].dim() >= 2
+               for n in nodes for a in n.all_input_nodes)
+
+
+def _linear(w: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:
+    layer = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=dtype)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        if b is not None:
+            layer.bias.copy_(b)
+    return layer
