@@ -62,8 +62,8 @@ def _refusal(module: LatentAttention) -> str | None:
 def _absorb_site(step: fx.GraphModule, node: fx.Node, module: LatentAttention, env: dict, inputs_of: set) -> None:
     p = module.plan
     x, query_raw, query = node.args[:3]
-    out = next((u for u in node.users if G.is_getitem(u) and u.args[1] == 0), None) if _returns_tuple(node, env) \
-        else node
+    returns_cache = isinstance(env[node], (tuple, list))      # (out, *present)
+    out = next((u for u in node.users if G.is_getitem(u) and u.args[1] == 0), None) if returns_cache else node
     if out is None:
         raise SiteError(p.layer, node.name, "its attention output is not used")
     b, s, d = env[x].shape
@@ -89,20 +89,12 @@ def _absorb_site(step: fx.GraphModule, node: fx.Node, module: LatentAttention, e
     if p.rope_width:
         w_qr, b_qr = rope_query(w_q, b_q, module.query_rope_dims, p.scale)
         rope = RopeProjection(p.n_heads, p.head_dim, d, module.query_rope_dims, p.query_raw_layout, b_qr is not None)
-        with torch.no_grad():
-            rope.weight.copy_(w_qr)
-            if b_qr is not None:
-                rope.bias.copy_(b_qr)
-        module.rope_query = rope.to(dtype)
+        module.rope_query = _loaded(rope.to(dtype), w_qr, b_qr)
         with graph.inserting_before(node):
             full = graph.call_module(f"{node.target}.rope_query", (x,))
             new_query = G.copy_region(graph, G.region(query_raw, query), {query_raw: full})[query]
     node.args = (x, None, new_query, *node.args[3:])
     end.replace_all_uses_with(out)
-
-
-def _returns_tuple(node: fx.Node, env: dict) -> bool:
-    return isinstance(env[node], (tuple, list))
 
 
 def _output_projection(step, out: fx.Node, env: dict, inputs_of: set, p):
@@ -140,7 +132,11 @@ def _applies_a_weight(nodes: list[fx.Node], inputs_of: set, env: dict) -> bool:
 
 
 def _linear(w: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:
-    layer = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=dtype)
+    return _loaded(nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=dtype), w, b)
+
+
+def _loaded(layer: nn.Module, w: torch.Tensor, b: torch.Tensor | None) -> nn.Module:
+    """``layer`` with its ``weight`` (and ``bias``) set to the folded float64 values."""
     with torch.no_grad():
         layer.weight.copy_(w)
         if b is not None:

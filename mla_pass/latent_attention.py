@@ -245,6 +245,9 @@ class LatentAttention(nn.Module):
                 new["latent"], new["latent_scale"] = quantize_per_token(new["latent"])
             for kind, old in zip(kinds, past):
                 new[kind] = update_cache(old, new[kind], cache_time_axis(kind), write_index)
+        if "rope_key" not in p.cache_kinds:            # no rope keys: zero-width over all keys
+            latent = new["latent"]
+            new["rope_key"] = latent.new_zeros(latent.shape[0], p.n_kv_heads, latent.shape[1], 0)
         return new, cached
 
     def absorbed_projections(self, x_BSD, query_rope_full, new: dict, mask, cached: bool):
@@ -257,8 +260,7 @@ class LatentAttention(nn.Module):
             q_rope = query_rope_full.gather(-1, self.query_rope_dims[None, :, None, :].expand(b, p.n_heads, s, -1))
         else:
             q_rope = q_latent.new_zeros(b, p.n_heads, s, 0)
-        rope_key = new["rope_key"] if "rope_key" in p.cache_kinds else q_latent.new_zeros(b, p.n_kv_heads, s, 0)
-        out_latent = latent_mqa(q_latent, q_rope, new["latent"], rope_key, mask, p.is_causal and not cached,
+        out_latent = latent_mqa(q_latent, q_rope, new["latent"], new["rope_key"], mask, p.is_causal and not cached,
                                 new.get("latent_scale"))
         return self.output_projection(out_latent.transpose(1, 2).reshape(b, s, -1))
 
@@ -270,11 +272,17 @@ class LatentAttention(nn.Module):
         new, cached = self.cache_update_of(x_BSD, key_rope_full, past)
         if self.query_latent is not None:
             out = self.absorbed_projections(x_BSD, query, new, mask, cached)
-            return (out, *(new[kind] for kind in self.cache_kinds)) if cached else out
+        else:
+            out = self.attention(query_raw, query, new, mask, cached)
+        if cached:
+            return (out, *(new[kind] for kind in self.cache_kinds))
+        return out
+
+    def attention(self, query_raw, query, new: dict, mask, cached: bool):
+        """The model's own query against the cache tensors ``new``, in ``form`` → out [B,H,S,Dv]."""
+        p = self.plan
         q_nope, q_rope = self.split_query(query_raw, query)
         latent, latent_scale = new["latent"], new.get("latent_scale")
-        if "rope_key" not in p.cache_kinds:            # no rope keys: zero-width over all keys
-            new["rope_key"] = latent.new_zeros(latent.shape[0], p.n_kv_heads, latent.shape[1], 0)
         key_scale = None
         if p.key_norm:
             key_scale = new["key_scale"].expand(-1, p.n_kv_heads, -1)                  # [B, Hkv, T]
@@ -293,6 +301,4 @@ class LatentAttention(nn.Module):
                 k_nope = k_nope * key_scale[..., None]
             out = decompressed_attention(q_nope, q_rope, k_nope, new["rope_key"], v, self.kv_head_of_query, p.scale,
                                          mask, is_causal, p.softcap)
-        if cached:
-            return (out, *(new[kind] for kind in self.cache_kinds))
         return out
