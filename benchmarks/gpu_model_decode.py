@@ -132,7 +132,7 @@ def measure_original(model, batch: int, t: int, steps: int) -> dict:
 
 @torch.no_grad()
 def measure_mla(mla, batch: int, t: int, steps: int, kernel: bool) -> dict:
-    from mla_pass.latent_attention import LatentAttention
+    from mla_pass.modules.latent_attention import LatentAttention
     for m in mla.modules():
         if isinstance(m, LatentAttention):
             m.decode_kernel = kernel

@@ -29,7 +29,7 @@ def capture(past: int, d_kv: int, chunk: int = 512) -> list[dict]:
     """Per layer, the absorbed decode step's inputs after ``past`` real tokens."""
     import mla_pass
     from mla_pass import MLAConfig, assets
-    from mla_pass.evaluate import HELD_OUT_START, HELD_OUT_TEXT, calibration_windows
+    from mla_pass.quality.windows import HELD_OUT_START, HELD_OUT_TEXT, calibration_windows
     from mla_pass.kernels import dispatch
 
     model, tok = assets.load_smollm2()

@@ -17,10 +17,12 @@ from pathlib import Path
 import torch
 
 from mla_pass import MLAConfig, assets
-from mla_pass.calibrate import collect
-from mla_pass.capture import capture
-from mla_pass.evaluate import calibration_windows, held_out_windows, text_quality
-from mla_pass.pipeline import build, find_sites
+from mla_pass.plan.calibrate import collect
+from mla_pass.frontend.capture import capture
+from mla_pass.quality.windows import calibration_windows, held_out_windows
+from mla_pass.quality.evaluate import text_quality
+from mla_pass.pipeline import build
+from mla_pass.frontend.sites import find_sites
 
 FITS = ("none", "uniform", "attention", "attention-centered")
 

@@ -28,17 +28,14 @@ from pathlib import Path
 import torch
 
 from mla_pass import DistillConfig, MLAConfig, RecoveryConfig, assets, recover
-from mla_pass.calibrate import collect
-from mla_pass.capture import capture
-from mla_pass.distillation import CHECKPOINT_STATE
-from mla_pass.evaluate import (
-    PasskeyConfig,
-    calibration_windows,
-    held_out_windows,
-    passkey,
-    text_quality,
-)
-from mla_pass.pipeline import build, find_sites
+from mla_pass.plan.calibrate import collect
+from mla_pass.frontend.capture import capture
+from mla_pass.quality.distillation import CHECKPOINT_STATE
+from mla_pass.quality.passkey import PasskeyConfig, passkey
+from mla_pass.quality.windows import calibration_windows, held_out_windows
+from mla_pass.quality.evaluate import text_quality
+from mla_pass.pipeline import build
+from mla_pass.frontend.sites import find_sites
 
 
 @dataclass
@@ -76,7 +73,7 @@ def main() -> None:
     parser.add_argument("--distill-autocast", default="bfloat16", help="'none' for float32")
     parser.add_argument("--distill-text", default="real", choices=["real", "generated", "mix"],
                         help="distillation text: the three books, the original's own samples "
-                        "(mla_pass.selfgen), or both interleaved")
+                        "(mla_pass.quality.selfgen), or both interleaved")
     parser.add_argument("--generated-tokens", type=int, default=100_000, help="tokens of self-generated text "
                         "(--distill-text generated|mix; cached, its CPU time counts as recovery)")
     parser.add_argument("--generated-prompts", default="mix", choices=["books", "chat", "mix"])
@@ -239,7 +236,7 @@ def _distill_stage(args, mla, model, tok, prior_cpu: float) -> dict:
     ``distill`` for ``--distill-minutes`` of CPU time, or for what is left of
     ``--recovery-cpu-minutes``. Returns the stage descriptions, CPU/wall seconds and tokens."""
     from mla_pass import distill
-    from mla_pass.selfgen import SelfGenConfig, distillation_text
+    from mla_pass.quality.selfgen import SelfGenConfig, distillation_text
 
     result = {"stages": [], "cpu": 0.0, "wall": 0.0, "tokens": 0, "report": None, "generated": None}
     if args.distill_minutes <= 0 and args.recovery_cpu_minutes is None:

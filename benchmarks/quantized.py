@@ -25,7 +25,8 @@ from torch import nn
 
 import mla_pass
 from mla_pass import MLAConfig, assets
-from mla_pass.evaluate import calibration_windows, held_out_windows, text_quality
+from mla_pass.quality.windows import calibration_windows, held_out_windows
+from mla_pass.quality.evaluate import text_quality
 
 sys.path.insert(0, str(Path(__file__).parent))
 from decode import source_fingerprint  # noqa: E402  (one definition for both benchmarks)

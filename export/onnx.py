@@ -8,10 +8,10 @@ the unconverted baseline (``mla_pass.baseline``, ``past_key_values.{i}.key`` / `
 through the same capture → match → rewrite path, so every comparison is like for like.
 
 The program is exported with ``torch.onnx.export(dynamo=True)``. By default the cache is
-updated in place (``rewrite.to_in_place``: past inputs are preallocated buffers, new tokens are
+updated in place (``lowering.in_place.to_in_place``: past inputs are preallocated buffers, new tokens are
 written with TensorScatter at T = attention_mask length − S, keys past T+S are masked); with
 ``cache_update="concat"`` present = concat(past, new). In place, the unconverted baseline runs
-each site as one com.microsoft ``GroupQueryAttention`` (``rewrite.use_group_query_attention``),
+each site as one com.microsoft ``GroupQueryAttention`` (``lowering.group_query.use_group_query_attention``),
 which reads only the first T+S cached tokens, as onnxruntime-genai's export of the same model
 does; the manifest's ``notes["attention"]`` says which sites could not (they keep masked SDPA).
 Batch, new tokens and past tokens are dynamic (example sizes are ≥ 2 and distinct: size-1 dims
@@ -36,11 +36,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from mla_pass.absorb import absorb_projections
-from mla_pass.cache_quant import CACHE_DTYPES, to_int8_latent
-from mla_pass.latent_attention import cache_time_axis
+from mla_pass.lowering.absorb import absorb_projections
+from mla_pass.lowering.group_query import use_group_query_attention
+from mla_pass.lowering.in_place import to_in_place
+from mla_pass.lowering.int8_latent import CACHE_DTYPES, to_int8_latent
 from mla_pass.math.int8_cache import dequantize_per_token
-from mla_pass.rewrite import to_in_place, use_group_query_attention
+from mla_pass.modules.cache import cache_time_axis
 from mla_pass.runtime.manifest import CACHE_UPDATES, CacheEntry, Manifest
 
 logger = logging.getLogger(__name__)
@@ -219,7 +220,7 @@ def _absorbed_step(mla) -> nn.Module:
     """The step program with every site in the absorbed form, prompts included: one ONNX graph
     serves prefill and decode, and decode must read the latent cache directly (never expand it)."""
     step = copy.deepcopy(mla.step)
-    from mla_pass.latent_attention import LatentAttention
+    from mla_pass.modules.latent_attention import LatentAttention
     for m in step.modules():
         if isinstance(m, LatentAttention):
             m.form = "absorbed"
@@ -258,7 +259,7 @@ def _translations() -> dict:
     the same buffer); matmul_integer → MatMulInteger."""
     from onnxscript import ir, values
 
-    import mla_pass.int_matmul  # noqa: F401  (registers mla_pass::matmul_integer)
+    import mla_pass.ops.matmul_integer  # noqa: F401  (registers mla_pass::matmul_integer)
 
     op24 = values.Opset("", 24)
     # onnx knows no com.microsoft schemas, and the exporter needs one to emit a node
@@ -276,7 +277,7 @@ def _translations() -> dict:
                       num_heads=num_heads, kv_num_heads=kv_num_heads, scale=scale, softcap=softcap)
 
     def matmul_integer(a, b, a_zero_point: int, b_zero_point: int):
-        # a nonzero zero point belongs to a uint8 operand (mla_pass.int_matmul checks it)
+        # a nonzero zero point belongs to a uint8 operand (mla_pass.ops.matmul_integer checks it)
         zp = [op24.Constant(value=ir.tensor(np.array(z, np.uint8))) if z else None for z in (a_zero_point, b_zero_point)]
         return op24.MatMulInteger(a, b, *zp)
 

@@ -13,16 +13,16 @@ _EXPORTS = {
     "MLAConfig": "mla_pass.config",
     "convert": "mla_pass.pipeline",
     "MLAModel": "mla_pass.model",
-    "load": "mla_pass.persist",
+    "load": "mla_pass.pipeline",
     "kv_cache_bytes_per_token": "mla_pass.inspect",
     "inspect_model": "mla_pass.inspect",
-    "UnsupportedAttentionError": "mla_pass.pipeline",
-    "NoAttentionError": "mla_pass.pipeline",
+    "UnsupportedAttentionError": "mla_pass.frontend.sites",
+    "NoAttentionError": "mla_pass.frontend.sites",
     "CheckpointError": "mla_pass.persist",
-    "recover": "mla_pass.recovery",
-    "RecoveryConfig": "mla_pass.recovery",
-    "distill": "mla_pass.distillation",
-    "DistillConfig": "mla_pass.distillation",
+    "recover": "mla_pass.quality.recovery",
+    "RecoveryConfig": "mla_pass.quality.recovery",
+    "distill": "mla_pass.quality.distillation",
+    "DistillConfig": "mla_pass.quality.distillation",
 }
 
 __all__ = sorted(_EXPORTS)

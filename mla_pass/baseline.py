@@ -14,9 +14,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .capture import capture
-from .kv_attention import KVCacheAttention, KVPlan
-from .pipeline import NoAttentionError, UnsupportedAttentionError, find_sites
+from .frontend.capture import capture
+from .frontend.sites import NoAttentionError, UnsupportedAttentionError, find_sites
+from .modules.kv_attention import KVCacheAttention, KVPlan
 from .rewrite import MODULES, CacheMask, CacheTensor, rewrite
 
 

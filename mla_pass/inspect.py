@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import torch
 
-from .model import MLAModel, SiteReport
+from .frontend.sites import SiteReport
+from .model import MLAModel
 
 
 def inspect_model(model: torch.nn.Module) -> list[SiteReport]:
     """One row per attention site (refused sites carry their reason in ``note``)."""
-    from .capture import capture
-    from .pipeline import find_sites, refusal_row, report_row
+    from .frontend.capture import capture
+    from .frontend.sites import find_sites, refusal_row, report_row
 
     if isinstance(model, MLAModel):
         return model.report

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -11,30 +10,13 @@ import torch.fx as fx
 from torch import nn
 
 from .config import MLAConfig
-from .latent_attention import FORMS, SitePlan
+from .frontend.sites import SiteReport  # noqa: F401  (a row of MLAModel.report)
+from .modules.latent_attention import FORMS
+from .modules.site_plan import SitePlan
 from .rewrite import CacheTensor
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE = "mla_config.json"     # marks a folder written by MLAModel.save
-
-
-@dataclass
-class SiteReport:
-    """One row of the conversion report (also what ``mla-pass inspect`` prints)."""
-    index: int
-    layer: str
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    rope_layout: str
-    rotary_pairs: int
-    gqa_form: str
-    qkv_bias: bool
-    fused_qkv: bool
-    original_values_per_token: int
-    converted_values_per_token: int | None      # None: left untouched
-    note: str = ""
 
 
 class MLAModel(nn.Module):
@@ -87,7 +69,7 @@ class MLAModel(nn.Module):
         """"auto" (decompressed for prompts, absorbed for one-token steps), "absorbed" or "decompressed"."""
         if form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-        from .latent_attention import LatentAttention
+        from .modules.latent_attention import LatentAttention
         for m in self.program.modules():
             if isinstance(m, LatentAttention):
                 m.form = form

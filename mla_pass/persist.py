@@ -1,24 +1,26 @@
-"""Save and load converted models: ``model.safetensors`` + ``mla_config.json`` (no pickle).
+"""The checkpoint format of converted models: ``model.safetensors`` + ``mla_config.json`` (no pickle).
 
-Loading rebuilds the source model's architecture (from its saved Hugging Face config, or from
-a ``model=`` template you pass), re-runs capture and matching, creates each latent attention
-module from its saved plan, and loads the weights strictly. The JSON holds a SHA-256 of the
-weights file, so a truncated or edited checkpoint is refused instead of loading wrong numbers.
+``save_model`` writes one; ``read_checkpoint`` reads it back verified: the JSON holds a SHA-256
+of the weights file, so a truncated or edited checkpoint is refused instead of loading wrong
+numbers. Rebuilding the model from it (capture the source architecture again, create each latent
+attention module from its saved plan, load the weights strictly) is ``pipeline.load``; the
+compile backend reads the same checkpoint (``options={"checkpoint": DIR}``).
 """
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .config import MLAConfig
-from .latent_attention import SitePlan
-from .model import CONFIG_FILE, MLAModel
+from .modules.site_plan import SitePlan
 from .runtime.manifest import sha256
 
 FORMAT_VERSION = 1
+CONFIG_FILE = "mla_config.json"     # marks a folder written by MLAModel.save
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -26,7 +28,18 @@ class CheckpointError(ValueError):
     pass
 
 
-def save_model(mla: MLAModel, path: Path) -> Path:
+@dataclass
+class Checkpoint:
+    """A verified checkpoint: what ``MLAModel.save`` wrote."""
+    path: Path
+    config: MLAConfig
+    plans: dict[int, SitePlan]
+    tensors: dict[str, torch.Tensor]        # the program's state dict (tied weights restored)
+    meta: dict                              # everything else in mla_config.json (source, generation, ...)
+
+
+def save_model(mla, path: Path) -> Path:
+    """Write ``mla`` (an ``MLAModel``) into the folder ``path``."""
     from safetensors.torch import save_file
 
     path.mkdir(parents=True, exist_ok=True)
@@ -59,63 +72,6 @@ def save_model(mla: MLAModel, path: Path) -> Path:
     return path
 
 
-def load(path: str | os.PathLike, model: torch.nn.Module | None = None) -> MLAModel:
-    """Load a model written by ``MLAModel.save``.
-
-    Args:
-        path: the folder holding ``mla_config.json`` and ``model.safetensors``.
-        model: for models that are not Hugging Face models, a freshly built instance of the
-            source architecture (its weights are ignored). Hugging Face models are rebuilt from
-            the saved config.
-
-    Example:
-        >>> mla.save("out/smollm2-mla"); mla2 = load("out/smollm2-mla")   # doctest: +SKIP
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from .capture import capture
-    from .pipeline import build
-
-    path = Path(path)
-    meta = _read_meta(path)
-    weights = path / WEIGHTS_FILE
-    if not weights.is_file():
-        raise CheckpointError(f"{weights} is missing; re-save the model with mla.save({str(path)!r})")
-    digest = sha256(weights)
-    if digest != meta["weights_sha256"]:
-        raise CheckpointError(f"{weights} does not match the checksum in {CONFIG_FILE} (truncated or edited "
-                              "after saving); re-save or re-convert the model")
-    try:
-        config = MLAConfig.from_dict(meta["config"])
-        plans = {p["index"]: SitePlan(**p) for p in meta["plans"]}
-    except (TypeError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{path / CONFIG_FILE} has an invalid config or plan ({e}); re-save the model") from e
-    if model is None:
-        model = _rebuild_source(meta["source"])
-    try:
-        tensors = load_file(str(weights))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{weights} is not a readable safetensors file ({e}); re-save the model") from e
-    for alias, target in meta.get("aliases", {}).items():
-        if target not in tensors:
-            raise CheckpointError(f"{CONFIG_FILE} ties {alias} to {target}, which is not in {WEIGHTS_FILE}")
-        tensors[alias] = tensors[target]
-    with torch.device("cpu"):
-        mla = build(capture(model), config, plans=plans, progress=False)
-    expected = mla.program.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    bad_shape = [k for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
-    if missing or unexpected or bad_shape:
-        raise CheckpointError(
-            f"{weights} does not fit the rebuilt model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-            f"wrong shape {bad_shape[:5]}; the checkpoint and the source architecture disagree")
-    mla.program.load_state_dict(tensors, strict=True)
-    mla.generation = meta.get("generation", mla.generation)
-    return mla
-
-
 def _read_meta(path: Path) -> dict:
     cfg = path / CONFIG_FILE
     if not cfg.is_file():
@@ -133,7 +89,38 @@ def _read_meta(path: Path) -> dict:
     return meta
 
 
-def _rebuild_source(source: dict) -> torch.nn.Module:
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read and verify a folder written by ``MLAModel.save``; every problem is a ``CheckpointError``
+    that says what to do."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta = _read_meta(path)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{weights} is missing; re-save the model with mla.save({str(path)!r})")
+    if sha256(weights) != meta["weights_sha256"]:
+        raise CheckpointError(f"{weights} does not match the checksum in {CONFIG_FILE} (truncated or edited "
+                              "after saving); re-save or re-convert the model")
+    try:
+        config = MLAConfig.from_dict(meta["config"])
+        plans = {p["index"]: SitePlan(**p) for p in meta["plans"]}
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path / CONFIG_FILE} has an invalid config or plan ({e}); re-save the model") from e
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{weights} is not a readable safetensors file ({e}); re-save the model") from e
+    for alias, target in meta.get("aliases", {}).items():
+        if target not in tensors:
+            raise CheckpointError(f"{CONFIG_FILE} ties {alias} to {target}, which is not in {WEIGHTS_FILE}")
+        tensors[alias] = tensors[target]
+    return Checkpoint(path, config, plans, tensors, meta)
+
+
+def rebuild_source(source: dict) -> torch.nn.Module:
+    """The source architecture (random weights) from a checkpoint's ``source`` record."""
     if source.get("kind") != "transformers":
         raise CheckpointError(f"the source model ({source.get('class')}) is not a Hugging Face model: pass a "
                               "freshly built instance as load(path, model=...)")

@@ -7,64 +7,23 @@ fails before any module is built; the source model is never modified.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 import torch
 from torch import nn
 
-from . import graph as G
-from .calibrate import collect
-from .capture import Captured, capture
 from .config import MLAConfig
-from .latent_attention import LatentAttention, SitePlan
-from .match import AttentionSite, SiteError, build_site, find_attention_cores, kv_values_per_token
-from .model import MLAModel, SiteReport
-from .plan import PlanError, initialise, nope_maps, plan_site
-from .probe import extract_site_weights
+from .frontend.capture import Captured, capture
+from .frontend.sites import NoAttentionError, UnsupportedAttentionError, find_sites, refusal_row, report_row
+from .model import MLAModel
+from .modules.site_plan import SitePlan
+from .persist import WEIGHTS_FILE, CheckpointError, read_checkpoint, rebuild_source
+from .plan.build import plan_sites, site_module
+from .plan.calibrate import collect
 from .rewrite import MODULES, CacheMask, rewrite
 
 logger = logging.getLogger(__name__)
-
-
-class NoAttentionError(ValueError):
-    pass
-
-
-class UnsupportedAttentionError(ValueError):
-    """One or more sites cannot be rewritten exactly; ``errors`` lists each with its reason."""
-
-    def __init__(self, errors: list[SiteError]):
-        self.errors = errors
-        lines = "\n  ".join(str(e) for e in errors)
-        super().__init__(f"{len(errors)} attention site(s) cannot be rewritten exactly:\n  {lines}\n"
-                         "Pass MLAConfig(best_effort=True) to leave them untouched.")
-
-
-def find_sites(captured: Captured) -> tuple[list[AttentionSite], list[SiteError]]:
-    """Every attention site of a captured program, probed; and the ones refused, with reasons."""
-    dependent = G.depends_on_placeholders(captured.gm)
-    sites, errors = [], []
-    for core in find_attention_cores(captured.gm):
-        if isinstance(core, SiteError):
-            errors.append(core)
-            continue
-        try:
-            site = build_site(len(sites) + len(errors), core, captured.gm, captured.env, dependent)
-            extract_site_weights(captured.gm, site, captured.env)
-            sites.append(site)
-        except SiteError as e:
-            e.cached_values_per_token = kv_values_per_token(core, captured.env)
-            errors.append(e)
-    return sites, errors
-
-
-def report_row(site: AttentionSite, plan: SitePlan | None, note: str = "") -> SiteReport:
-    return SiteReport(
-        index=site.index, layer=site.layer, n_heads=site.n_heads, n_kv_heads=site.n_kv_heads,
-        head_dim=site.head_dim, rope_layout=site.rope.layout, rotary_pairs=site.rope.n_pairs,
-        gqa_form=site.gqa_form, qkv_bias=site.weights.b_key is not None or site.weights.b_value is not None,
-        fused_qkv=site.fused_qkv, original_values_per_token=site.n_kv_heads * (site.head_dim + site.value_dim),
-        converted_values_per_token=None if plan is None else plan.cached_values_per_token, note=note)
 
 
 def convert(model: nn.Module, config: MLAConfig | None = None, calibration: torch.Tensor | None = None,
@@ -86,14 +45,13 @@ def convert(model: nn.Module, config: MLAConfig | None = None, calibration: torc
     config = config or MLAConfig()
     if not isinstance(config, MLAConfig):
         raise TypeError(f"config must be an MLAConfig, got {type(config).__name__}")
-    config = config.resolved(calibration is not None)
     if isinstance(model, MLAModel):
         raise ValueError("this model is already converted; convert the original model instead")
     if config.needs_calibration and calibration is None:
         raise ValueError(f"{config.calibration_reason} needs real activations: pass calibration=token_ids (e.g. a "
                          "few 512-token windows of text)")
     if calibration is not None:
-        from .calibrate import as_token_batches
+        from .plan.calibrate import as_token_batches
         calibration = as_token_batches(calibration)
     captured = capture(model)
     if calibration is not None and int(calibration.max()) >= captured.vocab_size:
@@ -105,7 +63,7 @@ def build(captured: Captured, config: MLAConfig, *, calibration=None, plans: dic
           stats=None, progress: bool = True) -> MLAModel:
     """The pipeline after capture. With ``plans`` (from a saved model) no calibration or SVD runs
     and modules are created empty, ready for ``load_state_dict``. ``stats`` (from
-    ``calibrate.collect`` on the same model, with what the config needs) skips calibration, so
+    ``plan.calibrate.collect`` on the same model, with what the config needs) skips calibration, so
     that a sweep over configs calibrates once."""
     sites, errors = find_sites(captured)
     if not sites and not errors:
@@ -129,27 +87,14 @@ def build(captured: Captured, config: MLAConfig, *, calibration=None, plans: dic
             raise ValueError(f"the calibration statistics hold no nope_fit={config.nope_fit!r} moments (e.g. at "
                              f"{missing[0]}): collect them with calibrate.collect(..., nope_moments=("
                              f"{config.nope_fit!r},)), or pass calibration tokens instead")
-        try:
-            if config.kv_budget is not None:
-                from .allocate import allocate_budget
-                split = allocate_budget(sites, config, stats)
-                plans = {s.index: plan_site(s, config, stats, *split[s.index]) for s in sites}
-            else:
-                plans = {s.index: plan_site(s, config, stats) for s in sites}
-        except PlanError as e:
-            raise ValueError(str(e)) from None
+        plans = plan_sites(sites, config, stats)
     elif sorted(plans) != [s.index for s in sites]:
         raise ValueError(f"saved plans cover sites {sorted(plans)} but the model has sites "
                          f"{[s.index for s in sites]}: the model does not match the checkpoint")
     modules = nn.ModuleDict()
     for site in sites:
-        hidden = captured.env[site.hidden]
-        module = LatentAttention(plans[site.index]).to(device=hidden.device, dtype=hidden.dtype)
-        if initialise_weights:
-            gram = stats.sites[site.index].gram if stats is not None and config.needs_gram else None
-            initialise(module, site, gram=gram, damping=config.damping, activation_aware=config.activation_aware,
-                       refit=config.refit, nope_maps=nope_maps(site, config, stats))
-        modules[str(site.index)] = module
+        modules[str(site.index)] = site_module(site, plans[site.index], captured.env[site.hidden],
+                                               config if initialise_weights else None, stats)
     root = captured.gm
     root.add_module(MODULES, modules)
     root.add_module("cache_mask", CacheMask())
@@ -163,13 +108,6 @@ def build(captured: Captured, config: MLAConfig, *, calibration=None, plans: dic
     report.sort(key=lambda r: r.index)
     return MLAModel(program, step.graph, cache, plans, report, config, captured.takes_positions,
                     captured.vocab_size, captured.source, captured.generation)
-
-
-def refusal_row(e: SiteError) -> SiteReport:
-    return SiteReport(index=-1, layer=e.layer, n_heads=0, n_kv_heads=0, head_dim=0, rope_layout="?",
-                      rotary_pairs=0, gqa_form="?", qkv_bias=False, fused_qkv=False,
-                      original_values_per_token=e.cached_values_per_token,
-                      converted_values_per_token=None, note=e.reason)
 
 
 @torch.no_grad()
@@ -186,3 +124,34 @@ def _unshare_with_source(program: nn.Module) -> None:
                 if key not in clones:
                     clones[key] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
                 module._parameters[name] = clones[key]
+
+
+def load(path: str | os.PathLike, model: torch.nn.Module | None = None) -> MLAModel:
+    """Load a model written by ``MLAModel.save``.
+
+    Args:
+        path: the folder holding ``mla_config.json`` and ``model.safetensors``.
+        model: for models that are not Hugging Face models, a freshly built instance of the
+            source architecture (its weights are ignored). Hugging Face models are rebuilt from
+            the saved config.
+
+    Example:
+        >>> mla.save("out/smollm2-mla"); mla2 = load("out/smollm2-mla")   # doctest: +SKIP
+    """
+    checkpoint = read_checkpoint(path)
+    if model is None:
+        model = rebuild_source(checkpoint.meta["source"])
+    tensors, weights = checkpoint.tensors, checkpoint.path / WEIGHTS_FILE
+    with torch.device("cpu"):
+        mla = build(capture(model), checkpoint.config, plans=checkpoint.plans, progress=False)
+    expected = mla.program.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    bad_shape = [k for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
+    if missing or unexpected or bad_shape:
+        raise CheckpointError(
+            f"{weights} does not fit the rebuilt model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"wrong shape {bad_shape[:5]}; the checkpoint and the source architecture disagree")
+    mla.program.load_state_dict(tensors, strict=True)
+    mla.generation = checkpoint.meta.get("generation", mla.generation)
+    return mla

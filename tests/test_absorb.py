@@ -2,14 +2,14 @@
 exported step program compute what the unfolded program computes, for every family."""
 from __future__ import annotations
 
+import pytest
 import torch
 from test_families import FAMILIES, FAMILY_IDS, build_hf
 
 import mla_pass
-import pytest
 from mla_pass import MLAConfig
-from mla_pass.absorb import absorb_projections
 from mla_pass.export.onnx import _absorbed_step
+from mla_pass.lowering.absorb import absorb_projections
 from mla_pass.math.absorption import absorbed_output, absorbed_query
 
 TOL = 1e-4   # fp32 logits, a 2-layer model: the folded products round differently from two matmuls

@@ -24,7 +24,7 @@ from torch import nn
 
 import mla_pass
 from mla_pass import MLAConfig
-from mla_pass.backend import latent_modules, parse_options
+from mla_pass.dynamo.backend import latent_modules, parse_options
 
 torch.set_num_threads(int(os.environ.get("MLA_PASS_TEST_THREADS", "1")))
 transformers = pytest.importorskip("transformers")
@@ -252,7 +252,7 @@ def test_other_backends_and_eager_unchanged():
 def test_cache_append_op():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from mla_pass.hf_cache import cache_append
+    from mla_pass.ops.cache_append import cache_append
     new_k, new_v = torch.randn(2, 3, 4, 8), torch.randn(2, 3, 4, 6)
     k, v = cache_append(torch.tensor([]), torch.tensor([]), new_k, new_v)        # DynamicLayer's start
     assert torch.equal(k, new_k) and torch.equal(v, new_v)

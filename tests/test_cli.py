@@ -1,8 +1,8 @@
 """The CLI on a tiny Hugging Face folder: inspect, convert (saves), inspect the saved folder."""
 import pytest
-
 from helpers import tiny_llama
-from mla_pass.cli import main
+
+from mla_pass.cli.main import main
 
 
 @pytest.fixture(scope="module")

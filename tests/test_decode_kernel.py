@@ -183,7 +183,7 @@ def test_bad_input_messages():
 
 
 def test_cpu_path_never_imports_triton():
-    code = ("import sys, mla_pass.latent_attention, mla_pass.kernels; "
+    code = ("import sys, mla_pass.modules.latent_attention, mla_pass.kernels; "
             "assert 'triton' not in sys.modules, 'triton was imported'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

@@ -7,7 +7,7 @@ from helpers import tiny_llama
 
 import mla_pass
 from mla_pass import DistillConfig, MLAConfig, RecoveryConfig
-from mla_pass.distillation import distillation_loss, trainable_parameters
+from mla_pass.quality.distillation import distillation_loss, trainable_parameters
 
 
 def _kl(model, mla, ids):

@@ -1,9 +1,9 @@
 """Half-precision models convert too (probing runs in float64; tolerances follow the dtype)."""
 import pytest
 import torch
+from helpers import tiny_llama
 
 import mla_pass
-from helpers import tiny_llama
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 2e-2), (torch.float16, 4e-3)])

@@ -1,10 +1,10 @@
 """Bad input gets a clear error and leaves the source model untouched."""
 import pytest
 import torch
+from helpers import tiny_llama
 
 import mla_pass
 from mla_pass import MLAConfig
-from helpers import tiny_llama
 
 
 class NoAttention(torch.nn.Module):

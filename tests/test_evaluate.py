@@ -5,12 +5,13 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import byte_tokenizer, tiny_llama
 
 import mla_pass
-from helpers import byte_tokenizer, tiny_llama
 from mla_pass import MLAConfig
-from mla_pass.evaluate import (ANSWER_PREFIX, PasskeyConfig, passkey, passkey_prompt, text_quality,
-                               text_windows)
+from mla_pass.quality.evaluate import text_quality
+from mla_pass.quality.passkey import ANSWER_PREFIX, PasskeyConfig, passkey, passkey_prompt
+from mla_pass.quality.windows import text_windows
 
 torch.set_num_threads(int(os.environ.get("MLA_PASS_TEST_THREADS", "1")))
 

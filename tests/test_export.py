@@ -14,9 +14,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_llama, tiny_qwen2
 
 import mla_pass
-from helpers import tiny_llama, tiny_qwen2
 from mla_pass import MLAConfig
 
 onnx_export = pytest.importorskip("mla_pass.export.onnx", reason="the ONNX exporter needs onnx and onnxscript")

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from tiny_decoder import TinyConfig, TinyDecoder, greedy_reference
 
 import mla_pass
 from mla_pass import MLAConfig
-from mla_pass.latent_attention import LatentAttention
-from tiny_decoder import TinyConfig, TinyDecoder, greedy_reference
+from mla_pass.modules.latent_attention import LatentAttention
 
 # Tiny models on a shared 2-core machine: OpenMP spin-waiting with 2 threads next to another busy
 # process slows small ops down by orders of magnitude. One thread is both faster and stable.
@@ -415,7 +415,7 @@ def test_reduced_absorbed_matches_decompressed(reduced, monkeypatch):
     ids = prompt((2, PREFILL), vocab, seed=7)
     follow = prompt((2, DECODE_STEPS), vocab, seed=8)
     calls = {"absorbed": 0, "decompressed": 0}
-    import mla_pass.latent_attention as la
+    import mla_pass.modules.latent_attention as la
     for kind, fn in (("absorbed", "absorbed_decode"), ("decompressed", "decompressed_attention")):
         real = getattr(la, fn)
 

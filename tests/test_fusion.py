@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from helpers import tiny_llama
 
 onnx = pytest.importorskip("onnx", reason="the ONNX exporter needs onnx")

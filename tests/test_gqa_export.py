@@ -1,5 +1,5 @@
 """The unconverted baseline's in-place export runs each attention site as one com.microsoft
-GroupQueryAttention node (rewrite.use_group_query_attention, gqa_op.group_query_attention).
+GroupQueryAttention node (lowering.group_query.use_group_query_attention, ops.group_query_attention).
 
 Checked: the PyTorch op has onnxruntime's semantics (ragged rows, right-padded chunks, softcap);
 the in-place program equals the concatenating one (left padding, chunks, garbage beyond T+S);
@@ -14,13 +14,14 @@ import copy
 import numpy as np
 import pytest
 import torch
-
 from helpers import tiny_llama
-from mla_pass.baseline import kv_step_program
-from mla_pass.gqa_op import group_query_attention
-from mla_pass.kv_attention import KVCacheAttention, KVPlan
-from mla_pass.rewrite import to_in_place, use_group_query_attention
 from tiny_decoder import TinyConfig, TinyDecoder
+
+from mla_pass.baseline import kv_step_program
+from mla_pass.lowering.group_query import use_group_query_attention
+from mla_pass.lowering.in_place import to_in_place
+from mla_pass.modules.kv_attention import KVCacheAttention, KVPlan
+from mla_pass.ops.group_query_attention import group_query_attention
 
 onnx = pytest.importorskip("onnx", reason="the ONNX exporter needs onnx")
 onnx_export = pytest.importorskip("mla_pass.export.onnx", reason="the ONNX exporter needs onnx and onnxscript")

@@ -1,17 +1,17 @@
-"""rewrite.to_in_place: a step program over preallocated cache buffers computes what the
+"""lowering.in_place.to_in_place: a step program over preallocated cache buffers computes what the
 concatenating one computes (converted and baseline programs, left-padded batch, prefill then
 decode steps), and never reads the buffer beyond T+S."""
 import copy
 
 import pytest
 import torch
+from helpers import tiny_llama
 
 import mla_pass
-from helpers import tiny_llama
 from mla_pass import MLAConfig
 from mla_pass.baseline import kv_step_program
-from mla_pass.cache_ops import cache_write
-from mla_pass.rewrite import to_in_place
+from mla_pass.lowering.in_place import to_in_place
+from mla_pass.ops.cache_write import cache_write
 
 
 @pytest.fixture(scope="module")

@@ -12,16 +12,16 @@ import copy
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_llama
 
 import mla_pass
-from helpers import tiny_llama
 from mla_pass import MLAConfig
-from mla_pass.cache_quant import to_int8_latent
-from mla_pass.int_matmul import matmul_integer
-from mla_pass.latent_attention import LatentAttention
+from mla_pass.lowering.int8_latent import to_int8_latent
 from mla_pass.math.absorbed_mqa import absorbed_attention_mqa
 from mla_pass.math.attention import absorbed_attention
 from mla_pass.math.int8_cache import ZERO_POINT, dequantize_per_token, quantize_per_token
+from mla_pass.modules.latent_attention import LatentAttention
+from mla_pass.ops.matmul_integer import matmul_integer
 
 onnx_export = pytest.importorskip("mla_pass.export.onnx", reason="the ONNX exporter needs onnx and onnxscript")
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")

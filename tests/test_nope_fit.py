@@ -3,15 +3,16 @@ import os
 
 import pytest
 import torch
+from helpers import hf_rotated_heads, tiny_llama, tiny_qwen2
 
 import mla_pass
-from helpers import hf_rotated_heads, tiny_llama, tiny_qwen2
 from mla_pass import MLAConfig
-from mla_pass.calibrate import collect
-from mla_pass.capture import capture
-from mla_pass.latent_attention import LatentAttention
+from mla_pass.frontend.capture import capture
+from mla_pass.frontend.sites import find_sites
 from mla_pass.math.nope_fit import apply_to_query, fit_maps, group_sum, pair_fit_moments
-from mla_pass.pipeline import build, find_sites
+from mla_pass.modules.latent_attention import LatentAttention
+from mla_pass.pipeline import build
+from mla_pass.plan.calibrate import collect
 
 torch.set_num_threads(int(os.environ.get("MLA_PASS_TEST_THREADS", "1")))
 
@@ -285,7 +286,7 @@ def test_config_checks():
 def test_cli_option(tmp_path):
     import json
 
-    from mla_pass.cli import main
+    from mla_pass.cli.main import main
 
     hf = tmp_path / "tiny-llama"
     tiny_llama().save_pretrained(str(hf))          # no tokenizer: nothing to calibrate with

@@ -3,10 +3,10 @@ import json
 
 import pytest
 import torch
+from helpers import tiny_llama, tiny_qwen2
 
 import mla_pass
 from mla_pass.persist import CheckpointError
-from helpers import tiny_llama, tiny_qwen2
 
 
 @pytest.fixture(scope="module")

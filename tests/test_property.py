@@ -15,9 +15,9 @@ import os
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiny_decoder import TinyConfig, TinyDecoder, greedy_reference
 
 import mla_pass
-from tiny_decoder import TinyConfig, TinyDecoder, greedy_reference
 
 torch.set_num_threads(int(os.environ.get("MLA_PASS_TEST_THREADS", "1")))
 

@@ -5,17 +5,17 @@ import random
 
 import pytest
 import torch
+from helpers import hf_rotated_heads, tiny_llama, tiny_qwen2
 
 import mla_pass
-from helpers import hf_rotated_heads, tiny_llama, tiny_qwen2
 from mla_pass import MLAConfig
-from mla_pass.calibrate import collect
-from mla_pass.capture import capture
-from mla_pass.allocate import allocate_budget
+from mla_pass.frontend.capture import capture
+from mla_pass.frontend.sites import find_sites
 from mla_pass.math.budget import BudgetError, SiteChoices, allocate
 from mla_pass.math.rope import select_pairs
 from mla_pass.math.svd import factorize_kv, refit_up
-from mla_pass.pipeline import find_sites
+from mla_pass.plan.allocate import allocate_budget
+from mla_pass.plan.calibrate import collect
 
 torch.set_num_threads(int(os.environ.get("MLA_PASS_TEST_THREADS", "1")))
 
@@ -227,8 +227,9 @@ def test_refit_at_full_rank_stays_exact():
 
 @pytest.mark.parametrize("svd", ["joint", "split"])
 def test_refit_lowers_the_site_error(llama_stats, svd):
-    from mla_pass.latent_attention import LatentAttention
-    from mla_pass.plan import initialise, plan_site
+    from mla_pass.modules.latent_attention import LatentAttention
+    from mla_pass.plan.choose import plan_site
+    from mla_pass.plan.initialise import initialise
 
     _, sites, stats = llama_stats
     for site in sites:

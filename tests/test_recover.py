@@ -1,9 +1,9 @@
 """Layer-by-layer reconstruction: lowers each site's output error, deterministic, never worse."""
 import pytest
 import torch
+from helpers import tiny_llama, tiny_qwen2
 
 import mla_pass
-from helpers import tiny_llama, tiny_qwen2
 from mla_pass import MLAConfig, RecoveryConfig
 
 

@@ -13,12 +13,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from toy_onnx import ToySpec, reference_greedy, reference_logits, train_tokenizer, write_folder
 
-from mla_pass.runtime import (CacheError, EngineError, KVCache, Manifest, ManifestError, OnnxEngine, SamplingConfig,
-                              positions, sample)
+from mla_pass.runtime import (
+    CacheError,
+    EngineError,
+    KVCache,
+    Manifest,
+    ManifestError,
+    OnnxEngine,
+    SamplingConfig,
+    positions,
+    sample,
+)
 from mla_pass.runtime.sampling import distribution, top_k_mask, top_p_mask
 from mla_pass.runtime.text import IncrementalDecoder
-from toy_onnx import ToySpec, reference_greedy, reference_logits, train_tokenizer, write_folder
 
 PROMPTS = ["the cat sat on", "hello world, hello runtime; the cache grows one", "café 東京"]
 VARIANTS = [("mla", "concat"), ("original", "concat"), ("mla", "in_place")]
@@ -375,5 +384,5 @@ def test_cli_generate_streams_without_torch(folders, tokenizer):
 
 
 def test_cli_generate_reports_bad_folder(tmp_path):
-    from mla_pass.cli import main
+    from mla_pass.cli.main import main
     assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2

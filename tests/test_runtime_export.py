@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_llama
 
 import mla_pass
-from helpers import tiny_llama
 from mla_pass import MLAConfig
 from mla_pass.runtime import OnnxEngine
 

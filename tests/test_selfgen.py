@@ -8,13 +8,7 @@ from helpers import byte_tokenizer, tiny_llama
 
 import mla_pass
 from mla_pass import DistillConfig, MLAConfig
-from mla_pass.selfgen import (
-    CHAT_PROMPTS,
-    SelfGenConfig,
-    distillation_text,
-    generated_windows,
-    interleave,
-)
+from mla_pass.quality.selfgen import CHAT_PROMPTS, SelfGenConfig, distillation_text, generated_windows, interleave
 
 torch.set_num_threads(int(os.environ.get("MLA_PASS_TEST_THREADS", "1")))
 
@@ -174,7 +168,7 @@ def test_bad_options_give_clear_errors(model, cache):
 
 
 def test_cli_recover_on_generated_text(model, cache, tmp_path_factory, capsys):
-    from mla_pass.cli import main
+    from mla_pass.cli.main import main
 
     root = tmp_path_factory.mktemp("selfgen_cli")
     model.save_pretrained(str(root / "hf"))

@@ -96,8 +96,8 @@ def integer_latent_attention(q_latent_BHSC, codes_BTC, latent_scale_BT, rope_BHS
     point 128; no transpose of the cache), → [B,T,R] int32, × query scale × token scale.
     output: the weights × token scales are quantized per row to uint8 (scale rowmax/255) and
     ``w_codes · codes`` is the second integer GEMM, × the row scale. The latent is never cast
-    to float. Exported as onnxruntime's ``MatMulInteger`` (``mla_pass.int_matmul``)."""
-    from ..int_matmul import matmul_integer
+    to float. Exported as onnxruntime's ``MatMulInteger`` (``mla_pass.ops.matmul_integer``)."""
+    from ..ops.matmul_integer import matmul_integer
 
     b, h, s, c = q_latent_BHSC.shape
     t = codes_BTC.shape[1]

@@ -11,7 +11,7 @@ they can be computed once:
 where ``o_h = Σ_t a_t c_t`` is head h's latent output. The decode step then runs one [H·C]
 projection instead of an [H·Dh] one, one [H·C] → D output projection instead of [H·Dv] → D,
 and neither per-head up-projection: fewer weight bytes and fewer ops per layer. Pure math: the
-weights come in as tensors, ``absorb.py`` finds them in a program.
+weights come in as tensors, ``lowering/absorb.py`` finds them in a program.
 """
 from __future__ import annotations
 

@@ -19,8 +19,7 @@ if not ON_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")   # effective only if triton is not imported yet
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install 'mla-pass[triton]')")
 from mla_pass.kernels import _triton_decode  # noqa: E402
-from mla_pass.kernels.decode_attention import (DecodeKernelConfig, decode_attention,  # noqa: E402
-                                               decode_attention_reference)
+from mla_pass.kernels.decode_attention import DecodeKernelConfig, decode_attention, decode_attention_reference
 from mla_pass.kernels.dispatch import fused_absorbed  # noqa: E402
 from mla_pass.math.attention import absorbed_attention  # noqa: E402
 
@@ -161,7 +160,7 @@ def test_converted_model_decodes_with_the_kernel(monkeypatch):
 
     import mla_pass
     from mla_pass.kernels import dispatch
-    from mla_pass.latent_attention import LatentAttention
+    from mla_pass.modules.latent_attention import LatentAttention
 
     mla = mla_pass.convert(tiny_llama(n_kv=2), mla_pass.MLAConfig(d_kv=4, rope_freqs=2), progress=False).to(DEVICE)
     real, used = dispatch.kernel_refusal, []

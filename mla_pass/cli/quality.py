@@ -65,13 +65,13 @@ def add_commands(sub) -> None:
 
 # -- loading ------------------------------------------------------------------------------------
 def _is_converted(path: Path) -> bool:
-    from .model import CONFIG_FILE
+    from ..persist import CONFIG_FILE
     return (path / CONFIG_FILE).is_file()
 
 
 def _load_original(mla, override: str | None, cache_dir):
     """(model, tokenizer) of the model ``mla`` came from, or (None, None) if it cannot be found."""
-    from .cli import _load_source
+    from .common import _load_source
 
     if override:
         return _load_source(override, cache_dir)
@@ -91,8 +91,8 @@ def _tokenizer(folder: Path, fallback):
 
 def _load_pair(spec: str, original_spec: str | None, cache_dir):
     """(model, tokenizer, original or None) for eval: a converted folder is compared with its original."""
-    from .cli import _load_source
-    from .model import MLAModel
+    from ..model import MLAModel
+    from .common import _load_source
 
     model, tok = _load_source(spec, cache_dir)
     original = None
@@ -108,9 +108,11 @@ def _load_pair(spec: str, original_spec: str | None, cache_dir):
 
 # -- eval ---------------------------------------------------------------------------------------
 def cmd_eval(args) -> int:
-    from .evaluate import PasskeyConfig, held_out_windows, passkey, text_quality
-    from .inspect import kv_cache_bytes_per_token
-    from .model import MLAModel
+    from ..inspect import kv_cache_bytes_per_token
+    from ..model import MLAModel
+    from ..quality.evaluate import text_quality
+    from ..quality.passkey import PasskeyConfig, passkey
+    from ..quality.windows import held_out_windows
 
     model, tok, original = _load_pair(args.model, args.original, args.cache_dir)
     converted = isinstance(model, MLAModel)
@@ -152,13 +154,13 @@ def cmd_recover(args) -> int:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from .distillation import CHECKPOINT_STATE as DISTILL_STATE
-    from .distillation import CHECKPOINT_WEIGHTS as DISTILL_WEIGHTS
-    from .distillation import DistillConfig, distill
-    from .evaluate import calibration_windows, training_windows
-    from .persist import load
-    from .recovery import RecoveryConfig, recover
-    from .rewrite import MODULES
+    from ..pipeline import load
+    from ..quality.distillation import CHECKPOINT_STATE as DISTILL_STATE
+    from ..quality.distillation import CHECKPOINT_WEIGHTS as DISTILL_WEIGHTS
+    from ..quality.distillation import DistillConfig, distill
+    from ..quality.recovery import RecoveryConfig, recover
+    from ..quality.windows import calibration_windows, training_windows
+    from ..rewrite import MODULES
 
     src = Path(args.mla_dir)
     if not _is_converted(src):
@@ -187,7 +189,7 @@ def cmd_recover(args) -> int:
                          f"{args.generated_tokens}")
     generated = None
     if args.distill_text != "real":        # checked before any heavy work; short windows keep a short prompt
-        from .selfgen import SelfGenConfig
+        from ..quality.selfgen import SelfGenConfig
         try:
             generated = SelfGenConfig(tokens=args.generated_tokens, length=args.distill_length, seed=args.seed,
                                       prefix=min(SelfGenConfig.prefix, max(args.distill_length // 4, 1)))
@@ -270,7 +272,7 @@ def cmd_recover(args) -> int:
     if distill_config is not None:
         gen = None
         if args.distill_text != "real":             # sampled once, cached; a resumed run reads the cache
-            from .selfgen import distillation_text
+            from ..quality.selfgen import distillation_text
             train_tokens, gen = distillation_text(args.distill_text, original, tok, length=args.distill_length,
                                                   real_windows=args.distill_windows, generated=generated,
                                                   cache_dir=args.cache_dir)

@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .calibrate import as_token_batches
-from .capture import capture
+from ..frontend.capture import capture
+from ..graph import clone_graph_module, insert_observer, run_on_tokens
+from ..model import MLAModel, require_converted
+from ..modules.latent_attention import LatentAttention
+from ..plan.calibrate import as_token_batches
 from .distillation import DistillConfig, DistillReport, distill
-from .graph import clone_graph_module, insert_observer, run_on_tokens
-from .latent_attention import LatentAttention
-from .model import MLAModel, require_converted
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class _Keep(torch.nn.Module):
 def record_attention_io(original: torch.nn.Module, tokens: torch.Tensor, batch_size: int = 4,
                         progress: bool = True) -> dict[int, dict[str, torch.Tensor]]:
     """Per site of the original model: x, query_raw, query, key_head, mask, out over ``tokens``."""
-    from .pipeline import find_sites
+    from ..frontend.sites import find_sites
     captured = capture(original)
     sites, _ = find_sites(captured)
     probe, mapping = clone_graph_module(captured.gm)
@@ -134,7 +134,7 @@ def recover(mla: MLAModel, original: torch.nn.Module, tokens, config: RecoveryCo
             at least one site is fitted per call.
         on_site_done: called with (site index, its result) after each site, e.g. to checkpoint.
         distill_tokens: training windows for distillation (default: ``tokens``); more text than
-            the layer-wise stage needs, e.g. ``evaluate.training_windows(tok)``.
+            the layer-wise stage needs, e.g. ``quality.windows.training_windows(tok)``.
         distill_seconds, checkpoint: ``distill``'s ``max_seconds`` and ``checkpoint``. The
             distillation stage runs only when every site is done.
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from .graph import clone_graph_module, insert_observer, run_on_tokens
-from .math.nope_fit import WEIGHTINGS, pair_fit_moments
-from .math.rope import causal_pairs, pair_norms, pair_score_errors
-from .match import AttentionSite
+from ..frontend.match import AttentionSite
+from ..graph import clone_graph_module, insert_observer, run_on_tokens
+from ..math.nope_fit import WEIGHTINGS, pair_fit_moments
+from ..math.rope import causal_pairs, pair_norms, pair_score_errors
 
 logger = logging.getLogger(__name__)
 

@@ -18,12 +18,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from . import graph as G
-from .latent_attention import LatentAttention, RopeProjection
-from .match import SiteError
-from .math.absorbed_mqa import eligible
-from .math.absorption import absorbed_output, absorbed_query, rope_query
-from .probe import affine_map
+from .. import graph as G
+from ..frontend.match import SiteError
+from ..frontend.probe import affine_map
+from ..math.absorbed_mqa import eligible
+from ..math.absorption import absorbed_output, absorbed_query, rope_query
+from ..modules.latent_attention import LatentAttention, RopeProjection
 
 
 def absorb_projections(step: fx.GraphModule, example_args: tuple) -> dict[str, object]:

@@ -10,93 +10,17 @@ see ``math.nope_fit``), so the cache and the key side are unchanged.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
 from torch import nn
 
-from .cache_ops import cache_write
-from .kernels.dispatch import absorbed_decode
-from .math.absorbed_mqa import latent_mqa
-from .math.attention import decompressed_attention
-from .math.int8_cache import dequantize_per_token, quantize_per_token
+from ..kernels.dispatch import absorbed_decode
+from ..math.absorbed_mqa import latent_mqa
+from ..math.attention import decompressed_attention
+from ..math.int8_cache import dequantize_per_token, quantize_per_token
+from .cache import cache_time_axis, split_cache_args, update_cache
+from .site_plan import SitePlan
 
 FORMS = ("auto", "absorbed", "decompressed")
-
-
-def split_cache_args(past: tuple, cache_update: str):
-    """(cache tensors, write index or None): in-place programs pass the write index last."""
-    if cache_update == "in_place":
-        return past[:-1], past[-1]
-    return past, None
-
-
-def cache_time_axis(kind: str) -> int:
-    """The token axis of a cache tensor: [B, T, ·] for the latent and its int8 scales, [B, heads, T, ·]
-    for everything kept per head (rope keys, key scales, the baseline's keys and values)."""
-    return 1 if kind in ("latent", "latent_scale") else 2
-
-
-def update_cache(old, new, axis: int, write_index=None):
-    """Concatenate ``new`` after ``old`` along ``axis``, or write it into the preallocated ``old``
-    at ``write_index`` (one ``cache_write`` op, exported as TensorScatter)."""
-    if write_index is None:
-        return torch.cat([old, new], dim=axis)
-    return cache_write(old, new, write_index, axis)
-
-
-@dataclass
-class SitePlan:
-    """Everything needed to build a site's module with the right shapes (saved with a model)."""
-    index: int
-    layer: str
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    value_dim: int
-    hidden: int
-    latent_dim: int
-    rope_dims: list[list[int]]       # per kv head, the kept rotated dims (2r each)
-    rotated_dims: list[int]          # dims the model rotates at all
-    kv_head_of_query: list[int]
-    scale: float
-    softcap: float | None
-    is_causal: bool
-    query_raw_layout: str            # "BHSD" | "BSHD"
-    key_raw_layout: str
-    key_bias: bool
-    value_bias: bool
-    svd: str
-    key_norm: str | None = None      # "head" | "all": k is RMS-normalised before RoPE (Qwen3, OLMo2)
-    key_norm_eps: float = 0.0
-    key_norm_bias: bool = False
-    nope_pairs: list[list[int]] | None = None   # all rotary pairs (dims), when dropped ones get a fitted query map
-
-    @property
-    def rope_width(self) -> int:
-        return len(self.rope_dims[0]) if self.rope_dims else 0
-
-    @property
-    def key_scale_groups(self) -> int:
-        return {None: 0, "head": self.n_kv_heads, "all": 1}[self.key_norm]
-
-    @property
-    def cache_kinds(self) -> list[str]:
-        """The cache tensors of this site, in graph I/O order."""
-        return ["latent"] + (["rope_key"] if self.rope_width else []) + (["key_scale"] if self.key_norm else [])
-
-    def cache_shape(self, kind: str, batch: int, length: int) -> tuple[int, ...]:
-        return {"latent": (batch, length, self.latent_dim),
-                "rope_key": (batch, self.n_kv_heads, length, self.rope_width),
-                "key_scale": (batch, self.key_scale_groups, length),
-                "latent_scale": (batch, length)}[kind]         # int8 latent cache only
-
-    @property
-    def cached_values_per_token(self) -> int:
-        return self.latent_dim + self.n_kv_heads * self.rope_width + self.key_scale_groups
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class RopeProjection(nn.Module):
@@ -164,10 +88,10 @@ class LatentAttention(nn.Module):
         else:
             self.register_parameter("query_nope_mix", None)
         self.form = "auto"
-        self.cache_update = "concat"   # or "in_place": past are preallocated buffers (rewrite.to_in_place)
+        self.cache_update = "concat"   # or "in_place": past are preallocated buffers (lowering.in_place.to_in_place)
         self.decode_kernel = True    # the fused Triton decode on CUDA where it applies (kernels/dispatch.py)
-        self.latent_cache = "float"  # or "int8": 8-bit codes (uint8 + 128) + a per-token scale (cache_quant.to_int8_latent)
-        # the up-projections absorbed into the query and output projections (absorb.py, for export):
+        self.latent_cache = "float"  # or "int8": 8-bit codes (uint8 + 128) + a per-token scale (lowering.int8_latent.to_int8_latent)
+        # the up-projections absorbed into the query and output projections (lowering/absorb.py, for export):
         # then the call's query_raw is unused, query is the model's RoPE of ``rope_query(x)`` and the
         # result is the output projection's [B, S, D] instead of [B, H, S, Dv]
         self.query_latent: nn.Linear | None = None

@@ -20,12 +20,13 @@ Refusals name the layer, the node and the reason; nothing here changes the graph
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 
-from . import graph as G
+from .. import graph as G
 
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -211,10 +212,16 @@ def layer_name(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack")
     if stack:
         path = list(stack.values())[-1][0]
-        for prefix in ("L['self'].", "L__self__."):
-            path = path.replace(prefix, "")
+        root = _DYNAMO_ROOT.match(path)
+        if root:        # a dynamo graph: the traced frame's local is the model itself
+            return path[root.end():] or node.name
+        # torch.export of capture's wrapper (its ``model`` attribute), or of a test's ``m``
         return path.removeprefix("model.").removeprefix("m.") or node.name
     return node.name
+
+
+# dynamo's name for the traced frame's local holding the model: L['self'], L['args'][0], L__self__
+_DYNAMO_ROOT = re.compile(r"L\[[^\]]*\](?:\[\d+\])*\.|L__self__\.")
 
 
 def build_site(index: int, core: AttentionCore, gm: fx.GraphModule, env: dict,

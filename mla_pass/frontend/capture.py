@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from . import graph as G
+from .. import graph as G
 
 logger = logging.getLogger(__name__)
 

@@ -7,38 +7,13 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_MODEL = "smollm2-135m"
-
-
-def _load_source(spec: str, cache_dir: str | None):
-    """A model from a name (the embedded default), a Hugging Face folder, or a saved mla-pass folder."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from . import assets
-    from .model import CONFIG_FILE
-
-    if spec == DEFAULT_MODEL:
-        return assets.load_smollm2(cache_dir)
-    path = Path(spec)
-    if (path / CONFIG_FILE).is_file():
-        from .persist import load
-        return load(path), None
-    if not (path / "config.json").is_file():
-        raise SystemExit(f"error: {spec} is neither '{DEFAULT_MODEL}', a Hugging Face model folder (config.json) "
-                         f"nor a folder saved by mla-pass ({CONFIG_FILE})")
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path))
-    except Exception:  # a model folder without tokenizer files is still inspectable
-        tok = None
-    return model, tok
+from .common import DEFAULT_MODEL, _load_source
 
 
 def cmd_inspect(args) -> int:
     import torch
 
-    from .inspect import format_table, inspect_model
+    from ..inspect import format_table, inspect_model
     model, _ = _load_source(args.model, args.cache_dir)
     rows = inspect_model(model)
     print(format_table(rows))
@@ -57,14 +32,14 @@ def cmd_inspect(args) -> int:
 
 
 def _config_from_args(args):
-    from .config import MLAConfig
+    from ..config import MLAConfig
     return MLAConfig(d_kv=args.d_kv, rope_freqs=args.rope_freqs, rope_strategy=args.rope_strategy,
                      svd=args.svd, activation_aware=args.activation_aware, best_effort=args.best_effort,
                      kv_budget=args.kv_budget, refit=args.refit, nope_fit=args.nope_fit)
 
 
 def _calibration_tokens(tokenizer, cache_dir, windows: int = 8, length: int = 512):
-    from .evaluate import calibration_windows
+    from ..quality.windows import calibration_windows
     if tokenizer is None:
         raise SystemExit("error: calibration needs the model's tokenizer files in the model folder")
     return calibration_windows(tokenizer, windows, length, cache_dir)   # a clear error if the text is too short
@@ -79,8 +54,8 @@ def _auto_calibration(config, tokenizer, cache_dir):
 
 
 def cmd_convert(args) -> int:
-    from .inspect import format_table
-    from .pipeline import convert
+    from ..inspect import format_table
+    from ..pipeline import convert
     model, tok = _load_source(args.model, args.cache_dir)
     config = _config_from_args(args)
     calib = _auto_calibration(config, tok, args.cache_dir)
@@ -99,9 +74,9 @@ def cmd_convert(args) -> int:
 
 def cmd_export(args) -> int:
     """Convert (or load a converted folder) and write an ONNX folder for the runtime."""
-    from .export.onnx import to_onnx
-    from .model import MLAModel
-    from .pipeline import convert
+    from ..export.onnx import to_onnx
+    from ..model import MLAModel
+    from ..pipeline import convert
     source, tok = _load_source(args.model, args.cache_dir)
     if tok is None and Path(args.model, "tokenizer.json").is_file():
         tok = str(Path(args.model, "tokenizer.json"))
@@ -119,7 +94,7 @@ def cmd_export(args) -> int:
     out = to_onnx(program, args.out, dtype=args.dtype, tokenizer=tok, max_length=args.max_length,
                   cache_update=args.cache_update, quantize=args.quantize,
                   latent_cache=args.latent_cache)
-    from .runtime.manifest import Manifest
+    from ..runtime.manifest import Manifest
     manifest = Manifest.read(out)
     print(f"exported {what} in {time.perf_counter() - t0:.0f} s to {out}: {len(manifest.cache)} cache tensors, "
           f"{manifest.kv_cache_bytes_per_token():,} KV bytes/token ({manifest.dtype}), cache {manifest.cache_update}")
@@ -133,13 +108,14 @@ def cmd_demo(args) -> int:
     original's logits) and compare cache size, quality and a sample generation before and after."""
     import torch
 
-    from . import assets
-    from .config import MLAConfig
-    from .distillation import DistillConfig, distill
-    from .evaluate import held_out_windows, text_quality, training_windows
-    from .inspect import format_table
-    from .pipeline import convert
-    from .recovery import RecoveryConfig, recover
+    from .. import assets
+    from ..config import MLAConfig
+    from ..inspect import format_table
+    from ..pipeline import convert
+    from ..quality.distillation import DistillConfig, distill
+    from ..quality.evaluate import text_quality
+    from ..quality.recovery import RecoveryConfig, recover
+    from ..quality.windows import held_out_windows, training_windows
 
     t_start = time.perf_counter()
     print(f"fetching {DEFAULT_MODEL} and text into {args.cache_dir or assets.default_cache_dir()} (once)")
@@ -202,7 +178,7 @@ def cmd_demo(args) -> int:
 
 def cmd_generate(args) -> int:
     """Stream a generation from an exported folder with the torch-free runtime (no torch import)."""
-    from mla_pass.runtime import OnnxEngine
+    from ..runtime import OnnxEngine
 
     engine = OnnxEngine(args.folder, providers=[args.provider] if args.provider else None, threads=args.threads)
 
@@ -289,7 +265,7 @@ def main(argv=None) -> int:
     p.add_argument("--provider", default=None, help="cpu, cuda or an onnxruntime provider name "
                    "(default: CUDA if available, else CPU)")
     p.set_defaults(func=cmd_generate)
-    from .cli_quality import add_commands
+    from .quality import add_commands
     add_commands(sub)                     # eval, recover
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

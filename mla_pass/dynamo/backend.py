@@ -15,7 +15,7 @@ real tensors in ``example_inputs``):
    the dynamo graph would need hand-made ``dynamic_shapes`` for every input, SymInt inputs
    included, and would specialise what it cannot express.
 2. record every node's value on the example inputs (shapes and probing need real values),
-3. match with ``match.build_site`` (through the cache update, ``backend_rewrite.py``), probe,
+3. match with ``match.build_site`` (through the cache update, ``graph_sites.py``), probe,
    plan and initialise exactly as ``convert`` does, then rewrite the sites in place;
 4. hand the result to inductor (``compile_fx``, default) or run it as it is (``inner="eager"``).
 
@@ -36,33 +36,49 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import warnings
 import weakref
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import torch
 import torch.fx as fx
 from torch import nn
 
+from ..config import MLAConfig
 from . import hf_cache
-from .config import MLAConfig
 
 logger = logging.getLogger(__name__)
 
 hf_cache.install()
 
 INNERS = ("inductor", "eager")
-BACKEND_ONLY_OPTIONS = {"inner": f"one of {INNERS}: what runs the rewritten graph (default 'inductor')"}
+BACKEND_ONLY_OPTIONS = {
+    "inner": f"one of {INNERS}: what runs the rewritten graph (default 'inductor')",
+    "checkpoint": "a folder written by mla-pass convert / recover or MLAModel.save: run that conversion "
+                  "(its plans and trained weights)",
+    "calibration": "token ids [N, L] (e.g. a few 512-token windows of text): the calibrated conversion that "
+                   "mla_pass.convert(model, config, calibration=ids) makes",
+}
 
 
 @dataclass(frozen=True)
 class BackendOptions:
-    config: MLAConfig
+    config: MLAConfig                             # as requested (see ``resolved``)
     inner: str = "inductor"
+    checkpoint: Path | None = None
+    calibration: torch.Tensor | None = field(default=None, compare=False)
+
+    @property
+    def resolved(self) -> MLAConfig:
+        """The config with its automatic choices made (calibrated ones with ``calibration``)."""
+        return self.config.resolved(self.calibration is not None)
 
 
 def parse_options(options: dict | None) -> BackendOptions:
-    """``options`` of ``torch.compile(..., backend="mla")``: MLAConfig fields plus ``inner``.
+    """``options`` of ``torch.compile(..., backend="mla")``: MLAConfig fields plus ``inner``,
+    ``checkpoint`` or ``calibration`` (``BACKEND_ONLY_OPTIONS``).
 
     ``best_effort`` defaults to True here (sites that cannot be rewritten exactly stay
     untouched, with a warning); False makes such a site a compile error.
@@ -76,16 +92,31 @@ def parse_options(options: dict | None) -> BackendOptions:
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for torch.compile(backend='mla'); valid options: {valid} "
                          f"(MLAConfig fields, and inner: {BACKEND_ONLY_OPTIONS['inner']})")
+    checkpoint, calibration = options.get("checkpoint"), options.get("calibration")
+    if checkpoint is not None:
+        given = sorted(k for k in options if k in config_fields and k != "best_effort")
+        if given or calibration is not None:
+            raise ValueError(f"options checkpoint and {given or ['calibration']} do not go together: the checkpoint "
+                             "fixes the conversion (its config, plans and weights); drop the other options")
+        if not isinstance(checkpoint, (str, os.PathLike)):
+            raise TypeError(f"option checkpoint must be a folder path, got {type(checkpoint).__name__}")
+        from ..persist import CONFIG_FILE
+        checkpoint = Path(checkpoint)
+        if not (checkpoint / CONFIG_FILE).is_file():
+            raise ValueError(f"option checkpoint={str(checkpoint)!r} is not a folder written by mla-pass convert / "
+                             f"recover or MLAModel.save (no {CONFIG_FILE} in it)")
+    if calibration is not None:
+        from ..plan.calibrate import as_token_batches
+        calibration = as_token_batches(calibration)
     config = MLAConfig(**{"best_effort": True, **{k: options[k] for k in config_fields if k in options}})
-    if config.needs_calibration:
-        raise ValueError(f"{config.calibration_reason} needs calibration tokens, which a compiler backend never "
-                         "sees: use rope_strategy='high'|'low'|'uniform' without activation_aware (and "
-                         "nope_fit='none'), or "
-                         "mla_pass.convert(model, config, calibration=token_ids)")
+    if config.needs_calibration and calibration is None:
+        raise ValueError(f"{config.calibration_reason} needs calibration tokens: pass them as "
+                         "options={'calibration': token_ids, ...}, or use rope_strategy='high'|'low'|'uniform' "
+                         "without activation_aware (and nope_fit='none')")
     inner = options.get("inner", "inductor")
     if inner not in INNERS:
         raise ValueError(f"option inner must be one of {INNERS}, got {inner!r}")
-    return BackendOptions(config=config, inner=inner)
+    return BackendOptions(config=config, inner=inner, checkpoint=checkpoint, calibration=calibration)
 
 
 def mla_backend(gm: fx.GraphModule, example_inputs: list, *, options: dict | None = None, mode: str | None = None):
@@ -110,10 +141,17 @@ def _rewrite(gm: fx.GraphModule, example_inputs: list, opts: BackendOptions) -> 
     """The rewritten aten graph, or None when nothing in ``gm`` is rewritten."""
     from torch._dynamo.utils import counters
 
-    from .backend_rewrite import (check_stored_layout, data_dependent, find_graph_sites, record_values,
-                                  refuse_if_compressed, rewrite_sites)
-    from .match import SiteError, find_attention_cores
-    from .pipeline import UnsupportedAttentionError
+    from ..frontend.match import SiteError, find_attention_cores
+    from ..frontend.sites import UnsupportedAttentionError
+    from .conversion import weight_names
+    from .graph_sites import (
+        check_stored_layout,
+        data_dependent,
+        find_graph_sites,
+        record_values,
+        refuse_if_compressed,
+        rewrite_sites,
+    )
 
     try:
         gm_aten = lower_to_aten(gm, example_inputs)
@@ -133,10 +171,14 @@ def _rewrite(gm: fx.GraphModule, example_inputs: list, opts: BackendOptions) -> 
     is_weight = _weight_flags(gm, example_inputs)
     data = {n for n, w in zip(placeholders, is_weight) if not w}
     sites, errors = find_graph_sites(gm_aten, env, data_dependent(gm_aten, data))
+    conversion = _conversion(gm, opts)
     modules, kept = {}, []
     for gs in sites:
         try:
-            module = _module_for(gs.site, gm_aten, env, data, opts.config)
+            if conversion is None:
+                module = _module_for(gs.site, gm_aten, env, data, opts.resolved)
+            else:
+                module = _conversion_module(conversion, gs.site, gm_aten, env, data)
             check_stored_layout(gs, module.plan, env)
         except SiteError as e:
             if gs.cache is not None:
@@ -153,8 +195,21 @@ def _rewrite(gm: fx.GraphModule, example_inputs: list, opts: BackendOptions) -> 
     if not kept:
         return None
     rewrite_sites(gm_aten, kept, modules)
+    if conversion is not None:
+        conversion.check_weights(gm_aten, weight_names(gm), example_inputs)
     counters["mla"]["sites_rewritten"] += len(kept)
     return gm_aten
+
+
+def _conversion(gm: fx.GraphModule, opts: BackendOptions):
+    """The saved or calibrated conversion the options ask for, or None (factorise from scratch)."""
+    from .conversion import from_calibration, from_checkpoint, traced_model
+
+    if opts.checkpoint is not None:
+        return from_checkpoint(opts.checkpoint)
+    if opts.calibration is not None:
+        return from_calibration(traced_model(gm), opts.config, opts.calibration)
+    return None
 
 
 def lower_to_aten(gm: fx.GraphModule, example_inputs: list) -> fx.GraphModule:
@@ -223,9 +278,8 @@ def _module_for(site, gm, env, data: set, config: MLAConfig):
     planned and initialised (SVD) like ``convert``."""
     from torch._dynamo.utils import counters
 
-    from .latent_attention import LatentAttention
-    from .plan import PlanError, initialise, plan_site
-    from .probe import extract_site_weights
+    from ..frontend.probe import extract_site_weights
+    from ..plan.build import plan_sites, site_module
 
     tensors = _site_weights(site, env, data)
     key = (config, tuple(id(t) for t in tensors))
@@ -243,22 +297,38 @@ def _module_for(site, gm, env, data: set, config: MLAConfig):
         entry.versions = versions
         counters["mla"]["reused"] += 1
         return entry.module
-    try:
-        plan = plan_site(site, config, None)
-    except PlanError as e:
-        raise ValueError(str(e)) from None
-    x = env[site.hidden]
-    module = LatentAttention(plan).to(device=x.device, dtype=x.dtype)
-    initialise(module, site)
+    module = site_module(site, plan_sites([site], config)[site.index], env[site.hidden], config)
     _prune()
     _MODULES[key] = _Entry(tuple(weakref.ref(t) for t in tensors), versions, digest, module)
     counters["mla"]["factorisations"] += 1
     return module
 
 
+def _conversion_module(conversion, site, gm, env, data: set):
+    """The conversion's module for ``site``. Recorded under the site's weights like the modules
+    made from scratch: a later graph over the same weights (a one-token decode step, where RoPE
+    cannot be probed) reuses it unprobed, and ``latent_modules(model)`` finds it."""
+    from torch._dynamo.utils import counters
+
+    from ..frontend.probe import extract_site_weights
+
+    tensors = _site_weights(site, env, data)
+    key = (conversion.label, tuple(id(t) for t in tensors))
+    versions = tuple(t._version for t in tensors)
+    entry = _MODULES.get(key)
+    if entry is not None and entry.alive(tensors) and entry.versions == versions and _fits(entry.module.plan, site, env):
+        counters["mla"]["reused"] += 1
+        return entry.module
+    extract_site_weights(gm, site, env)
+    module = conversion.module_for(site, env)
+    _prune()
+    _MODULES[key] = _Entry(tuple(weakref.ref(t) for t in tensors), versions, "", module)
+    return module
+
+
 def _site_weights(site, env, data: set) -> list[torch.Tensor]:
     """The weight tensors on the site's k/v paths (placeholders that are not data, constants)."""
-    from . import graph as G
+    from .. import graph as G
 
     nodes = G.region(site.hidden, site.key_head) + G.region(site.hidden, site.value_head)
     leaves = [n for n in G.region_externals(site.hidden, nodes)

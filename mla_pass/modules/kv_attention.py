@@ -6,9 +6,9 @@ capture → match → rewrite path as the converted one, with this module in pla
 two programs differ only in the attention block. At every step it computes exactly what the
 original model computes.
 
-In the in-place program (``rewrite.to_in_place``) a site whose attention onnxruntime's
-``GroupQueryAttention`` can express runs as that one op (``gqa_op.group_query_attention``, set
-up by ``rewrite.use_group_query_attention``): it writes the new tokens into the preallocated
+In the in-place program (``lowering.in_place.to_in_place``) a site whose attention onnxruntime's
+``GroupQueryAttention`` can express runs as that one op (``ops.group_query_attention``, set
+up by ``lowering.group_query.use_group_query_attention``): it writes the new tokens into the preallocated
 buffers and reads only the first T+S of them, as onnxruntime-genai's own export does. Sites it
 cannot express keep the masked SDPA over the whole buffer (``KVPlan.group_query_attention_refusal``
 says why): values of another head size than keys (GroupQueryAttention has one head size), or query
@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .gqa_op import group_query_attention
-from .latent_attention import split_cache_args, update_cache
-from .math.attention import attention_probs_apply, expand_kv, in_repeat_kv_order
+from ..math.attention import attention_probs_apply, expand_kv, in_repeat_kv_order
+from ..ops.group_query_attention import group_query_attention
+from .cache import split_cache_args, update_cache
 
 
 @dataclass
@@ -74,8 +74,8 @@ class KVCacheAttention(nn.Module):
         self.plan = plan
         self.register_buffer("kv_head_of_query", torch.tensor(plan.kv_head_of_query, dtype=torch.long),
                              persistent=False)
-        self.cache_update = "concat"   # or "in_place" (rewrite.to_in_place)
-        self.op = "sdpa"               # or "group_query_attention" (rewrite.use_group_query_attention)
+        self.cache_update = "concat"   # or "in_place" (lowering.in_place.to_in_place)
+        self.op = "sdpa"               # or "group_query_attention" (lowering.group_query.use_group_query_attention)
 
     def forward(self, query, key, value, mask, *past):
         if self.op == "group_query_attention":

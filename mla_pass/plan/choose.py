@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from .config import MLAConfig
-from .latent_attention import LatentAttention, SitePlan
-from .match import AttentionSite
-from .math.nope_fit import fit_maps, group_sum
-from .math.rope import select_pairs, two_norm_scores
-from .math.svd import factorize_kv, full_latent_dim, refit_up, split_key_width
+from ..config import MLAConfig
+from ..frontend.match import AttentionSite
+from ..math.nope_fit import fit_maps, group_sum
+from ..math.rope import select_pairs, two_norm_scores
+from ..math.svd import full_latent_dim
+from ..modules.site_plan import SitePlan
 
 
 class PlanError(ValueError):
@@ -48,7 +48,7 @@ def kept_pairs(site: AttentionSite, config: MLAConfig, stats, keep: int) -> list
     scores = None
     site_stats = stats.sites.get(site.index) if stats is not None else None
     strategy = config.rope_strategy
-    if strategy == "auto":        # unresolved (e.g. the compiler backend): measured if measured, else high
+    if strategy == "auto":        # a direct call with an unresolved config (the pass resolves it first)
         strategy = "score-error" if pair_errors(site, config, site_stats) is not None else "high"
     if strategy in ("2-norm", "score-error") and keep < n_pairs:
         if strategy == "2-norm":
@@ -103,60 +103,3 @@ def plan_site(site: AttentionSite, config: MLAConfig, stats, keep: int | None = 
         nope_pairs=[list(pair) for pair in rope.pairs] if config.fits_nope and keep < n_pairs else None)
 
 
-@torch.no_grad()
-def initialise(module: LatentAttention, site: AttentionSite, gram: torch.Tensor | None = None,
-               damping: float = 1e-2, activation_aware: bool = True, refit: bool = False,
-               nope_maps: torch.Tensor | None = None) -> None:
-    """Fill a module's weights from the site's pretrained K/V projections: SVD (activation-aware
-    when ``gram``, the mean x·xᵀ of the projections' input, is given and ``activation_aware``),
-    then optionally a least-squares refit of the up-projections on ``gram``; ``nope_maps``
-    [H, P, 2, 2] (from ``plan.nope_maps``) fill the query map of the dropped pairs."""
-    p, w = module.plan, site.weights
-    rope_dims = module.rope_dims                                   # [Hkv, R]
-    nope_dims = module.nope_dims                                   # [Hkv, N]
-    idx = lambda t, dims: torch.stack([t[j, dims[j]] for j in range(p.n_kv_heads)])  # noqa: E731
-    w_key_nope = idx(w.w_key, nope_dims)                           # [Hkv, N, D]
-    low = factorize_kv(w_key_nope, w.w_value, p.latent_dim, p.svd, gram=gram if activation_aware else None,
-                       damping=damping)
-    if refit:
-        if gram is None:
-            raise ValueError("refit needs the activation Gram matrix from calibration")
-        if p.svd == "joint":
-            low.up_key, low.up_value = refit_up(w_key_nope, w.w_value, low.down, gram)
-        else:                   # split: keys read only the first c_k latent values, values the rest
-            c_k = split_key_width(w_key_nope.shape[0] * w_key_nope.shape[1], p.hidden, p.latent_dim)
-            none_v, none_k = w.w_value[:, :0], w_key_nope[:, :0]
-            low.up_key[..., :c_k] = refit_up(w_key_nope, none_v, low.down[:c_k], gram)[0]
-            low.up_value[..., c_k:] = refit_up(none_k, w.w_value, low.down[c_k:], gram)[1]
-    module.down.copy_(low.down)
-    module.up_key.copy_(low.up_key)
-    module.up_value.copy_(low.up_value)
-    if module.key_bias is not None:
-        module.key_bias.copy_(idx(w.b_key, nope_dims))
-    if module.value_bias is not None:
-        module.value_bias.copy_(w.b_value)
-    if p.key_norm:
-        norm = site.key_norm_weights
-        module.key_norm_weight.copy_(norm.full_weight.reshape(-1, p.hidden))
-        if module.key_norm_bias is not None:
-            module.key_norm_bias.copy_(norm.full_bias.reshape(-1))
-    if module.query_nope_mix is not None:
-        if nope_maps is None:
-            raise ValueError(f"{p.layer}: the plan fits the dropped rotary pairs (nope_fit) but no fit was given")
-        _fill_query_nope_mix(module, nope_maps)
-    if module.rope_key is not None:
-        module.rope_key.weight.copy_(idx(w.w_key, rope_dims).reshape(-1, p.hidden))
-        if module.rope_key.bias is not None:
-            module.rope_key.bias.copy_(idx(w.b_key, rope_dims).reshape(-1))
-
-
-def _fill_query_nope_mix(module: LatentAttention, maps_HP22: torch.Tensor) -> None:
-    """q' = Mᵀq on each dropped pair (d0, d1): q'0 = M00·q0 + M10·q1, q'1 = M11·q1 + M01·q0, written
-    as (self, partner) coefficients at the pair's positions among each query head's nope dims."""
-    mix = torch.zeros_like(module.query_nope_mix, dtype=torch.float64)
-    mix[..., 0] = 1.0
-    for h, k, i0, i1 in module.dropped_pair_positions():
-        m = maps_HP22[h, k].double()
-        mix[h, i0] = torch.stack([m[0, 0], m[1, 0]])
-        mix[h, i1] = torch.stack([m[1, 1], m[0, 1]])
-    module.query_nope_mix.copy_(mix)

@@ -16,10 +16,10 @@ import math
 
 import torch
 
-from .config import MLAConfig
-from .match import AttentionSite
-from .math.budget import BudgetError, SiteChoices, allocate
-from .math.svd import split_key_width
+from ..config import MLAConfig
+from ..frontend.match import AttentionSite
+from ..math.budget import BudgetError, SiteChoices, allocate
+from ..math.svd import split_key_width
 
 
 def rope_candidates(n_pairs: int) -> list[int]:
@@ -33,7 +33,7 @@ def rope_candidates(n_pairs: int) -> list[int]:
 
 @torch.no_grad()
 def site_choices(site: AttentionSite, config: MLAConfig, stats) -> SiteChoices:
-    from .plan import kept_pairs, pair_errors
+    from .choose import kept_pairs, pair_errors
 
     site_stats = stats.sites.get(site.index) if stats is not None else None
     w = site.weights

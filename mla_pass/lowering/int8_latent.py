@@ -17,8 +17,8 @@ import operator
 
 import torch.fx as fx
 
-from .latent_attention import LatentAttention
-from .rewrite import MODULES, CacheTensor
+from ..modules.latent_attention import LatentAttention
+from ..rewrite import MODULES, CacheTensor
 
 CACHE_DTYPES = ("float", "int8")
 

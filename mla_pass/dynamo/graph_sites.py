@@ -31,12 +31,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from . import graph as G
-from .hf_cache import CACHE_APPEND, pack_slots, slot_layout_matches, unpack_slots
-from .latent_attention import LatentAttention
-from .match import AttentionCore, AttentionSite, SiteError, build_site, find_attention_cores, layer_name
-
-MODULES = "mla"
+from .. import graph as G
+from ..frontend.match import AttentionCore, AttentionSite, SiteError, build_site, find_attention_cores, layer_name
+from ..modules.latent_attention import LatentAttention
+from ..ops.cache_append import CACHE_APPEND
+from ..rewrite import MODULES, emit_site_call
+from .hf_cache import pack_slots, slot_layout_matches, unpack_slots
 
 
 @dataclass
@@ -208,12 +208,7 @@ def rewrite_sites(gm: fx.GraphModule, sites: list[GraphSite], modules: dict[int,
         site, module = gs.site, modules[gs.site.index]
         plan = module.plan
         core_out = site.core.output
-        name = f"{MODULES}.{site.index}"
         with graph.inserting_before(core_out):
-            key_rope = None
-            if module.rope_key is not None:
-                full = graph.call_module(f"{name}.rope_key", (site.hidden,))
-                key_rope = G.copy_region(graph, site.key_rope_nodes, {site.key_raw: full})[site.key_head]
             stored = gs.stored_nodes or (None, None)
             past_all = graph.call_function(unpack_slots, (*stored, site.hidden, plan.latent_dim, plan.n_kv_heads,
                                                           plan.rope_width, plan.key_scale_groups))
@@ -221,7 +216,7 @@ def rewrite_sites(gm: fx.GraphModule, sites: list[GraphSite], modules: dict[int,
             mask = site.core.mask
             if mask is None and site.core.is_causal:
                 mask = graph.call_function(causal_mask, (site.core.query, past[0]))
-            call = graph.call_module(name, (site.hidden, site.query_raw, site.core.query, key_rope, mask, *past))
+            call = emit_site_call(graph, site, module, mask, past)
             out = graph.call_function(operator.getitem, (call, 0))
             if gs.cache is not None:
                 present = [graph.call_function(operator.getitem, (call, 1 + k)) for k in range(len(past))]

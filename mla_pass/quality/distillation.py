@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .latent_attention import LatentAttention
-from .model import MLAModel, require_converted
+from ..model import MLAModel, require_converted
+from ..modules.latent_attention import LatentAttention
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def distill(mla: MLAModel, original: torch.nn.Module, tokens, config: DistillCon
         mla: a converted model (``mla_pass.convert`` / ``mla_pass.load``).
         original: the model it was converted from (the teacher; not modified).
         tokens: training token ids ``[N, L]`` (e.g. 512-token windows of text that is not the
-            evaluation text; ``evaluate.training_windows``).
+            evaluation text; ``quality.windows.training_windows``).
         config: a ``DistillConfig``.
         max_seconds: stop after the step that crosses this many seconds of ``clock`` (resume from
             ``checkpoint``); with ``config.steps=None`` it also sets the schedule's length.

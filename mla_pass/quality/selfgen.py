@@ -170,8 +170,8 @@ def generated_windows(model, tokenizer, config: SelfGenConfig | None = None, *, 
     """
     from safetensors.torch import load_file
 
-    from . import assets
-    from .evaluate import HELD_OUT_TEXT, TRAINING_TEXTS
+    from .. import assets
+    from .windows import HELD_OUT_TEXT, TRAINING_TEXTS
 
     config = config or SelfGenConfig()
     if not isinstance(config, SelfGenConfig):
@@ -231,11 +231,11 @@ def generated_windows(model, tokenizer, config: SelfGenConfig | None = None, *, 
 def distillation_text(kind: str, model, tokenizer, *, length: int = 512, generated: SelfGenConfig | None = None,
                       real_windows: int | None = None, cache_dir=None,
                       progress: bool = True) -> tuple[torch.Tensor, GeneratedText | None]:
-    """Training windows for ``distill``: "real" (``evaluate.training_windows``: the three books,
+    """Training windows for ``distill``: "real" (``quality.windows.training_windows``: the three books,
     at most ``real_windows`` of them), "generated" (``generated_windows``) or "mix" (both,
     interleaved window by window while both last). Returns (windows [N, length], the generation
     report or None)."""
-    from .evaluate import training_windows
+    from .windows import training_windows
 
     if kind not in TEXT_KINDS:
         raise ValueError(f"the distillation text must be one of {TEXT_KINDS}, got {kind!r}")
@@ -270,7 +270,7 @@ def _vocab_size(model) -> int:
 
 
 def _book_tokens(tokenizer, texts, config: SelfGenConfig, cache_dir) -> list[torch.Tensor]:
-    from . import assets
+    from .. import assets
     out = []
     for name in texts:
         ids = tokenizer(assets.read_text(name, cache_dir), return_tensors="pt").input_ids[0].long()
@@ -321,7 +321,7 @@ def _batch_prompt(b: int, config: SelfGenConfig, books, chats, g: torch.Generato
 @torch.no_grad()
 def _sample(model, prompt: torch.Tensor, length: int, temperature: float, g: torch.Generator) -> torch.Tensor:
     """Continue ``prompt`` [B, P] to [B, length] by temperature sampling."""
-    from .capture import is_hf_model
+    from ..frontend.capture import is_hf_model
     from .evaluate import logits_of
 
     device = next(model.parameters()).device

@@ -1,0 +1,1 @@
+"""Program → program passes that prepare a decode-step program for export."""
