@@ -24,7 +24,6 @@ the export is refused.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import shutil
@@ -36,26 +35,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from mla_pass.lowering.absorb import absorb_projections
-from mla_pass.lowering.group_query import use_group_query_attention
-from mla_pass.lowering.in_place import to_in_place
-from mla_pass.lowering.int8_latent import CACHE_DTYPES, to_int8_latent
-from mla_pass.math.int8_cache import dequantize_per_token
+from mla_pass.export import verify as checks  # a module: to_onnx's own ``verify`` is its flag
+from mla_pass.export.common import ExportError, quiet  # noqa: F401  (ExportError: part of to_onnx's API)
+from mla_pass.export.quantize import INT8_BLOCK, to_int8_weights
+from mla_pass.lowering import LoweringSettings, StepProgram, lower
 from mla_pass.modules.cache import cache_time_axis
-from mla_pass.runtime.manifest import CACHE_UPDATES, CacheEntry, Manifest
+from mla_pass.runtime.manifest import CacheEntry, Manifest
 
 logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 DTYPES = ("float32", "float16")     # float16: the exported fp32 graph is converted
-EXAMPLE = {"batch": 2, "new": 3, "past": 5}     # ≥ 2 and distinct, so none is specialised
 DEFAULT_MAX_LENGTH = 2048
-INT8_BLOCK = 32                     # input channels per int8 weight scale
-
-
-class ExportError(RuntimeError):
-    pass
 
 
 class _OnnxStep(nn.Module):
@@ -71,7 +63,7 @@ class _OnnxStep(nn.Module):
 
 def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", tokenizer=None,
             max_length: int | None = None, cache_update: str = "in_place", quantize: str | None = None,
-            latent_cache: str = "float", fuse: bool = True, verify: bool = True) -> Path:
+            latent_cache: str = "float", fuse: bool = True, verify: bool = True, progress: bool = True) -> Path:
     """Write ``model`` (an ``MLAModel`` or an unconverted decoder) to ``out_dir`` for the runtime.
 
     Args:
@@ -94,20 +86,18 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
             projections by onnxruntime's fused kernels (``export/fusion.py``; found from the
             graph, exact up to fp32 round-off). ``False`` keeps the graph as traced.
         verify: run the written model once in onnxruntime against PyTorch.
+        progress: show the stage being run (an export of a 135M model takes minutes on 2 cores).
     Returns the folder.
     """
     from mla_pass.model import MLAModel
 
-    if cache_update not in CACHE_UPDATES:
-        raise ValueError(f"cache_update must be one of {CACHE_UPDATES}, got {cache_update!r}")
+    settings = LoweringSettings(cache_update=cache_update, latent_cache=latent_cache)     # validates both
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
     if quantize and dtype != "float32":
         raise ValueError("int8 weights are quantized from a float32 export: use dtype='float32' with quantize='int8'")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if latent_cache not in CACHE_DTYPES:
-        raise ValueError(f"latent_cache must be one of {CACHE_DTYPES}, got {latent_cache!r}")
     if latent_cache == "int8" and not isinstance(model, MLAModel):
         raise ValueError("latent_cache='int8' needs a converted model (mla_pass.convert): the original has no latent")
     out = Path(out_dir)
@@ -117,51 +107,45 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
         if not model.can_cache:
             raise ValueError("this converted model cannot decode from a cache (sites left untouched, or its forward "
                              "takes no position_ids), so it has no step program to export")
-        kind, step, spec, plans = "mla", _absorbed_step(model), model.cache_spec, model.plans
-        vocab, source, generation = model.vocab_size, model.source, model.generation
+        program = StepProgram(_absorbed_step(model), model.cache_spec, model.plans, model.vocab_size, "mla")
+        source, generation = model.source, model.generation
         mla_config = model.config.to_dict()
     elif isinstance(model, nn.Module):
         from mla_pass.baseline import kv_step_program
-        program = kv_step_program(model)
-        kind, step, spec, plans = "original", program.step, program.cache_spec, program.plans
-        vocab, source, generation = program.vocab_size, program.source, program.generation
+        baseline = kv_step_program(model)
+        program = StepProgram(baseline.step, baseline.cache_spec, baseline.plans, baseline.vocab_size, "original")
+        source, generation = baseline.source, baseline.generation
         mla_config = None
     else:
         raise TypeError(f"expected an MLAModel or a torch decoder, got {type(model).__name__}")
 
-    if any(p.dtype != torch.float32 for p in step.parameters()):
+    if any(p.dtype != torch.float32 for p in program.gm.parameters()):
         raise ValueError("export from a float32 model (load or convert it in float32); dtype='float16' converts "
                          "the exported graph itself")
-    attention = "ONNX Attention (masked SDPA)" if kind == "original" else None
-    if cache_update == "in_place":
-        step = to_in_place(step if kind == "mla" else copy.deepcopy(step))   # the mla step is a private copy
-        if kind == "original":     # as onnxruntime-genai exports it: one GroupQueryAttention per site
-            refused = use_group_query_attention(step)
-            attention = f"com.microsoft GroupQueryAttention at {len(plans) - len(refused)} of {len(plans)} sites" + \
-                "".join(f"; site {i}: masked SDPA, {why}" for i, why in sorted(refused.items()))
-    if latent_cache == "int8":
-        step, spec = to_int8_latent(step, spec)
-    args, names, shapes = _example(step, spec, plans, vocab, torch.float32, cache_update)
-    absorbed = None
-    if kind == "mla":     # W_uk and W_uv folded into the query and output projections
-        ids, mask, pos, *past = args
-        absorbed = absorb_projections(step, (ids, pos, mask, *past))
+    stage = _Stages(["lowering passes", "torch.onnx.export", *(["fusing"] * fuse), *(["float16"] * (dtype == "float16")),
+                     *(["checking before int8"] * bool(verify and quantize)), *(["int8 weights"] * bool(quantize)),
+                     *(["checking in onnxruntime"] * verify), "writing"], progress)
+    stage("lowering passes")
+    lower(program, settings)
+    step, spec, plans, vocab, kind = program.gm, program.cache_spec, program.plans, program.vocab_size, program.kind
+    args, names, shapes = _example(program)
     wrapper = _OnnxStep(step).eval()
     opset = 24 if cache_update == "in_place" else 23          # TensorScatter is opset 24
     with tempfile.TemporaryDirectory() as tmp:   # written whole, then moved: a failed export leaves no folder
         staging = Path(tmp)
-        with torch.no_grad(), warnings.catch_warnings(), _quiet("torch.onnx"):
+        stage("torch.onnx.export")
+        with torch.no_grad(), warnings.catch_warnings(), quiet("torch.onnx"):
             warnings.simplefilter("ignore")
             try:
-                program = torch.onnx.export(wrapper, args, dynamo=True, opset_version=opset,
+                onnx_program = torch.onnx.export(wrapper, args, dynamo=True, opset_version=opset,
                                             custom_translation_table=_translations(),
                                             input_names=names["inputs"], output_names=names["outputs"],
                                             dynamic_shapes=shapes, verbose=False)
             except Exception as e:
                 raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {e}") from e
-            program.save(str(staging / MODEL_FILE), external_data=True)
-        fused = _fuse(staging / MODEL_FILE) if fuse else None
-        if dtype == "float16":
+            onnx_program.save(str(staging / MODEL_FILE), external_data=True)
+        fused = _fuse(staging / MODEL_FILE) if stage("fusing") else None
+        if stage("float16"):
             _to_float16(staging / MODEL_FILE)
         has_tokenizer = _write_tokenizer(tokenizer, staging / TOKENIZER_FILE)
         entries = [_cache_entry(t, plans[t.site], "uint8" if _is_int8(t, latent_cache) else dtype) for t in spec]
@@ -178,42 +162,53 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
                               "embedding fp32)" if quantize else dtype,
                    "latent_cache": "8-bit (uint8 = code + 128), one scale per token; integer attention "
                                    "(MatMulInteger)" if latent_cache == "int8" else dtype})
-        if attention:
-            manifest.notes["attention"] = attention
-        if absorbed is not None:
-            manifest.notes["absorbed_projections"] = absorbed
+        manifest.notes.update(program.notes)        # what the lowering passes report
         if fused is not None:
             manifest.notes["fused"] = fused
-        # int8 programs are checked over the model's own text and cache (``_self_filled``): on
+        # int8 programs are checked over the model's own text and cache (``verify.self_filled_inputs``): on
         # random ones a deep model is chaotic at some tokens, which says nothing about the export
-        checked = _self_filled(wrapper, args, spec, vocab, cache_update) \
+        checked = checks.self_filled_inputs(wrapper, args, spec, vocab, cache_update) \
             if verify and (quantize or latent_cache == "int8") else args
-        if verify and quantize:
+        if stage("checking before int8"):
             # the graph as written is held to the float tolerance before onnxruntime's quantizer
             # touches its weights; what the quantizer changes gets the approximate check below
-            exact = _verify(staging, manifest, wrapper, checked, dtype)
+            exact = checks.check_export(staging, manifest, wrapper, checked, dtype)
             manifest.notes.update({k.replace("verify_", "verify_before_int8_weights_"): v for k, v in exact.items()})
-        if quantize == "int8":
-            manifest.notes["quantized"] = _to_int8_weights(staging / MODEL_FILE)
-        if verify:
-            manifest.notes.update(_verify(staging, manifest, wrapper, checked, dtype, quantized=bool(quantize)))
+        if stage("int8 weights"):
+            manifest.notes["quantized"] = to_int8_weights(staging / MODEL_FILE)
+        if stage("checking in onnxruntime"):
+            manifest.notes.update(checks.check_export(staging, manifest, wrapper, checked, dtype, quantized=bool(quantize)))
+        stage("writing")
         manifest.write(staging)
         out.mkdir(parents=True, exist_ok=True)
         for f in staging.iterdir():
             shutil.move(str(f), out / f.name)
+    stage.close()
     return out
 
 
-@contextlib.contextmanager
-def _quiet(logger_name: str):
-    """The exporter logs a line per optional library it does not find (torchvision): not ours to show."""
-    log = logging.getLogger(logger_name)
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
+class _Stages:
+    """A progress line over an export's stages: ``stage(name)`` marks the start of ``name`` and
+    returns whether that stage runs at all (stages the options skip are not in the list)."""
+
+    def __init__(self, names: list[str], progress: bool):
+        from tqdm.auto import tqdm
+        self.names = names
+        self.bar = tqdm(total=len(names), desc="to_onnx", unit="stage", disable=not progress,
+                        bar_format="{desc}: {n_fmt}/{total_fmt} stages [{elapsed}] {postfix}")
+        self.started = 0
+
+    def __call__(self, name: str) -> bool:
+        if name not in self.names:
+            return False
+        self.bar.update(self.started - self.bar.n)          # the previous stage is done
+        self.started += 1
+        self.bar.set_postfix_str(name)
+        return True
+
+    def close(self) -> None:
+        self.bar.update(self.started - self.bar.n)
+        self.bar.close()
 
 
 def _absorbed_step(mla) -> nn.Module:
@@ -310,70 +305,16 @@ def _group_query_attention_schema():
                                       ("I", ["tensor(int64)"], "")])
 
 
-def _example(step, spec, plans, vocab, dtype, cache_update):
-    b, s, t = EXAMPLE["batch"], EXAMPLE["new"], EXAMPLE["past"]
-    buffer = t + s + 4 if cache_update == "in_place" else t      # preallocated beyond T+S
-    gen = torch.Generator().manual_seed(0)
-    device = next(step.parameters()).device
-    ids = torch.randint(0, vocab, (b, s), generator=gen).to(device)
-    mask = torch.ones(b, t + s, dtype=torch.long, device=device)
-    mask[1, :2] = 0                                              # one left-padded row
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -s:]
-    int8_sites = {c.site for c in spec if c.kind == "latent_scale"}
-    past = [_example_cache(plans[c.site].cache_shape(c.kind, b, buffer), c.kind, c.site in int8_sites, gen, device, dtype)
-            for c in spec]
+def _example(program: StepProgram):
+    """The program's example inputs in the exported order, their names and dynamic axes."""
+    ids, mask, pos, past = program.example_inputs()
+    spec = program.cache_spec
     batch, new, total, past_len = (torch.export.Dim.DYNAMIC,) * 4
     shapes = ({0: batch, 1: new}, {0: batch, 1: total}, {0: batch, 1: new},     # *past is one argument
               tuple({0: batch, cache_time_axis(c.kind): past_len} for c in spec))
     names = {"inputs": ["input_ids", "attention_mask", "position_ids"] + [c.name for c in spec],
              "outputs": ["logits"] + [_present_name(c.name) for c in spec]}
     return (ids, mask, pos, *past), names, shapes
-
-
-@torch.no_grad()
-def _self_filled(wrapper: nn.Module, args: tuple, spec, vocab: int, cache_update: str) -> tuple:
-    """The example step (its mask and positions) over text and a past the program itself wrote
-    (``_model_text``): a prefill of the text's first T tokens from an empty cache gives the past,
-    the last S are the step's new tokens."""
-    ids, mask, pos, *past = args
-    t = mask.shape[1] - ids.shape[1]
-    text = _model_text(wrapper, args, spec, vocab, cache_update)
-    present = _prefill(wrapper, text[:, :t], mask, past, spec, cache_update)[1:]
-    return (text[:, t:].contiguous(), mask, pos, *present)
-
-
-@torch.no_grad()
-def _model_text(wrapper: nn.Module, args: tuple, spec, vocab: int, cache_update: str) -> torch.Tensor:
-    """[B, T+S] tokens: each row starts from one random token (after its left padding) and
-    continues greedily. Random tokens would put a deep model where int8 weights throw its logits
-    around (SmolLM2 at d_kv=32: relative RMS error of the logits 1.05 on random ids, 0.07 over
-    real text); its own continuation is text the model finds plausible, and needs no tokenizer."""
-    ids, mask, pos, *past = args
-    total = mask.shape[1]
-    text = torch.randint(0, vocab, (ids.shape[0], total), generator=torch.Generator().manual_seed(1)).to(ids.device)
-    first = mask.argmax(-1)                 # each row's first real token
-    for j in range(1, total):
-        greedy = _prefill(wrapper, text[:, :j], mask, past, spec, cache_update)[0][:, -1].argmax(-1)
-        text[:, j] = torch.where(first < j, greedy, text[:, j])
-    return text
-
-
-def _prefill(wrapper: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, past: list, spec, cache_update: str):
-    """The step program on ``tokens`` (the first n columns of ``mask``) from an empty cache."""
-    n = tokens.shape[1]
-    if cache_update == "in_place":          # the same buffers, zeroed: the prefill writes tokens [0, n)
-        empty = [torch.zeros_like(p) for p in past]
-    else:                                   # concat: a past of length 0
-        empty = [p.narrow(cache_time_axis(c.kind), 0, 0) for p, c in zip(past, spec)]
-    return wrapper(tokens, mask[:, :n], (mask[:, :n].cumsum(-1) - 1).clamp(min=0), *empty)
-
-
-def _example_cache(shape, kind: str, int8_latent: bool, gen, device, dtype) -> torch.Tensor:
-    if kind == "latent_scale":       # an int8 latent's per-token scales: positive
-        return (torch.rand(shape, generator=gen) * 0.02 + 0.005).to(device, dtype)
-    if kind == "latent" and int8_latent:        # 8-bit codes + 128
-        return torch.randint(1, 256, shape, generator=gen, dtype=torch.uint8).to(device)
-    return (torch.randn(shape, generator=gen) * 0.5).to(device, dtype)
 
 
 def _is_int8(spec, latent_cache: str) -> bool:
@@ -411,142 +352,5 @@ def _write_tokenizer(tokenizer, path: Path) -> bool:
                         "tokenizer, a tokenizers.Tokenizer, or the path of a tokenizer.json")
     backend.save(str(path))
     return True
-
-
-def _to_int8_weights(path: Path) -> dict[str, int]:
-    """Weight-only int8 (onnxruntime's ``MatMulNBits``, 8 bits, symmetric, one scale per block of
-    32 input channels; accuracy level 4 = int8 dot products on CPU), as onnxruntime-genai's
-    ``-p int8`` build quantizes (same bits, block, symmetry, accuracy level; its lm_head too, its
-    embedding stays fp32). Activations stay float: onnxruntime's dynamic quantization (per-tensor
-    uint8 activations) measured top-1 agreement of 42% with the fp32 SmolLM2 on random tokens,
-    this 94%. Returns how many weights were quantized and how many tied ones got their own copy."""
-    import onnx
-
-    MatMulNBitsQuantizer = _import_quantizer()
-    model = onnx.load(str(path))
-    untied = _untie_transposed_weights(model.graph)
-    with _quiet("root"), _quiet("onnxruntime.quantization.matmul_nbits_quantizer"):
-        quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=INT8_BLOCK, is_symmetric=True, accuracy_level=4)
-        quantizer.process()
-    for f in (path, path.with_name(path.name + ".data")):
-        f.unlink(missing_ok=True)
-    quantizer.model.save_model_to_file(str(path), use_external_data_format=True)
-    quantized = sum(n.op_type == "MatMulNBits" for n in quantizer.model.model.graph.node)
-    return {"int8_matmuls": quantized, "untied": untied}
-
-
-def _import_quantizer():
-    """onnxruntime's ``MatMulNBitsQuantizer``, imported without its side effect: the module calls
-    ``logging.basicConfig(level=INFO)``, after which every later export in the process printed
-    hundreds of onnxscript INFO lines through the root logger."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-    root.handlers[:], root.level = handlers, level
-    return MatMulNBitsQuantizer
-
-
-def _untie_transposed_weights(graph) -> int:
-    """Give every ``MatMul(x, Transpose(W))`` over a float initializer W its own transposed copy.
-
-    A tied lm_head is traced as ``logits = h · Transpose(E)`` over the embedding E that the
-    token Gather also reads; ``MatMulNBitsQuantizer`` only quantizes a MatMul whose weight is an
-    initializer, so without this the largest matrix of a small model (SmolLM2: 49,152 × 576)
-    stayed fp32. E itself stays for the Gather (the quantizer's Gather is 4-bit only), so the
-    lm_head costs an int8 copy on disk (SmolLM2: 28 MB of codes + 3.5 MB of scales). Returns
-    the number of MatMuls rewired."""
-    import onnx
-    from onnx import numpy_helper
-
-    inits = {i.name: i for i in graph.initializer}
-    producers = {o: n for n in graph.node for o in n.output}
-    readers: dict[str, int] = {}
-    for n in graph.node:
-        for i in n.input:
-            readers[i] = readers.get(i, 0) + 1
-    rewired, copies = 0, {}
-    for node in graph.node:
-        if node.op_type != "MatMul" or len(node.input) != 2:
-            continue
-        t = producers.get(node.input[1])
-        if t is None or t.op_type != "Transpose" or t.input[0] not in inits:
-            continue
-        weight = inits[t.input[0]]
-        perm = [list(a.ints) for a in t.attribute if a.name == "perm"]
-        if len(weight.dims) != 2 or perm not in ([], [[1, 0]]) or \
-                weight.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
-            continue
-        if t.output[0] not in copies:
-            name = f"{weight.name}.transposed"
-            graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(weight).T.copy(), name))
-            copies[t.output[0]] = name
-        node.input[1] = copies[t.output[0]]
-        readers[t.output[0]] -= 1
-        rewired += 1
-    outputs = {o.name for o in graph.output}
-    for out in copies:                # a Transpose nobody reads any more
-        if readers[out] == 0 and out not in outputs:
-            graph.node.remove(producers[out])
-    return rewired
-
-
-def _verify(folder: Path, manifest: Manifest, wrapper: nn.Module, args: tuple, dtype: str,
-            quantized: bool = False) -> dict[str, float | str]:
-    """Run the written model in onnxruntime on the example step; refuse the export on mismatch.
-    Returns the figures for the manifest's notes: the largest |Δ| of the logits and, for an
-    approximate (int8) program, its worst output's relative RMS error."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3      # no "in-place not activated" notes: nothing is bound here
-    session = ort.InferenceSession(str(folder / manifest.model_file), options, providers=["CPUExecutionProvider"])
-    names = ["input_ids", "attention_mask", "position_ids"] + [e.input for e in manifest.cache]
-    feeds = {n: a.detach().cpu().numpy() for n, a in zip(names, args)}
-    if dtype == "float16":
-        feeds.update({e.input: feeds[e.input].astype(np.float16) for e in manifest.cache if e.dtype == "float16"})
-    got = session.run(None, feeds)
-    with torch.no_grad():
-        want = [t.float().cpu().numpy() for t in wrapper(*args)]
-    # float programs: max |Δ| relative to the largest value (fp32: 1e-3, since round-off grows
-    # over a real model's depth — SmolLM2's 30 layers reach ~3e-4 on the cache — while a wrong
-    # program is off by O(1)). int8 weights or an int8 latent cache: int8 weights move logits and
-    # cache (their quality change is measured on real text, not asserted here), and a code
-    # flipped at a rounding tie (cache, the integer attention's 8-bit queries and weights) is a
-    # change later layers carry. Those are judged by the RMS error relative to the output's
-    # spread (its std, so a shared offset such as the logits' mean cannot hide an error), ≤ 0.5,
-    # where an unrelated output is ≈ √2; exactness of the int8 program is tests/test_int8_cache.py's
-    # job (≤ 1e-4, tiny model). An int8 latent is compared as the values it stands for.
-    int8_outputs = {e.output for e in manifest.cache if e.dtype in ("int8", "uint8")}
-    approximate = quantized or bool(int8_outputs)
-    tol = 0.5 if approximate else 1e-3 if dtype == "float32" else 2e-2
-    names = ["logits"] + [e.output for e in manifest.cache]
-    got, want = dict(zip(names, got)), dict(zip(names, want))
-    for name in int8_outputs:                   # its scales are the output named <latent>_scale
-        codes, scales = (got[name], want[name]), (got[name + "_scale"], want[name + "_scale"])
-        if codes[0].shape == codes[1].shape and scales[0].shape == scales[1].shape:   # else: a shape error below
-            got[name], want[name] = (dequantize_per_token(torch.from_numpy(c), torch.from_numpy(sc).float()).numpy()
-                                     for c, sc in zip(codes, scales))
-    figures: dict[str, float | str] = {}
-    total = args[1].shape[1]
-    time_axes = {e.output: e.time_axis for e in manifest.cache}
-    filled = {e.output for e in manifest.cache if manifest.cache_update == "in_place"}
-    for name in names:
-        g, w = got[name].astype(np.float32), want[name]
-        if name in filled:      # a buffer holds T+S tokens; what lies beyond is unspecified (GroupQueryAttention)
-            g, w = g.take(range(total), axis=time_axes[name]), w.take(range(total), axis=time_axes[name])
-        scale = max(1.0, float(np.abs(w).max()))
-        err = float(np.abs(g - w).max()) if g.shape == w.shape else float("inf")
-        if name == "logits":
-            figures["verify_max_abs_logit_error"] = err
-        what, allowed = "max |Δ|", tol * scale
-        if approximate and g.shape == w.shape:
-            what, allowed = "relative RMS error", tol
-            err = float(np.sqrt(np.mean((g - w) ** 2)) / max(float(np.std(w.astype(np.float64))), 1e-12))
-            if err >= figures.get("verify_worst_relative_rms_error", -1.0):
-                figures.update(verify_worst_relative_rms_error=err, verify_worst_output=name)
-        if not err <= allowed:
-            raise ExportError(f"onnxruntime disagrees with PyTorch on output {name}: shape {g.shape} vs {w.shape}, "
-                              f"{what} {err:.2e} (allowed {allowed:.1e}); the export is not usable")
-    return figures
 
 

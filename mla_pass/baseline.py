@@ -15,7 +15,14 @@ import torch.fx as fx
 from torch import nn
 
 from .frontend.capture import capture
-from .frontend.sites import NoAttentionError, UnsupportedAttentionError, find_sites
+from .frontend.sites import (
+    NoAttentionError,
+    SiteReport,
+    UnsupportedAttentionError,
+    find_sites,
+    kv_bytes_per_token,
+    report_row,
+)
 from .modules.kv_attention import KVCacheAttention, KVPlan
 from .rewrite import MODULES, CacheMask, CacheTensor, rewrite
 
@@ -28,6 +35,7 @@ class KVStepProgram:
     vocab_size: int
     source: dict
     generation: dict
+    report: list[SiteReport]           # one row per site (shapes, cache values per token)
 
     def empty_cache(self, batch: int) -> list[torch.Tensor]:
         p = next(self.step.parameters())
@@ -35,8 +43,7 @@ class KVStepProgram:
                 for t in self.cache_spec]
 
     def kv_cache_bytes_per_token(self, dtype: torch.dtype = torch.float16) -> int:
-        size = torch.empty((), dtype=dtype).element_size()
-        return sum(p.cached_values_per_token for p in self.plans.values()) * size
+        return kv_bytes_per_token(self.report, dtype, original=True)
 
 
 def kv_step_program(model: nn.Module) -> KVStepProgram:
@@ -58,4 +65,5 @@ def kv_step_program(model: nn.Module) -> KVStepProgram:
     root.add_module(MODULES, modules)
     root.add_module("cache_mask", CacheMask())
     step, cache = rewrite(captured.gm, sites, {i: modules[str(i)] for i in plans}, root, with_cache=True)
-    return KVStepProgram(step, cache, plans, captured.vocab_size, captured.source, captured.generation)
+    return KVStepProgram(step, cache, plans, captured.vocab_size, captured.source, captured.generation,
+                         [report_row(s, None) for s in sites])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .frontend.sites import SiteReport
+from .frontend.sites import SiteReport, kv_bytes_per_token
 from .model import MLAModel
 
 
@@ -25,16 +25,18 @@ def kv_cache_bytes_per_token(model: torch.nn.Module, dtype: torch.dtype = torch.
     the latent + rope keys for a converted one."""
     if isinstance(model, MLAModel):
         return model.kv_cache_bytes_per_token(dtype)
-    size = torch.empty((), dtype=dtype).element_size()
-    return sum(r.original_values_per_token for r in inspect_model(model)) * size
+    return kv_bytes_per_token(inspect_model(model), dtype, original=True)
 
 
 def format_table(rows: list[SiteReport], dtype: torch.dtype = torch.float16) -> str:
-    size = torch.empty((), dtype=dtype).element_size()
-    head = ["layer", "heads", "kv", "head_dim", "rope", "pairs", "gqa", "bias", "fused", "KV B/tok", "MLA B/tok", "note"]
+    """One line per site; cache sizes in bytes per token at ``dtype`` (named in the header)."""
+    tag = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype, str(dtype))
+    head = ["layer", "heads", "kv", "head_dim", "rope", "pairs", "gqa", "bias", "fused", f"KV B/tok ({tag})",
+            f"MLA B/tok ({tag})", "note"]
     body = [[r.layer, r.n_heads, r.n_kv_heads, r.head_dim, r.rope_layout, r.rotary_pairs, r.gqa_form,
-             "yes" if r.qkv_bias else "no", "yes" if r.fused_qkv else "no", r.original_values_per_token * size,
-             "-" if r.converted_values_per_token is None else r.converted_values_per_token * size, r.note]
+             "yes" if r.qkv_bias else "no", "yes" if r.fused_qkv else "no",
+             kv_bytes_per_token([r], dtype, original=True),
+             "-" if r.converted_values_per_token is None else kv_bytes_per_token([r], dtype), r.note]
             for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731

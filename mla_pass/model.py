@@ -10,8 +10,8 @@ import torch.fx as fx
 from torch import nn
 
 from .config import MLAConfig
-from .frontend.sites import SiteReport  # noqa: F401  (a row of MLAModel.report)
-from .modules.latent_attention import FORMS
+from .frontend.sites import SiteReport, kv_bytes_per_token
+from .modules.modes import FORMS
 from .modules.site_plan import SitePlan
 from .rewrite import CacheTensor
 
@@ -196,13 +196,10 @@ class MLAModel(nn.Module):
     # -- accounting -----------------------------------------------------------------------------
     def kv_cache_bytes_per_token(self, dtype: torch.dtype = torch.float16) -> int:
         """Bytes cached per token across all layers (untouched sites count their full K/V)."""
-        size = torch.empty((), dtype=dtype).element_size()
-        return sum((r.converted_values_per_token if r.converted_values_per_token is not None
-                    else r.original_values_per_token) * size for r in self.report)
+        return kv_bytes_per_token(self.report, dtype)
 
     def original_kv_cache_bytes_per_token(self, dtype: torch.dtype = torch.float16) -> int:
-        size = torch.empty((), dtype=dtype).element_size()
-        return sum(r.original_values_per_token * size for r in self.report)
+        return kv_bytes_per_token(self.report, dtype, original=True)
 
     # -- persistence ----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:

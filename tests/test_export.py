@@ -20,6 +20,7 @@ import mla_pass
 from mla_pass import MLAConfig
 
 onnx_export = pytest.importorskip("mla_pass.export.onnx", reason="the ONNX exporter needs onnx and onnxscript")
+import mla_pass.export.verify as export_verify  # noqa: E402  (to_onnx's check, spied on below)
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
 to_onnx, ExportError = onnx_export.to_onnx, onnx_export.ExportError
 from mla_pass.runtime.manifest import Manifest, ManifestError  # noqa: E402
@@ -235,7 +236,7 @@ def test_int8_weights_quantize_a_tied_lm_head_as_onnxruntime_genai_does(tmp_path
 def test_int8_weights_leave_the_logging_configuration_alone():
     """onnxruntime's quantizer module calls logging.basicConfig(level=INFO) on import, which
     made later exports print hundreds of onnxscript INFO lines."""
-    code = ("import logging; from mla_pass.export.onnx import _import_quantizer; _import_quantizer(); "
+    code = ("import logging; from mla_pass.export.quantize import import_quantizer; import_quantizer(); "
             "root = logging.getLogger(); print(len(root.handlers), root.level)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["0", str(logging.WARNING)], out
@@ -244,13 +245,13 @@ def test_int8_weights_leave_the_logging_configuration_alone():
 def _spy_on_verify(monkeypatch) -> dict:
     """Let to_onnx's check run as usual and keep what it was given: ``args`` and ``wrapper`` of
     its last call, and the unpatched ``real_verify``."""
-    seen = {"real_verify": onnx_export._verify}
+    seen = {"real_verify": export_verify.check_export}
 
     def spy(folder, manifest, wrapper, args, *rest, **kw):
         seen.update(args=args, wrapper=wrapper)
         return seen["real_verify"](folder, manifest, wrapper, args, *rest, **kw)
 
-    monkeypatch.setattr(onnx_export, "_verify", spy)
+    monkeypatch.setattr(export_verify, "check_export", spy)
     return seen
 
 
@@ -262,13 +263,13 @@ def test_quantized_exports_are_checked_over_text_and_a_cache_the_model_wrote(lla
     past is a real cache, so the step's logits equal those of one prefill of the whole text."""
     mla = mla_pass.convert(llama, MLAConfig(d_kv=6, rope_freqs=3), progress=False)
     seen = _spy_on_verify(monkeypatch)
-    real_text = onnx_export._model_text
+    real_text = export_verify.model_text
 
     def spy_text(*a, **kw):
         seen["text"] = real_text(*a, **kw)
         return seen["text"]
 
-    monkeypatch.setattr(onnx_export, "_model_text", spy_text)
+    monkeypatch.setattr(export_verify, "model_text", spy_text)
     to_onnx(mla, tmp_path / "q", quantize="int8", cache_update=cache_update)
     ids, mask, pos, *past = seen["args"]
     text, (b, s) = seen["text"], ids.shape

@@ -13,17 +13,18 @@ from .common import DEFAULT_MODEL, _load_source
 def cmd_inspect(args) -> int:
     import torch
 
+    from ..frontend.sites import kv_bytes_per_token
     from ..inspect import format_table, inspect_model
     model, _ = _load_source(args.model, args.cache_dir)
     rows = inspect_model(model)
     print(format_table(rows))
     ok = [r for r in rows if r.index >= 0]
-    size = torch.empty((), dtype=torch.float16).element_size()
-    total = sum(r.original_values_per_token for r in ok) * size
-    print(f"\n{len(ok)} attention sites; original KV cache {total:,} bytes/token in fp16")
+    total = kv_bytes_per_token(ok, original=True)
+    print(f"\n{len(ok)} attention sites; original KV cache {total:,} bytes/token in fp16 "
+          f"({kv_bytes_per_token(ok, torch.float32, original=True):,} in fp32)")
     converted = [r for r in ok if r.converted_values_per_token is not None]
     if converted:
-        mla_total = sum(r.converted_values_per_token for r in converted) * size
+        mla_total = kv_bytes_per_token(converted)
         print(f"converted cache {mla_total:,} bytes/token ({100 * (1 - mla_total / total):.2f}% smaller)")
     refused = [r for r in rows if r.index < 0]
     for r in refused:
@@ -86,11 +87,13 @@ def cmd_export(args) -> int:
             raise SystemExit("error: --original needs the unconverted model, not a converted folder")
         program, what = source, "original (key/value cache)"
     elif isinstance(source, MLAModel):
-        program, what = source, f"converted ({source.config})"
+        program = source
     else:
         config = _config_from_args(args)
         calib = _auto_calibration(config, None if isinstance(tok, str) else tok, args.cache_dir)   # as convert does
-        program, what = convert(source, config, calibration=calib), f"converted ({config})"
+        program = convert(source, config, calibration=calib)
+    if isinstance(program, MLAModel):
+        what = f"converted ({program.config})"          # the config that ran, automatic choices made
     out = to_onnx(program, args.out, dtype=args.dtype, tokenizer=tok, max_length=args.max_length,
                   cache_update=args.cache_update, quantize=args.quantize,
                   latent_cache=args.latent_cache)
@@ -124,8 +127,10 @@ def cmd_demo(args) -> int:
     prompt = tok(args.prompt, return_tensors="pt").input_ids
 
     t0 = time.perf_counter()
+    _step("1/4 converting at full rank, every rotary pair kept (the exactness check)")
     exact = convert(model, MLAConfig())
     print(format_table(exact.report))
+    _step(f"    comparing logits on {ids.shape[1]} held-out tokens, then 32 greedy tokens")
     with torch.no_grad():
         diff = (exact(ids) - model(ids).logits).abs().max().item()
     same = torch.equal(exact.generate(prompt, max_new_tokens=32), model.generate(prompt, max_new_tokens=32, do_sample=False))
@@ -135,20 +140,23 @@ def cmd_demo(args) -> int:
 
     config = _config_from_args(args)
     calib = _auto_calibration(config, tok, args.cache_dir)
+    _step("2/4 converting at the requested budget" + (f" (calibrated on {calib.shape[0]} × {calib.shape[1]} tokens)"
+                                                     if calib is not None else ""))
     mla = convert(model, config, calibration=calib)
-    print(f"\nconverted: {config}")
+    print(f"converted: {mla.config}")                 # the config that ran, automatic choices made
 
     def sample(m) -> str:
         out = m.generate(prompt, max_new_tokens=24) if m is mla else m.generate(prompt, max_new_tokens=24,
                                                                                 do_sample=False)
         return repr(tok.decode(out[0, prompt.shape[1]:], skip_special_tokens=True))
 
+    _step("3/4 measuring the converted model on held-out text and sampling both")
     rows = [("original", mla.original_kv_cache_bytes_per_token(), None, sample(model))]
     rows.append(("converted, training-free", mla.kv_cache_bytes_per_token(), text_quality(mla, ids, reference=model),
                  sample(mla)))
     if args.recover_minutes > 0:
         t0 = time.perf_counter()
-        print(f"\nrecovering for about {args.recover_minutes:g} min: layer-wise on {calib.shape[0] // 2} × "
+        _step(f"4/4 recovering for about {args.recover_minutes:g} min: layer-wise on {calib.shape[0] // 2} × "
               f"{calib.shape[1]} tokens of alice29.txt, then distillation to the original's logits on other books")
         if args.recover_steps > 0:
             # at most 40% of the budget: on a loaded machine the remaining sites keep their SVD start
@@ -176,6 +184,11 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _step(message: str) -> None:
+    """One line per demo stage, shown at once (each takes from seconds to minutes)."""
+    print(f"\n{message} ...", flush=True)
+
+
 def cmd_generate(args) -> int:
     """Stream a generation from an exported folder with the torch-free runtime (no torch import)."""
     from ..runtime import OnnxEngine
@@ -193,7 +206,7 @@ def cmd_generate(args) -> int:
     decode_rate = result.decode_steps / result.decode_seconds if result.decode_seconds > 0 else float("nan")
     print(f"\n[{len(c.token_ids)} tokens, {result.tokens_per_second:.1f} tokens/s (prompt {len(c.prompt_ids)} tokens "
           f"in {result.prefill_seconds:.2f} s, decode {decode_rate:.1f} tokens/s), KV cache "
-          f"{m.kv_cache_bytes_per_token():,} bytes/token ({m.kind}), stopped: {c.finish_reason}, "
+          f"{m.kv_cache_bytes_per_token():,} bytes/token ({m.kind}) in {m.dtype}, stopped: {c.finish_reason}, "
           f"{engine.session.get_providers()[0]}]")
     return 0
 
@@ -246,7 +259,8 @@ def main(argv=None) -> int:
                    "the baseline for comparisons")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     p.add_argument("--cache-update", default="in_place", choices=["in_place", "concat"])
-    p.add_argument("--quantize", default=None, choices=["int8"], help="int8 weights (onnxruntime dynamic quantization)")
+    p.add_argument("--quantize", default=None, choices=["int8"], help="int8 weights: onnxruntime's MatMulNBits, 8 bits, symmetric, one scale per "
+                   "32 input channels (as onnxruntime-genai's int8 build); activations stay float")
     p.add_argument("--latent-cache", default="float", choices=["float", "int8"],
                    help="int8: cache the latent as int8 with one scale per token (converted models)")
     p.add_argument("--max-length", type=int, default=None, help="prompt + new tokens (default: the model's)")

@@ -16,8 +16,16 @@ real tensors in ``example_inputs``):
    included, and would specialise what it cannot express.
 2. record every node's value on the example inputs (shapes and probing need real values),
 3. match with ``match.build_site`` (through the cache update, ``graph_sites.py``), probe,
-   plan and initialise exactly as ``convert`` does, then rewrite the sites in place;
+   plan and initialise with the same functions ``convert`` uses (``plan/build.py``), then
+   rewrite the sites in place with the same site-call emitter (``rewrite.emit_site_call``);
 4. hand the result to inductor (``compile_fx``, default) or run it as it is (``inner="eager"``).
+
+Which conversion: by default the weight-only one the options describe (``high``/``low``/
+``uniform`` pairs, weight-only SVD). ``options={"calibration": token_ids, ...}`` runs the calibrated
+conversion ``mla_pass.convert(model, config, calibration=token_ids)`` makes (once per model, config
+and tokens); ``options={"checkpoint": DIR}`` runs a saved one (``mla-pass convert`` / ``recover``,
+``mla.save``), trained weights included. Both are checked against the graph (``conversion.py``):
+a conversion of another model is an error, never a silent mix.
 
 Reuse across graphs: dynamo compiles one model several times (prefill, first decode step with
 static shapes, decode with a dynamic cache length; again after a shape change). The latent

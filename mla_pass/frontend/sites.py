@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from .. import graph as G
 from ..modules.site_plan import SitePlan
 from .capture import Captured
@@ -77,3 +79,11 @@ class SiteReport:
     original_values_per_token: int
     converted_values_per_token: int | None      # None: left untouched
     note: str = ""
+
+
+def kv_bytes_per_token(rows: list[SiteReport], dtype: torch.dtype = torch.float16, *, original: bool = False) -> int:
+    """KV-cache bytes per token over all sites at ``dtype``: each converted site's latent + rope
+    keys, or, for sites left untouched (or every site with ``original``), the full K and V."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return size * sum(r.original_values_per_token if original or r.converted_values_per_token is None
+                      else r.converted_values_per_token for r in rows)

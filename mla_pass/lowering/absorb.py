@@ -24,6 +24,7 @@ from ..frontend.probe import affine_map
 from ..math.absorbed_mqa import eligible
 from ..math.absorption import absorbed_output, absorbed_query, rope_query
 from ..modules.latent_attention import LatentAttention, RopeProjection
+from .program import LoweringSettings, StepProgram
 
 
 def absorb_projections(step: fx.GraphModule, example_args: tuple) -> dict[str, object]:
@@ -142,3 +143,14 @@ def _loaded(layer: nn.Module, w: torch.Tensor, b: torch.Tensor | None) -> nn.Mod
         if b is not None:
             layer.bias.copy_(b)
     return layer
+
+
+def lower_absorbed(program: StepProgram, settings: LoweringSettings) -> int:
+    """Converted models: W_uk and W_uv folded where a site qualifies → sites folded; the report
+    (``{"sites": n, "left": {layer: why}}``) goes to ``notes["absorbed_projections"]``."""
+    if not settings.absorb or program.kind != "mla":
+        return 0
+    ids, mask, pos, past = program.example_inputs()
+    report = absorb_projections(program.gm, (ids, pos, mask, *past))
+    program.notes["absorbed_projections"] = report
+    return report["sites"]

@@ -7,6 +7,7 @@ import torch.fx as fx
 from .. import graph as G
 from ..modules.kv_attention import KVCacheAttention
 from ..rewrite import MODULES
+from .program import LoweringSettings, StepProgram
 
 
 class GroupQueryCacheInputs(torch.nn.Module):
@@ -61,3 +62,18 @@ def use_group_query_attention(step: fx.GraphModule) -> dict[int, str]:
     graph.lint()
     step.recompile()
     return refused
+
+
+def lower_group_query(program: StepProgram, settings: LoweringSettings) -> int:
+    """The unconverted baseline, in place: its sites as GroupQueryAttention → sites changed; the
+    attention each site runs goes to ``notes["attention"]``."""
+    if program.kind != "original":
+        return 0
+    if program.cache_update != "in_place" or not settings.group_query_attention:
+        program.notes["attention"] = "ONNX Attention (masked SDPA)"
+        return 0
+    refused = use_group_query_attention(program.gm)
+    count = len(program.plans) - len(refused)
+    program.notes["attention"] = f"com.microsoft GroupQueryAttention at {count} of {len(program.plans)} sites" + \
+        "".join(f"; site {i}: masked SDPA, {why}" for i, why in sorted(refused.items()))
+    return count

@@ -10,6 +10,7 @@ from ..modules.cache import cache_time_axis
 from ..modules.kv_attention import KVCacheAttention
 from ..modules.latent_attention import LatentAttention
 from ..rewrite import MODULES
+from .program import LoweringSettings, StepProgram
 
 
 class InPlaceCacheMask(torch.nn.Module):
@@ -55,3 +56,12 @@ def to_in_place(step: fx.GraphModule) -> fx.GraphModule:
     graph.lint()
     step.recompile()
     return step
+
+
+def lower_in_place(program: StepProgram, settings: LoweringSettings) -> int:
+    """``cache_update="in_place"``: every site's past becomes a preallocated buffer → sites changed."""
+    if settings.cache_update != "in_place" or program.cache_update == "in_place":
+        return 0
+    to_in_place(program.gm)
+    program.cache_update = "in_place"
+    return sum(isinstance(m, (LatentAttention, KVCacheAttention)) for m in program.gm.modules())

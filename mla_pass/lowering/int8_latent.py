@@ -19,8 +19,9 @@ import torch.fx as fx
 
 from ..modules.latent_attention import LatentAttention
 from ..rewrite import MODULES, CacheTensor
+from .program import LATENT_CACHES, LoweringSettings, StepProgram
 
-CACHE_DTYPES = ("float", "int8")
+CACHE_DTYPES = LATENT_CACHES
 
 
 def to_int8_latent(step: fx.GraphModule, cache_spec: list[CacheTensor]) -> tuple[fx.GraphModule, list[CacheTensor]]:
@@ -55,3 +56,13 @@ def to_int8_latent(step: fx.GraphModule, cache_spec: list[CacheTensor]) -> tuple
     graph.lint()
     step.recompile()
     return step, new_spec
+
+
+def lower_int8_latent(program: StepProgram, settings: LoweringSettings) -> int:
+    """``latent_cache="int8"``: every converted site caches 8-bit latents → sites changed."""
+    if settings.latent_cache != "int8":
+        return 0
+    if program.kind != "mla":
+        raise ValueError("latent_cache='int8' needs a converted model (mla_pass.convert): the original has no latent")
+    program.gm, program.cache_spec = to_int8_latent(program.gm, program.cache_spec)
+    return sum(t.kind == "latent_scale" for t in program.cache_spec)

@@ -24,6 +24,7 @@ from torch import nn
 from ..math.attention import attention_probs_apply, expand_kv, in_repeat_kv_order
 from ..ops.group_query_attention import group_query_attention
 from .cache import split_cache_args, update_cache
+from .modes import CACHE_UPDATES, Mode
 
 
 @dataclass
@@ -67,15 +68,16 @@ class KVCacheAttention(nn.Module):
 
     With ``op = "group_query_attention"`` (in-place programs only) ``mask`` is instead the tuple
     ``(attention_bias, seqlens_k, total_sequence_length, query_seqlens)`` of
-    ``rewrite.GroupQueryCacheInputs`` and no write index follows the buffers."""
+    ``lowering.group_query.GroupQueryCacheInputs`` and no write index follows the buffers."""
+    cache_update = Mode(CACHE_UPDATES, "concat", "in_place: past are preallocated buffers (lowering.in_place)")
+    op = Mode(("sdpa", "group_query_attention"), "sdpa", "group_query_attention: one op per site "
+              "(lowering.group_query)")
 
     def __init__(self, plan: KVPlan):
         super().__init__()
         self.plan = plan
         self.register_buffer("kv_head_of_query", torch.tensor(plan.kv_head_of_query, dtype=torch.long),
                              persistent=False)
-        self.cache_update = "concat"   # or "in_place" (lowering.in_place.to_in_place)
-        self.op = "sdpa"               # or "group_query_attention" (lowering.group_query.use_group_query_attention)
 
     def forward(self, query, key, value, mask, *past):
         if self.op == "group_query_attention":

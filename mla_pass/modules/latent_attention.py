@@ -18,9 +18,8 @@ from ..math.absorbed_mqa import latent_mqa
 from ..math.attention import decompressed_attention
 from ..math.int8_cache import dequantize_per_token, quantize_per_token
 from .cache import cache_time_axis, split_cache_args, update_cache
+from .modes import CACHE_UPDATES, FORMS, LATENT_CACHES, Mode
 from .site_plan import SitePlan
-
-FORMS = ("auto", "absorbed", "decompressed")
 
 
 class RopeProjection(nn.Module):
@@ -53,6 +52,11 @@ class RopeKeyProjection(RopeProjection):
 
 
 class LatentAttention(nn.Module):
+    form = Mode(FORMS, "auto", "auto: decompressed for prompts, absorbed for one-token steps")
+    cache_update = Mode(CACHE_UPDATES, "concat", "in_place: past are preallocated buffers (lowering.in_place)")
+    latent_cache = Mode(LATENT_CACHES, "float", "int8: 8-bit codes (uint8 + 128) + a per-token scale "
+                        "(lowering.int8_latent)")
+
     def __init__(self, plan: SitePlan):
         super().__init__()
         self.plan = plan
@@ -87,10 +91,7 @@ class LatentAttention(nn.Module):
                                                             torch.zeros(p.n_heads, n_nope)], dim=-1))
         else:
             self.register_parameter("query_nope_mix", None)
-        self.form = "auto"
-        self.cache_update = "concat"   # or "in_place": past are preallocated buffers (lowering.in_place.to_in_place)
         self.decode_kernel = True    # the fused Triton decode on CUDA where it applies (kernels/dispatch.py)
-        self.latent_cache = "float"  # or "int8": 8-bit codes (uint8 + 128) + a per-token scale (lowering.int8_latent.to_int8_latent)
         # the up-projections absorbed into the query and output projections (lowering/absorb.py, for export):
         # then the call's query_raw is unused, query is the model's RoPE of ``rope_query(x)`` and the
         # result is the output projection's [B, S, D] instead of [B, H, S, Dv]

@@ -1,7 +1,7 @@
 """Training text sampled from the original model itself, for distillation.
 
 Distillation on three books (fiction, verse, a play) drives the training KL far below the
-held-out KL: the text, not the optimiser, is the limit (DESIGN.md §2). The teacher's own samples
+held-out KL: the text, not the optimiser, is the limit (docs/quality.md). The teacher's own samples
 are unlimited and in its distribution. ``generated_windows`` builds ``[N, L]`` token windows:
 
 - "books" prompts: ``prefix`` real tokens from a random place in ``TRAINING_TEXTS`` (never the
