@@ -25,14 +25,15 @@ different cache updates, and cache tensors read by anything but the core and the
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 from torch import nn
 
 from .. import graph as G
-from ..frontend.match import AttentionCore, AttentionSite, SiteError, build_site, find_attention_cores, layer_name
+from ..frontend.match import AttentionCore, AttentionSite, SiteError, layer_name
+from ..frontend.sites import match_sites
 from ..modules.latent_attention import LatentAttention
 from ..ops.cache_append import CACHE_APPEND
 from ..rewrite import MODULES, emit_site_call
@@ -93,27 +94,13 @@ def data_dependent(gm: fx.GraphModule, data_placeholders: set[fx.Node]) -> set[f
 
 def find_graph_sites(gm: fx.GraphModule, env: dict, dependent: set[fx.Node]
                      ) -> tuple[list[GraphSite], list[SiteError]]:
-    """Matched sites (not yet probed) and refusals."""
-    sites: list[GraphSite] = []
-    errors: list[SiteError] = []
-    cores = find_attention_cores(gm)
-    for core in cores:
-        if isinstance(core, SiteError):
-            errors.append(core)
-            continue
-        cache = None
-        try:
-            cache = _cache_of(core)
-            matched = core if cache is None else replace(core, key=cache.args[2], value=cache.args[3])
-            site = build_site(len(sites) + len(errors), matched, gm, env, dependent)
-            if cache is not None:
-                _check_cache_only_feeds_core(cache, core)
-            sites.append(GraphSite(site, cache))
-        except SiteError as e:
-            if cache is not None:
-                refuse_if_compressed(cache, e.reason, env)
-            errors.append(e)
-    return sites, errors
+    """Matched sites (not yet probed: the backend probes only what it cannot reuse) and refusals,
+    by the same site finder as ``convert`` (``frontend.sites.match_sites``), through the cache."""
+    matched, refused = match_sites(gm, env, dependent, probe=False, cache_of=_cache_of)
+    for error, cache in refused:
+        if cache is not None:
+            refuse_if_compressed(cache, error.reason, env)
+    return [GraphSite(site, cache) for site, cache in matched], [e for e, _ in refused]
 
 
 def refuse_if_compressed(cache: fx.Node, reason: str, env: dict) -> None:
@@ -147,6 +134,7 @@ def _cache_of(core: AttentionCore) -> fx.Node | None:
     if k_cache is not v_cache or not (k_ok and v_ok):
         raise SiteError(layer_name(core.anchor), core.anchor.name,
                         "key and value do not come from the same cache update (keys, values)")
+    _check_cache_only_feeds_core(k_cache, core)
     return k_cache
 
 

@@ -4,9 +4,10 @@ Shared by every front end: convert/load (torch.export), the unconverted baseline
 the conversion report (mla-pass inspect)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+import torch.fx as fx
 
 from .. import graph as G
 from ..modules.site_plan import SitePlan
@@ -31,20 +32,37 @@ class UnsupportedAttentionError(ValueError):
 
 def find_sites(captured: Captured) -> tuple[list[AttentionSite], list[SiteError]]:
     """Every attention site of a captured program, probed; and the ones refused, with reasons."""
-    dependent = G.depends_on_placeholders(captured.gm)
-    sites, errors = [], []
-    for core in find_attention_cores(captured.gm):
+    matched, refused = match_sites(captured.gm, captured.env, G.depends_on_placeholders(captured.gm))
+    return [site for site, _ in matched], [e for e, _ in refused]
+
+
+def match_sites(gm: fx.GraphModule, env: dict, dependent: set, *, probe: bool = True, cache_of=None):
+    """Every attention core of ``gm`` matched into a site, in graph order, and the refusals.
+
+    The one site finder of every front end. ``dependent``: the nodes that depend on data inputs
+    (RoPE tables are found among them). ``cache_of(core)``, for front ends whose keys and values
+    pass through a cache update (the compile backend under Hugging Face's ``DynamicCache``), gives
+    that update's node or None (it may refuse with ``SiteError``); the site is then matched on the
+    new tokens' key and value. ``probe=False`` leaves probing (weights, RoPE layout) to the caller.
+    Returns ``([(site, cache node)], [(error, cache node)])``.
+    """
+    matched, refused = [], []
+    for core in find_attention_cores(gm):
         if isinstance(core, SiteError):
-            errors.append(core)
+            refused.append((core, None))
             continue
+        cache = None
         try:
-            site = build_site(len(sites) + len(errors), core, captured.gm, captured.env, dependent)
-            extract_site_weights(captured.gm, site, captured.env)
-            sites.append(site)
+            cache = cache_of(core) if cache_of is not None else None
+            target = core if cache is None else replace(core, key=cache.args[2], value=cache.args[3])
+            site = build_site(len(matched) + len(refused), target, gm, env, dependent)
+            if probe:
+                extract_site_weights(gm, site, env)
+            matched.append((site, cache))
         except SiteError as e:
-            e.cached_values_per_token = kv_values_per_token(core, captured.env)
-            errors.append(e)
-    return sites, errors
+            e.cached_values_per_token = kv_values_per_token(core, env)
+            refused.append((e, cache))
+    return matched, refused
 
 
 def report_row(site: AttentionSite, plan: SitePlan | None, note: str = "") -> SiteReport:
