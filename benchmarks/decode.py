@@ -81,8 +81,9 @@ def export_all(cache_dir: Path, variants: dict) -> dict[str, Path]:
     return folders
 
 
-# modules that cannot change an exported program (training, evaluation, command line, torch.compile)
-NOT_EXPORTED = ("__init__", "recovery", "distill", "evaluate", "cli", "backend", "hf_cache", "assets")
+# parts of the package that cannot change an exported program (training, evaluation, the command
+# line, torch.compile, the model download): subpackages by folder, modules by file name
+NOT_EXPORTED = {"folders": ("quality", "cli", "dynamo"), "files": ("__init__.py", "assets.py")}
 
 
 def source_fingerprint() -> str:
@@ -91,8 +92,10 @@ def source_fingerprint() -> str:
     import importlib
     h = hashlib.sha1()
     for m in ("mla_pass", "mla_pass.export", "mla_pass.runtime"):
-        for f in sorted(Path(importlib.import_module(m).__file__).parent.rglob("*.py")):
-            if not f.stem.startswith(NOT_EXPORTED):
+        root = Path(importlib.import_module(m).__file__).parent
+        for f in sorted(root.rglob("*.py")):
+            rel = f.relative_to(root)
+            if f.name not in NOT_EXPORTED["files"] and not (m == "mla_pass" and rel.parts[0] in NOT_EXPORTED["folders"]):
                 h.update(f.read_bytes())
     return h.hexdigest()[:10]
 

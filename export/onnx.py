@@ -195,7 +195,7 @@ class _Stages:
         from tqdm.auto import tqdm
         self.names = names
         self.bar = tqdm(total=len(names), desc="to_onnx", unit="stage", disable=not progress,
-                        bar_format="{desc}: {n_fmt}/{total_fmt} stages [{elapsed}] {postfix}")
+                        bar_format="{desc} ({n_fmt}/{total_fmt} stages done, {elapsed})")
         self.started = 0
 
     def __call__(self, name: str) -> bool:
@@ -203,7 +203,7 @@ class _Stages:
             return False
         self.bar.update(self.started - self.bar.n)          # the previous stage is done
         self.started += 1
-        self.bar.set_postfix_str(name)
+        self.bar.set_description(f"to_onnx: {name}")
         return True
 
     def close(self) -> None:

@@ -4,7 +4,6 @@ conversion saved by ``mla.save`` / ``mla-pass convert`` / ``recover``, trained w
 ``mla_pass.load(DIR)`` and ``mla_pass.convert(model, config, calibration=ids)``, eager inner."""
 from __future__ import annotations
 
-import copy
 import os
 
 import pytest
@@ -15,7 +14,8 @@ from mla_pass import MLAConfig
 
 torch.set_num_threads(int(os.environ.get("MLA_PASS_TEST_THREADS", "1")))
 transformers = pytest.importorskip("transformers")
-from test_backend import FAMS, cache_bytes, max_diff, prompt  # noqa: E402
+from test_backend import FAMS, cache_bytes, fresh_dynamo, max_diff, prompt  # noqa: E402, F401  (autouse)
+from test_backend import compiled as compiled_with  # noqa: E402
 from test_families import build_hf  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
@@ -23,18 +23,8 @@ TOL = 1e-4
 CONFIG = MLAConfig(d_kv=4, rope_freqs=2)        # calibrated: score-error pairs, activation-aware SVD
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
-
-
 def compiled(model, options):
-    copy_ = copy.deepcopy(model)
-    copy_.forward = torch.compile(copy_.forward, backend="mla", options={"inner": "eager", **options})
-    return copy_
+    return compiled_with(model, {"inner": "eager", **options})
 
 
 def calibration_ids():

@@ -19,7 +19,7 @@ import hashlib
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,13 +43,13 @@ class Conversion:
     config: MLAConfig
     plans: dict[int, SitePlan]
     tensors: dict[str, torch.Tensor]             # the converted program's state dict
-    modules: dict[int, nn.Module] = field(default_factory=dict)   # built once, shared by every graph
 
     def plan_for(self, layer: str) -> SitePlan | None:
         return next((p for p in self.plans.values() if p.layer == layer), None)
 
     def module_for(self, site, env: dict) -> nn.Module:
-        """The module of the conversion's site at ``site.layer``, its saved weights loaded (once)."""
+        """A new module for the conversion's site at ``site.layer``, its saved weights loaded (the
+        backend keeps it per set of model weights, so two compiled models never share one)."""
         plan = self.plan_for(site.layer)
         if plan is None:
             raise ValueError(f"{self.label} has no converted site at {site.layer} (it has "
@@ -58,17 +58,13 @@ class Conversion:
         if problem:
             raise ValueError(f"{self.label} does not fit the attention at {site.layer} ({problem}): it is a "
                              "conversion of another model")
-        module = self.modules.get(plan.index)
-        if module is None:
-            module = site_module(site, plan, env[site.hidden])
-            prefix = f"{MODULES}.{plan.index}."
-            state = {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
-            try:
-                module.load_state_dict(state, strict=True)
-            except RuntimeError as e:
-                raise ValueError(f"{self.label}: the saved weights of {site.layer} do not fit its plan ({e})") from e
-            module.to(device=env[site.hidden].device, dtype=env[site.hidden].dtype)
-            self.modules[plan.index] = module
+        module = site_module(site, plan, env[site.hidden])
+        prefix = f"{MODULES}.{plan.index}."
+        state = {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+        try:
+            module.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"{self.label}: the saved weights of {site.layer} do not fit its plan ({e})") from e
         return module
 
     def check_weights(self, gm: fx.GraphModule, names: list[str | None], example_inputs: list) -> None:
