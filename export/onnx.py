@@ -195,7 +195,7 @@ class _Stages:
         from tqdm.auto import tqdm
         self.names = names
         self.bar = tqdm(total=len(names), desc="to_onnx", unit="stage", disable=not progress,
-                        bar_format="{desc} ({n_fmt}/{total_fmt} stages done, {elapsed})")
+                        bar_format="{desc}({n_fmt}/{total_fmt} stages done, {elapsed})")
         self.started = 0
 
     def __call__(self, name: str) -> bool:

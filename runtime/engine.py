@@ -19,6 +19,7 @@ onnxruntime offers it, else CPU, unless ``providers`` names them.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,6 +124,9 @@ class OnnxEngine:
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self._cache: KVCache | None = None
         self._binding = self.session.io_binding()
+        # generate and step share the cache buffers and the IO binding: one call at a time, so that
+        # calls from several threads are serialised instead of writing into each other's cache
+        self._lock = threading.RLock()
         self._bound_cache: KVCache | None = None
         logits_type = next(o.type for o in self.session.get_outputs() if o.name == "logits")
         self._logits_dtype = np.float16 if logits_type == ORT_TYPES["float16"] else np.float32
@@ -217,7 +221,8 @@ class OnnxEngine:
         if int(ids.min()) < 0 or int(ids.max()) >= self.manifest.vocab_size:
             raise ValueError(f"token ids must be in [0, {self.manifest.vocab_size}), got min {ids.min()} max {ids.max()}")
         if isinstance(cache, KVCache):
-            return StepOutput(self._bound_step(ids, mask, pos, cache), cache)
+            with self._lock:                    # the IO binding is the engine's one
+                return StepOutput(self._bound_step(ids, mask, pos, cache), cache)
         entries = self.manifest.cache
         if cache is None:
             if past:
@@ -267,7 +272,9 @@ class OnnxEngine:
     def generate(self, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, stop=None, on_token: Callable[[int, int, str], None] | None = None,
                  seed: int | None = None) -> GenerationResult:
-        """Generate for one prompt or a batch.
+        """Generate for one prompt or a batch. Safe to call from several threads: generations on
+        one engine run one after another (each thread gets what it would get alone); for parallel
+        generations, give each thread its own engine.
 
         Args:
             prompts: a string, a list of strings, a list of token ids, or a list of such lists.
@@ -281,6 +288,10 @@ class OnnxEngine:
                 split over tokens arrives with its last token).
             seed: seeds the sampler (deterministic); unused when greedy.
         """
+        with self._lock:
+            return self._generate(prompts, max_new_tokens, temperature, top_k, top_p, stop, on_token, seed)
+
+    def _generate(self, prompts, max_new_tokens, temperature, top_k, top_p, stop, on_token, seed) -> GenerationResult:
         config = SamplingConfig(temperature, top_k, top_p)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")

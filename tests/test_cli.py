@@ -2,7 +2,7 @@
 import pytest
 from helpers import tiny_llama
 
-from mla_pass.cli.main import main
+from mla_pass.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -50,3 +50,21 @@ def test_export_converted_and_original(hf_dir, tmp_path, capsys):
     manifest = Manifest.read(tmp_path / "orig")
     assert manifest.kind == "original" and manifest.cache_update == "concat"
     assert manifest.kv_cache_bytes_per_token() == 512          # 2 layers × 2 kv heads × (16 + 16) × 4 bytes
+
+
+def test_errors_are_one_line_and_debug_shows_the_traceback(capsys, monkeypatch):
+    """A user error is one line on stderr with a non-zero exit, an unexpected one too (with its
+    type); Ctrl-C is one line and exit 130; --debug lets the exception through."""
+    import mla_pass.cli.commands as cli_main
+
+    for error, code, line in ((ValueError("d_kv must be positive"), 2, "error: d_kv must be positive"),
+                              (OSError("disk full"), 1, "error: OSError: disk full (run with --debug for the traceback)"),
+                              (KeyboardInterrupt(), 130, "interrupted")):
+        def failing(args, error=error):
+            raise error
+
+        monkeypatch.setattr(cli_main, "cmd_inspect", failing)
+        assert main(["inspect", "smollm2-135m"]) == code
+        assert capsys.readouterr().err.strip() == line
+        with pytest.raises(type(error)):
+            main(["--debug", "inspect", "smollm2-135m"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import byte_tokenizer
 
-from mla_pass.cli.main import main
+from mla_pass.cli import main
 
 torch.set_num_threads(int(os.environ.get("MLA_PASS_TEST_THREADS", "1")))
 

@@ -286,7 +286,7 @@ def test_config_checks():
 def test_cli_option(tmp_path):
     import json
 
-    from mla_pass.cli.main import main
+    from mla_pass.cli import main
 
     hf = tmp_path / "tiny-llama"
     tiny_llama().save_pretrained(str(hf))          # no tokenizer: nothing to calibrate with

@@ -110,6 +110,20 @@ def test_batch_equals_one_at_a_time(folders, kind, update):
         assert completion.token_ids == reference_greedy(spec, completion.prompt_ids, 10)
 
 
+def test_concurrent_generations_equal_sequential_ones(folders):
+    """One engine used from several threads: each generation gets what it gets alone (they share the
+    engine's cache and IO binding, so the engine runs them one after another)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    folder, _ = folders["mla", "in_place"]
+    engine = OnnxEngine(folder, threads=1)
+    jobs = [(PROMPTS[i % len(PROMPTS)], 4 + i % 5) for i in range(16)]
+    want = [engine.generate(p, max_new_tokens=n).completions[0].token_ids for p, n in jobs]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda job: engine.generate(job[0], max_new_tokens=job[1]).completions[0].token_ids, jobs))
+    assert got == want
+
+
 def test_positions_of_left_padded_rows():
     mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
     assert positions(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 0, 0, 0, 0]]
@@ -384,5 +398,5 @@ def test_cli_generate_streams_without_torch(folders, tokenizer):
 
 
 def test_cli_generate_reports_bad_folder(tmp_path):
-    from mla_pass.cli.main import main
+    from mla_pass.cli import main
     assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2

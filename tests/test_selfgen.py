@@ -168,7 +168,7 @@ def test_bad_options_give_clear_errors(model, cache):
 
 
 def test_cli_recover_on_generated_text(model, cache, tmp_path_factory, capsys):
-    from mla_pass.cli.main import main
+    from mla_pass.cli import main
 
     root = tmp_path_factory.mktemp("selfgen_cli")
     model.save_pretrained(str(root / "hf"))

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import mla_pass
-from mla_pass.cli.main import main
+from mla_pass.cli import main
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
 """The ``mla-pass`` command: ``inspect | convert | export | generate | eval | recover | demo``."""
-from .main import main
+from .commands import main
 
 __all__ = ["main"]

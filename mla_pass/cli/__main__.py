@@ -1,6 +1,6 @@
 """``python -m mla_pass.cli``: the same as the ``mla-pass`` command."""
 import sys
 
-from .main import main
+from .commands import main
 
 sys.exit(main())

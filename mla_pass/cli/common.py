@@ -6,7 +6,7 @@ from pathlib import Path
 DEFAULT_MODEL = "smollm2-135m"
 
 
-def _load_source(spec: str, cache_dir: str | None):
+def load_source(spec: str, cache_dir: str | None):
     """A model from a name (the embedded default), a Hugging Face folder, or a saved mla-pass folder."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

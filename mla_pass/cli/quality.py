@@ -71,13 +71,13 @@ def _is_converted(path: Path) -> bool:
 
 def _load_original(mla, override: str | None, cache_dir):
     """(model, tokenizer) of the model ``mla`` came from, or (None, None) if it cannot be found."""
-    from .common import _load_source
+    from .common import load_source
 
     if override:
-        return _load_source(override, cache_dir)
+        return load_source(override, cache_dir)
     folder = (mla.source.get("config") or {}).get("_name_or_path") or ""
     if mla.source.get("kind") == "transformers" and folder and (Path(folder) / "config.json").is_file():
-        return _load_source(folder, cache_dir)
+        return load_source(folder, cache_dir)
     return None, None
 
 
@@ -92,15 +92,15 @@ def _tokenizer(folder: Path, fallback):
 def _load_pair(spec: str, original_spec: str | None, cache_dir):
     """(model, tokenizer, original or None) for eval: a converted folder is compared with its original."""
     from ..model import MLAModel
-    from .common import _load_source
+    from .common import load_source
 
-    model, tok = _load_source(spec, cache_dir)
+    model, tok = load_source(spec, cache_dir)
     original = None
     if isinstance(model, MLAModel):
         original, original_tok = _load_original(model, original_spec, cache_dir)
         tok = _tokenizer(Path(spec), original_tok)
     elif original_spec:
-        original, _ = _load_source(original_spec, cache_dir)
+        original, _ = load_source(original_spec, cache_dir)
     if tok is None:
         raise SystemExit(f"error: no tokenizer for {spec}: save the tokenizer files in the model folder")
     return model, tok, original

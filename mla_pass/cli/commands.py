@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import DEFAULT_MODEL, _load_source
+from .common import DEFAULT_MODEL, load_source
 
 
 def cmd_inspect(args) -> int:
@@ -15,7 +15,7 @@ def cmd_inspect(args) -> int:
 
     from ..frontend.sites import kv_bytes_per_token
     from ..inspect import format_table, inspect_model
-    model, _ = _load_source(args.model, args.cache_dir)
+    model, _ = load_source(args.model, args.cache_dir)
     rows = inspect_model(model)
     print(format_table(rows))
     ok = [r for r in rows if r.index >= 0]
@@ -57,7 +57,7 @@ def _auto_calibration(config, tokenizer, cache_dir):
 def cmd_convert(args) -> int:
     from ..inspect import format_table
     from ..pipeline import convert
-    model, tok = _load_source(args.model, args.cache_dir)
+    model, tok = load_source(args.model, args.cache_dir)
     config = _config_from_args(args)
     calib = _auto_calibration(config, tok, args.cache_dir)
     t0 = time.perf_counter()
@@ -78,7 +78,7 @@ def cmd_export(args) -> int:
     from ..export.onnx import to_onnx
     from ..model import MLAModel
     from ..pipeline import convert
-    source, tok = _load_source(args.model, args.cache_dir)
+    source, tok = load_source(args.model, args.cache_dir)
     if tok is None and Path(args.model, "tokenizer.json").is_file():
         tok = str(Path(args.model, "tokenizer.json"))
     t0 = time.perf_counter()
@@ -235,6 +235,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cache-dir", default=None, help="where fetched models and text are kept "
                         "(default ~/.cache/mla-pass)")
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="list the attention sites the pass finds")
     p.add_argument("model", help=f"'{DEFAULT_MODEL}', a Hugging Face model folder, or a saved mla-pass folder")
@@ -285,9 +286,21 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, RuntimeError) as e:
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, RuntimeError) as e:         # what the library says of bad input: the message is the help
+        if args.debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:                          # anything else, still one line
+        if args.debug:
+            raise
+        print(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
