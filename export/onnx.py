@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import logging
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -38,6 +37,8 @@ from torch import nn
 from mla_pass.export import verify as checks  # a module: to_onnx's own ``verify`` is its flag
 from mla_pass.export.common import ExportError, quiet  # noqa: F401  (ExportError: part of to_onnx's API)
 from mla_pass.export.quantize import INT8_BLOCK, to_int8_weights
+from mla_pass.export.staging import check_destination, staged_folder
+from mla_pass.frontend.capture import non_finite
 from mla_pass.lowering import LoweringSettings, StepProgram, lower
 from mla_pass.modules.cache import cache_time_axis
 from mla_pass.runtime.manifest import CacheEntry, Manifest
@@ -100,9 +101,10 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if latent_cache == "int8" and not isinstance(model, MLAModel):
         raise ValueError("latent_cache='int8' needs a converted model (mla_pass.convert): the original has no latent")
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2):
+        raise ValueError(f"max_length must be an integer >= 2 (prompt + generated tokens), got {max_length!r}")
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty: choose a new folder or delete it first")
+    check_destination(out)                    # before any work
     if isinstance(model, MLAModel):
         if not model.can_cache:
             raise ValueError("this converted model cannot decode from a cache (sites left untouched, or its forward "
@@ -119,6 +121,10 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
     else:
         raise TypeError(f"expected an MLAModel or a torch decoder, got {type(model).__name__}")
 
+    bad = non_finite(program.gm.named_parameters())
+    if bad:
+        raise ValueError(f"the program's weights hold NaN or inf ({', '.join(bad[:3])}): an export of it cannot be "
+                         "checked, nor be right; re-convert the model or load an earlier checkpoint")
     if any(p.dtype != torch.float32 for p in program.gm.parameters()):
         raise ValueError("export from a float32 model (load or convert it in float32); dtype='float16' converts "
                          "the exported graph itself")
@@ -131,8 +137,7 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
     args, names, shapes = _example(program)
     wrapper = _OnnxStep(step).eval()
     opset = 24 if cache_update == "in_place" else 23          # TensorScatter is opset 24
-    with tempfile.TemporaryDirectory() as tmp:   # written whole, then moved: a failed export leaves no folder
-        staging = Path(tmp)
+    with staged_folder(out) as staging:    # written whole beside out, then renamed: no half-written folder
         stage("torch.onnx.export")
         with torch.no_grad(), warnings.catch_warnings(), quiet("torch.onnx"):
             warnings.simplefilter("ignore")
@@ -180,9 +185,6 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
             manifest.notes.update(checks.check_export(staging, manifest, wrapper, checked, dtype, quantized=bool(quantize)))
         stage("writing")
         manifest.write(staging)
-        out.mkdir(parents=True, exist_ok=True)
-        for f in staging.iterdir():
-            shutil.move(str(f), out / f.name)
     stage.close()
     return out
 

@@ -167,6 +167,10 @@ class MLAModel(nn.Module):
                            "every step recomputes the whole sequence")
             logits = self.forward(tokens)
         for i in range(max_new_tokens):
+            if not bool(torch.isfinite(logits[:, -1]).all()):
+                raise FloatingPointError(f"the model produced NaN or inf logits at generated token {i} (its weights "
+                                         "or the cache hold non-finite values): greedy decoding would emit token 0 "
+                                         "forever")
             nxt = logits[:, -1].argmax(-1)
             nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
             done |= torch.isin(nxt, stop_t)

@@ -38,10 +38,22 @@ class Checkpoint:
     meta: dict                              # everything else in mla_config.json (source, generation, ...)
 
 
+def check_save_folder(path: str | os.PathLike) -> None:
+    """``path`` can take a save: not a file, and not a Hugging Face model folder (a source model's:
+    its ``model.safetensors`` would be replaced by the converted one)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path} is a file: save into a folder (a new or empty one)")
+    if (path / "config.json").is_file() and not (path / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{path} holds a Hugging Face model (config.json), not an mla-pass save: saving there "
+                              f"would overwrite its weights; choose another folder")
+
+
 def save_model(mla, path: Path) -> Path:
     """Write ``mla`` (an ``MLAModel``) into the folder ``path``."""
     from safetensors.torch import save_file
 
+    check_save_folder(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors, aliases, seen = {}, {}, {}
     for name, t in mla.program.state_dict(keep_vars=False).items():

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .config import MLAConfig
-from .frontend.capture import Captured, capture
+from .frontend.capture import Captured, capture, non_finite
 from .frontend.sites import NoAttentionError, UnsupportedAttentionError, find_sites, refusal_row, report_row
 from .model import MLAModel
 from .modules.site_plan import SitePlan
@@ -152,6 +152,10 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None) -> MLAMo
         raise CheckpointError(
             f"{weights} does not fit the rebuilt model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
             f"wrong shape {bad_shape[:5]}; the checkpoint and the source architecture disagree")
+    bad = non_finite(tensors.items())
+    if bad:
+        raise CheckpointError(f"{weights} holds NaN or inf in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}: "
+                              "the model it was saved from had diverged; re-convert or use an earlier checkpoint")
     mla.program.load_state_dict(tensors, strict=True)
     mla.generation = checkpoint.meta.get("generation", mla.generation)
     return mla

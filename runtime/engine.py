@@ -328,6 +328,9 @@ class OnnxEngine:
         result.prefill_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
         for n in range(max_new_tokens):
+            if not np.isfinite(logits).all():
+                raise EngineError(f"the model produced NaN or inf logits at generated token {n} (its weights or "
+                                  "the cache hold non-finite values)")
             nxt = sample(logits.astype(np.float32, copy=False), config, rng)
             for i in np.flatnonzero(~done):
                 c, tok, dec = result.completions[i], int(nxt[i]), decoders[i]

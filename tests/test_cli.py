@@ -68,3 +68,17 @@ def test_errors_are_one_line_and_debug_shows_the_traceback(capsys, monkeypatch):
         assert capsys.readouterr().err.strip() == line
         with pytest.raises(type(error)):
             main(["--debug", "inspect", "smollm2-135m"])
+
+
+def test_convert_refuses_to_write_over_its_source_before_converting(tmp_path, capsys):
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "hf")
+    before = {f.name: f.read_bytes() for f in (tmp_path / "hf").iterdir()}
+    assert main(["convert", str(tmp_path / "hf"), "--out", str(tmp_path / "hf")]) == 2
+    assert "would overwrite its weights" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in (tmp_path / "hf").iterdir()} == before
+    (tmp_path / "file").write_text("x")
+    assert main(["export", str(tmp_path / "hf"), "--out", str(tmp_path / "file")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "hf"), "--out", str(tmp_path / "o"), "--max-length", "-5"]) == 2
+    assert "--max-length must be >= 2" in capsys.readouterr().err

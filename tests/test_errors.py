@@ -133,3 +133,64 @@ def test_unsupported_site_named_and_best_effort():
     assert mla.generate(ids, max_new_tokens=3, eos_token_id=None).shape == (1, 9)
     with pytest.raises(NotImplementedError, match="left untouched"):
         mla.step_with_cache(ids, torch.ones_like(ids), mla.empty_cache(1))
+
+
+# -- non-finite numbers are reported as what they are ---------------------------------------------
+def test_nan_in_a_source_weight_is_named():
+    """A NaN in a layer-0 MLP weight used to get layer 1's attention refused ("reads no single kv head")."""
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or inf.*model\.layers\.0\.mlp\.up_proj\.weight \(1 of"):
+        mla_pass.convert(model, MLAConfig(d_kv=4, rope_freqs=2), progress=False)
+
+
+def test_nan_in_a_converted_weight_stops_generate_and_load(model, tmp_path):
+    mla = mla_pass.convert(model, MLAConfig(d_kv=4, rope_freqs=2), progress=False)
+    with torch.no_grad():
+        next(p for n, p in mla.program.named_parameters() if n.endswith("down")).fill_(float("inf"))
+    with pytest.raises(FloatingPointError, match="NaN or inf logits at generated token 0"):
+        mla.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4)
+    mla.save(tmp_path / "m")
+    with pytest.raises(mla_pass.CheckpointError, match=r"holds NaN or inf in mla\.0\.down"):
+        mla_pass.load(tmp_path / "m")
+
+
+# -- exports: validated first, written whole or not at all ----------------------------------------
+onnx_export = pytest.importorskip("mla_pass.export.onnx", reason="the ONNX exporter needs onnx and onnxscript")
+
+
+@pytest.mark.parametrize("max_length", [-5, 0, 1, 2.5, True])
+def test_export_max_length_is_checked_first(model, tmp_path, max_length):
+    with pytest.raises(ValueError, match="max_length must be an integer >= 2"):
+        onnx_export.to_onnx(model, tmp_path / "o", max_length=max_length)
+    assert not (tmp_path / "o").exists()
+
+
+def test_export_into_a_file_or_a_full_folder_is_refused_before_any_work(model, tmp_path):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    for dest, what in ((tmp_path / "file", "a file"), (tmp_path / "full", "not empty")):
+        with pytest.raises(FileExistsError, match=what):
+            onnx_export.to_onnx(model, dest)
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+
+
+def test_a_failed_export_leaves_no_folder_and_stale_staging_is_removed(model, tmp_path, monkeypatch):
+    import mla_pass.export.verify as export_verify
+
+    stale = tmp_path / ".o.staging-999999999"        # left by a killed export (no such process)
+    stale.mkdir()
+    (stale / "model.onnx").write_text("partial")
+
+    def broken_check(*args, **kwargs):
+        raise onnx_export.ExportError("injected failure at the final check")
+
+    monkeypatch.setattr(export_verify, "check_export", broken_check)
+    with pytest.raises(onnx_export.ExportError, match="injected"):
+        onnx_export.to_onnx(model, tmp_path / "o")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "a failed export left files behind"
+    monkeypatch.undo()
+    folder = onnx_export.to_onnx(model, tmp_path / "o", progress=False)
+    assert (folder / "manifest.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["o"]

@@ -87,3 +87,21 @@ def test_missing_files_are_refused(saved, tmp_path):
     (path / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="missing"):
         mla_pass.load(path)
+
+
+def test_save_never_overwrites_a_source_model_folder(tmp_path):
+    """Saving into the Hugging Face folder the model came from (``mla-pass convert DIR --out DIR``)
+    would replace its model.safetensors: refused, and the folder is left as it was."""
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "hf")
+    before = {f.name: f.read_bytes() for f in (tmp_path / "hf").iterdir()}
+    mla = mla_pass.convert(model, mla_pass.MLAConfig(d_kv=4, rope_freqs=2), progress=False)
+    with pytest.raises(CheckpointError, match="would overwrite its weights"):
+        mla.save(tmp_path / "hf")
+    assert {f.name: f.read_bytes() for f in (tmp_path / "hf").iterdir()} == before
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match="is a file"):
+        mla.save(tmp_path / "file")
+    mla.save(tmp_path / "mla")
+    mla.save(tmp_path / "mla")                     # a previous save is replaced
+    assert mla_pass.load(tmp_path / "mla") is not None

@@ -56,7 +56,9 @@ def _auto_calibration(config, tokenizer, cache_dir):
 
 def cmd_convert(args) -> int:
     from ..inspect import format_table
+    from ..persist import check_save_folder
     from ..pipeline import convert
+    check_save_folder(args.out)                  # before the conversion, not after it
     model, tok = load_source(args.model, args.cache_dir)
     config = _config_from_args(args)
     calib = _auto_calibration(config, tok, args.cache_dir)
@@ -76,8 +78,12 @@ def cmd_convert(args) -> int:
 def cmd_export(args) -> int:
     """Convert (or load a converted folder) and write an ONNX folder for the runtime."""
     from ..export.onnx import to_onnx
+    from ..export.staging import check_destination
     from ..model import MLAModel
     from ..pipeline import convert
+    check_destination(args.out)                  # before the conversion, not after it
+    if args.max_length is not None and args.max_length < 2:
+        raise ValueError(f"--max-length must be >= 2 (prompt + generated tokens), got {args.max_length}")
     source, tok = load_source(args.model, args.cache_dir)
     if tok is None and Path(args.model, "tokenizer.json").is_file():
         tok = str(Path(args.model, "tokenizer.json"))
@@ -291,7 +297,7 @@ def main(argv=None) -> int:
             raise
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, RuntimeError) as e:         # what the library says of bad input: the message is the help
+    except (ValueError, RuntimeError, FileExistsError) as e:    # bad input: the library's message says what to do
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)

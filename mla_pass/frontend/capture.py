@@ -67,9 +67,24 @@ def is_hf_model(model) -> bool:
     return hasattr(model, "config") and hasattr(model.config, "to_dict") and hasattr(model, "generation_config")
 
 
+def non_finite(named_tensors) -> list[str]:
+    """``name (count)`` of every floating tensor in ``named_tensors`` holding NaN or inf."""
+    out = []
+    for name, t in named_tensors:
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            bad = int((~torch.isfinite(t.detach())).sum())
+            if bad:
+                out.append(f"{name} ({bad} of {t.numel()} values)")
+    return out
+
+
 def capture(model: torch.nn.Module) -> Captured:
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"expected a torch.nn.Module decoder, got {type(model).__name__}")
+    bad = non_finite([*model.named_parameters(), *model.named_buffers()])
+    if bad:       # probing would misread them (e.g. as "reads no single kv head"): say what they are
+        raise CaptureError(f"{type(model).__name__} has weights holding NaN or inf, so nothing computed from it can be "
+                           f"right: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; reload or repair the model")
     hf = is_hf_model(model)
     params = inspect.signature(model.forward).parameters
     takes_positions = "position_ids" in params
