@@ -1,8 +1,9 @@
-"""The public verb: ``convert(model, config, calibration=None) -> MLAModel``.
+"""The public verbs: ``convert(model, config, calibration=None) -> MLAModel`` and ``load(path)``.
 
-capture → match (+ probe) → calibrate (if the config needs it) → plan → initialise (SVD) →
-rewrite (forward program and decode-step program). Everything that can fail on bad input
-fails before any module is built; the source model is never modified.
+capture → sites (match + probe) → calibrate (if the config needs it) → plans → modules
+(initialised by SVD, or empty for a saved model's weights) → rewrite (forward program and
+decode-step program). ``load`` runs the same path from a checkpoint's saved plans. Everything
+that can fail on bad input fails before any module is built; the source model is never modified.
 """
 from __future__ import annotations
 
