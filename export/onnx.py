@@ -128,63 +128,71 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
     if any(p.dtype != torch.float32 for p in program.gm.parameters()):
         raise ValueError("export from a float32 model (load or convert it in float32); dtype='float16' converts "
                          "the exported graph itself")
-    stage = _Stages(["lowering passes", "torch.onnx.export", *(["fusing"] * fuse), *(["float16"] * (dtype == "float16")),
+    stage = _Stages(["lowering passes", "torch.onnx.export", *(["fusing"] * fuse),
+                     *(["float16"] * (dtype == "float16")),
                      *(["checking before int8"] * bool(verify and quantize)), *(["int8 weights"] * bool(quantize)),
                      *(["checking in onnxruntime"] * verify), "writing"], progress)
-    stage("lowering passes")
-    lower(program, settings)
-    step, spec, plans, vocab, kind = program.gm, program.cache_spec, program.plans, program.vocab_size, program.kind
-    args, names, shapes = _example(program)
-    wrapper = _OnnxStep(step).eval()
-    opset = 24 if cache_update == "in_place" else 23          # TensorScatter is opset 24
-    with staged_folder(out) as staging:    # written whole beside out, then renamed: no half-written folder
-        stage("torch.onnx.export")
-        with torch.no_grad(), warnings.catch_warnings(), quiet("torch.onnx"):
-            warnings.simplefilter("ignore")
-            try:
-                onnx_program = torch.onnx.export(wrapper, args, dynamo=True, opset_version=opset,
-                                            custom_translation_table=_translations(),
-                                            input_names=names["inputs"], output_names=names["outputs"],
-                                            dynamic_shapes=shapes, verbose=False)
-            except Exception as e:
-                raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {e}") from e
-            onnx_program.save(str(staging / MODEL_FILE), external_data=True)
-        fused = _fuse(staging / MODEL_FILE) if stage("fusing") else None
-        if stage("float16"):
-            _to_float16(staging / MODEL_FILE)
-        has_tokenizer = _write_tokenizer(tokenizer, staging / TOKENIZER_FILE)
-        entries = [_cache_entry(t, plans[t.site], "uint8" if _is_int8(t, latent_cache) else dtype) for t in spec]
-        eos = generation.get("eos_token_id")
-        manifest = Manifest(
-            kind=kind, dtype=dtype, vocab_size=vocab, max_length=max_length or _max_length(source),
-            cache=entries, eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
-            bos_token_id=(source.get("config") or {}).get("bos_token_id"), pad_token_id=generation.get("pad_token_id"),
-            model_file=MODEL_FILE, tokenizer_file=TOKENIZER_FILE if has_tokenizer else None,
-            mla_config=mla_config, source={k: v for k, v in source.items() if k != "config"},
-            cache_update=cache_update,
-            notes={"exporter": f"torch.onnx.export(dynamo=True, opset {opset})", "torch": torch.__version__,
-                   "weights": f"int8 (MatMulNBits, symmetric, blocks of {INT8_BLOCK}, accuracy level 4; "
-                              "embedding fp32)" if quantize else dtype,
-                   "latent_cache": "8-bit (uint8 = code + 128), one scale per token; integer attention "
-                                   "(MatMulInteger)" if latent_cache == "int8" else dtype})
-        manifest.notes.update(program.notes)        # what the lowering passes report
-        if fused is not None:
-            manifest.notes["fused"] = fused
-        # int8 programs are checked over the model's own text and cache (``verify.self_filled_inputs``): on
-        # random ones a deep model is chaotic at some tokens, which says nothing about the export
-        checked = checks.self_filled_inputs(wrapper, args, spec, vocab, cache_update) \
-            if verify and (quantize or latent_cache == "int8") else args
-        if stage("checking before int8"):
-            # the graph as written is held to the float tolerance before onnxruntime's quantizer
-            # touches its weights; what the quantizer changes gets the approximate check below
-            exact = checks.check_export(staging, manifest, wrapper, checked, dtype)
-            manifest.notes.update({k.replace("verify_", "verify_before_int8_weights_"): v for k, v in exact.items()})
-        if stage("int8 weights"):
-            manifest.notes["quantized"] = to_int8_weights(staging / MODEL_FILE)
-        if stage("checking in onnxruntime"):
-            manifest.notes.update(checks.check_export(staging, manifest, wrapper, checked, dtype, quantized=bool(quantize)))
-        stage("writing")
-        manifest.write(staging)
+    try:
+        stage("lowering passes")
+        lower(program, settings)
+        step, spec, plans, vocab, kind = program.gm, program.cache_spec, program.plans, program.vocab_size, program.kind
+        args, names, shapes = _example(program)
+        wrapper = _OnnxStep(step).eval()
+        opset = 24 if cache_update == "in_place" else 23          # TensorScatter is opset 24
+        with staged_folder(out) as staging:    # written whole beside out, then renamed: no half-written folder
+            stage("torch.onnx.export")
+            with torch.no_grad(), warnings.catch_warnings(), quiet("torch.onnx"):
+                warnings.simplefilter("ignore")
+                try:
+                    onnx_program = torch.onnx.export(wrapper, args, dynamo=True, opset_version=opset,
+                                                custom_translation_table=_translations(),
+                                                input_names=names["inputs"], output_names=names["outputs"],
+                                                dynamic_shapes=shapes, verbose=False)
+                except Exception as e:
+                    raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {e}") from e
+                onnx_program.save(str(staging / MODEL_FILE), external_data=True)
+            fused = _fuse(staging / MODEL_FILE) if stage("fusing") else None
+            if stage("float16"):
+                _to_float16(staging / MODEL_FILE)
+            has_tokenizer = _write_tokenizer(tokenizer, staging / TOKENIZER_FILE)
+            entries = [_cache_entry(t, plans[t.site], "uint8" if _is_int8(t, latent_cache) else dtype) for t in spec]
+            eos = generation.get("eos_token_id")
+            manifest = Manifest(
+                kind=kind, dtype=dtype, vocab_size=vocab, max_length=max_length or _max_length(source),
+                cache=entries, eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
+                bos_token_id=(source.get("config") or {}).get("bos_token_id"),
+                pad_token_id=generation.get("pad_token_id"),
+                model_file=MODEL_FILE, tokenizer_file=TOKENIZER_FILE if has_tokenizer else None,
+                mla_config=mla_config, source={k: v for k, v in source.items() if k != "config"},
+                cache_update=cache_update,
+                notes={"exporter": f"torch.onnx.export(dynamo=True, opset {opset})", "torch": torch.__version__,
+                       "weights": f"int8 (MatMulNBits, symmetric, blocks of {INT8_BLOCK}, accuracy level 4; "
+                                  "embedding fp32)" if quantize else dtype,
+                       "latent_cache": "8-bit (uint8 = code + 128), one scale per token; integer attention "
+                                       "(MatMulInteger)" if latent_cache == "int8" else dtype})
+            manifest.notes.update(program.notes)        # what the lowering passes report
+            if fused is not None:
+                manifest.notes["fused"] = fused
+            # int8 programs are checked over the model's own text and cache (``verify.self_filled_inputs``): on
+            # random ones a deep model is chaotic at some tokens, which says nothing about the export
+            checked = checks.self_filled_inputs(wrapper, args, spec, vocab, cache_update) \
+                if verify and (quantize or latent_cache == "int8") else args
+            if stage("checking before int8"):
+                # the graph as written is held to the float tolerance before onnxruntime's quantizer
+                # touches its weights; what the quantizer changes gets the approximate check below
+                exact = checks.check_export(staging, manifest, wrapper, checked, dtype)
+                manifest.notes.update({k.replace("verify_", "verify_before_int8_weights_"): v
+                                       for k, v in exact.items()})
+            if stage("int8 weights"):
+                manifest.notes["quantized"] = to_int8_weights(staging / MODEL_FILE)
+            if stage("checking in onnxruntime"):
+                manifest.notes.update(checks.check_export(staging, manifest, wrapper, checked, dtype,
+                                                          quantized=bool(quantize)))
+            stage("writing")
+            manifest.write(staging)
+    except BaseException:         # the line shows where it stopped; nothing is left on disk
+        stage.abort()
+        raise
     stage.close()
     return out
 
@@ -210,6 +218,9 @@ class _Stages:
 
     def close(self) -> None:
         self.bar.update(self.started - self.bar.n)
+        self.bar.close()
+
+    def abort(self) -> None:
         self.bar.close()
 
 

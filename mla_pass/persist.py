@@ -50,9 +50,8 @@ def check_save_folder(path: str | os.PathLike) -> None:
 
 
 def save_model(mla, path: Path) -> Path:
-    """Write ``mla`` (an ``MLAModel``) into the folder ``path``."""
-    from safetensors.torch import save_file
-
+    """Write ``mla`` (an ``MLAModel``) into the folder ``path`` (over an earlier save: the folder
+    holds the old checkpoint or the new one at every moment, ``write_pair``)."""
     check_save_folder(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors, aliases, seen = {}, {}, {}
@@ -63,10 +62,6 @@ def save_model(mla, path: Path) -> Path:
             continue
         seen[key] = name
         tensors[name] = t.detach().contiguous().cpu()
-    weights = path / WEIGHTS_FILE
-    tmp = weights.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "mla-pass", "version": str(FORMAT_VERSION)})
-    os.replace(tmp, weights)
     meta = {
         "format_version": FORMAT_VERSION,
         "config": mla.config.to_dict(),
@@ -76,15 +71,61 @@ def save_model(mla, path: Path) -> Path:
         "vocab_size": mla.vocab_size,
         "generation": mla.generation,
         "aliases": aliases,
-        "weights_sha256": sha256(weights),
         "kv_cache_bytes_per_token_fp16": mla.kv_cache_bytes_per_token(torch.float16),
         "original_kv_cache_bytes_per_token_fp16": mla.original_kv_cache_bytes_per_token(torch.float16),
     }
-    _json_dump(meta, path / CONFIG_FILE)
+    write_pair(path / WEIGHTS_FILE, tensors, path / CONFIG_FILE, meta,
+               metadata={"format": "mla-pass", "version": str(FORMAT_VERSION)})
     return path
 
 
+def write_pair(weights: Path, tensors: dict, described_by: Path, meta: dict, metadata: dict | None = None) -> str:
+    """Write a safetensors file and the JSON that describes it as one checkpoint, over an older
+    pair or not: both are written whole beside their names first, the JSON (holding the weights'
+    SHA-256 as ``weights_sha256``) last, then renamed into place. The pending JSON is a journal:
+    ``finish_pair`` (run by every reader) completes the renames if the writer died between them,
+    or removes the pending files if it died before. Returns the weights' SHA-256."""
+    from safetensors.torch import save_file
+
+    finish_pair(weights, described_by)
+    save_file(tensors, str(_pending(weights)), metadata=metadata)
+    _fsync(_pending(weights))
+    digest = sha256(_pending(weights))
+    _pending(described_by).write_text(json.dumps({**meta, "weights_sha256": digest}, indent=2, sort_keys=True))
+    _fsync(_pending(described_by))
+    os.replace(_pending(weights), weights)         # from here the new checkpoint is the one on disk
+    os.replace(_pending(described_by), described_by)
+    return digest
+
+
+def _pending(path: Path) -> Path:
+    return path.with_name(path.name + ".pending")
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def finish_pair(weights: Path, described_by: Path) -> None:
+    """Complete or undo a ``write_pair`` that died midway, so that one whole pair is left: the new
+    one if its weights were already in place (the pending JSON names their checksum), else the old
+    one (the pending files are removed)."""
+    pending = _pending(described_by)
+    if pending.is_file():
+        try:
+            want = json.loads(pending.read_text())["weights_sha256"]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            want = None                            # died while writing it
+        if want and not _pending(weights).exists() and weights.is_file() and sha256(weights) == want:
+            os.replace(pending, described_by)      # died between the two renames: finish the write
+        else:
+            pending.unlink()
+    _pending(weights).unlink(missing_ok=True)
+
+
 def _read_meta(path: Path) -> dict:
+    finish_pair(path / WEIGHTS_FILE, path / CONFIG_FILE)
     cfg = path / CONFIG_FILE
     if not cfg.is_file():
         raise CheckpointError(f"{cfg} is missing: {path} is not a folder written by MLAModel.save")
@@ -149,10 +190,3 @@ def rebuild_source(source: dict) -> torch.nn.Module:
     with torch.device("cpu"):
         model = cls._from_config(config) if hasattr(cls, "_from_config") else cls.from_config(config)
     return model.eval()
-
-
-
-def _json_dump(obj, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)

@@ -82,3 +82,27 @@ def test_convert_refuses_to_write_over_its_source_before_converting(tmp_path, ca
     assert "is a file" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "hf"), "--out", str(tmp_path / "o"), "--max-length", "-5"]) == 2
     assert "--max-length must be >= 2" in capsys.readouterr().err
+
+
+def test_sigterm_during_export_leaves_nothing_behind(tmp_path):
+    """SIGTERM (as Ctrl-C) while an export writes its staging folder: one line, exit 130, and
+    neither the folder nor its staging copy is left."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    tiny_llama().save_pretrained(tmp_path / "hf")
+    out = tmp_path / "onnx"
+    proc = subprocess.Popen([sys.executable, "-m", "mla_pass.cli", "export", str(tmp_path / "hf"), "--out", str(out),
+                             "--d-kv", "4", "--rope-freqs", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob(".onnx.staging-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the export finished before it could be interrupted"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == "interrupted"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]

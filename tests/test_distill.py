@@ -145,3 +145,36 @@ def test_bad_input(model, tmp_path):
         mla_pass.distill(mla, model, _tokens(), DistillConfig(steps=3), checkpoint=tmp_path, progress=False)
     with pytest.raises(ValueError, match="other training tokens"):
         mla_pass.distill(mla, model, _tokens(seed=9), DistillConfig(steps=2), checkpoint=tmp_path, progress=False)
+
+
+def test_a_checkpoint_write_cut_between_its_renames_resumes_exactly(model, tmp_path, monkeypatch):
+    """The process dies after the new weights are in place but before the new state is: the next
+    run finishes that checkpoint (its journal names the weights' checksum) and resumes from it,
+    ending bit-identical to an uninterrupted run (resuming the old state with the new weights
+    would not)."""
+    import mla_pass.persist as persist
+
+    tokens = _tokens(6, 24)
+    config = DistillConfig(steps=9, lr=2e-3, batch_size=4, warmup_steps=2)
+    whole = _convert(model)
+    mla_pass.distill(whole, model, tokens, config, progress=False)
+    want = {k: v.clone() for k, v in whole.program.state_dict().items()}
+    real_replace, calls = persist.os.replace, []
+
+    def dies_between_renames(src, dst):
+        real_replace(src, dst)
+        calls.append(dst)
+        if len(calls) == 3:                        # the second checkpoint (step 8): weights moved, state not
+            raise RuntimeError("killed")
+
+    monkeypatch.setattr(persist.os, "replace", dies_between_renames)
+    with pytest.raises(RuntimeError, match="killed"):
+        mla_pass.distill(_convert(model), model, tokens, config, checkpoint=tmp_path, checkpoint_every=4,
+                         progress=False)
+    monkeypatch.undo()
+    assert (tmp_path / "distill.json.pending").is_file()
+    mla = _convert(model)
+    report = mla_pass.distill(mla, model, tokens, config, checkpoint=tmp_path, checkpoint_every=4, progress=False)
+    assert report.complete and json.loads((tmp_path / "distill.json").read_text())["step"] == 9
+    got = mla.program.state_dict()
+    assert all(torch.equal(want[k], got[k]) for k in want)

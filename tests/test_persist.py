@@ -105,3 +105,65 @@ def test_save_never_overwrites_a_source_model_folder(tmp_path):
     mla.save(tmp_path / "mla")
     mla.save(tmp_path / "mla")                     # a previous save is replaced
     assert mla_pass.load(tmp_path / "mla") is not None
+
+
+_KILLED_SAVE = """
+import os, signal, sys
+import torch
+sys.path.insert(0, {tests!r})
+from helpers import tiny_llama
+import mla_pass, mla_pass.persist as persist
+import safetensors.torch
+
+point = {point!r}
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+real_save, real_replace, real_fsync = safetensors.torch.save_file, os.replace, persist._fsync
+replaced = []
+def save_file(*a, **k):
+    real_save(*a, **k)
+    if point == "weights written":
+        die()
+def fsync(p):
+    real_fsync(p)
+    if point == "config written" and p.name.endswith(".json.pending"):
+        die()
+def replace(a, b):
+    real_replace(a, b)
+    replaced.append(b)
+    if point == f"after rename {{len(replaced)}}":
+        die()
+safetensors.torch.save_file, persist._fsync, persist.os.replace = save_file, fsync, replace
+mla = mla_pass.convert(tiny_llama(), mla_pass.MLAConfig(d_kv=4, rope_freqs=2), progress=False)
+with torch.no_grad():
+    for p in mla.program.parameters():
+        p.fill_(0.5)                                  # the new checkpoint: every weight 0.5
+mla.save({path!r})
+"""
+
+
+@pytest.mark.parametrize("point,survivor", [("weights written", "old"), ("config written", "old"),
+                                            ("after rename 1", "new"), ("after rename 2", "new")])
+def test_a_save_killed_at_any_step_leaves_one_whole_checkpoint(tmp_path, point, survivor):
+    """SIGKILL at each step of a save over an existing checkpoint: the folder then loads as the old
+    checkpoint (killed before the new weights were in place) or the new one (after), never as a
+    mix, and no pending file is left once it has been read."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = tmp_path / "m"
+    old = mla_pass.convert(tiny_llama(), mla_pass.MLAConfig(d_kv=4, rope_freqs=2), progress=False)
+    old.save(path)
+    code = _KILLED_SAVE.format(tests=str(Path(__file__).parent), point=point, path=str(path))
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == -signal.SIGKILL, run.stderr[-2000:]
+    loaded = mla_pass.load(path)
+    params = dict(loaded.program.named_parameters())
+    if survivor == "new":
+        assert all(bool((p == 0.5).all()) for p in params.values())
+    else:
+        want = dict(old.program.named_parameters())
+        assert all(torch.equal(p, want[n]) for n, p in params.items())
+    assert not [f.name for f in path.iterdir() if f.name.endswith(".pending")]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -190,6 +191,10 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def _step(message: str) -> None:
     """One line per demo stage, shown at once (each takes from seconds to minutes)."""
     print(f"\n{message} ...", flush=True)
@@ -290,6 +295,7 @@ def main(argv=None) -> int:
     add_commands(sub)                     # eval, recover
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _interrupt)     # like Ctrl-C: staging folders are cleaned up on the way out
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -152,8 +152,9 @@ def _pct(x) -> str:
 # -- recover ------------------------------------------------------------------------------------
 def cmd_recover(args) -> int:
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
+    from ..persist import finish_pair, write_pair
     from ..pipeline import load
     from ..quality.distillation import CHECKPOINT_STATE as DISTILL_STATE
     from ..quality.distillation import CHECKPOINT_WEIGHTS as DISTILL_WEIGHTS
@@ -196,6 +197,7 @@ def cmd_recover(args) -> int:
         except ValueError as e:
             raise SystemExit(f"error: --distill-text {args.distill_text}: {e} (see --distill-length)") from None
     state = {"settings": settings, "done": [], "losses": {}, "seconds": 0.0, "complete": False}
+    finish_pair(weights_path, state_path)   # a checkpoint write cut short: finish or undo it
     if args.resume:                       # settle the checkpoint before any heavy loading
         if not state_path.is_file():
             raise SystemExit(f"error: --resume: {state_path} does not exist; start without --resume")
@@ -246,13 +248,14 @@ def cmd_recover(args) -> int:
         state["seconds"] = seconds_before + time.perf_counter() - t0
         _atomic(state_path, lambda tmp: tmp.write_text(json.dumps(state, indent=2)))
 
-    def checkpoint(index, result):
+    def checkpoint(index, result):          # weights and state as one pair: never one without the other
         weights = {k: v.detach().contiguous().cpu() for k, v in mla.program.state_dict().items()
                    if k.startswith(MODULES + ".")}
-        _atomic(weights_path, lambda tmp: save_file(weights, str(tmp)))
         state["done"].append(index)
         state["losses"][str(index)] = [result.loss_before, result.loss_after]
-        save_state()
+        state["seconds"] = seconds_before + time.perf_counter() - t0
+        state["weights_sha256"] = write_pair(weights_path, weights, state_path,
+                                             {k: v for k, v in state.items() if k != "weights_sha256"})
 
     torch.manual_seed(args.seed)
     n_sites = len(mla.plans)

@@ -27,6 +27,7 @@ import torch
 
 from ..model import MLAModel, require_converted
 from ..modules.latent_attention import LatentAttention
+from ..persist import finish_pair, write_pair
 
 logger = logging.getLogger(__name__)
 
@@ -193,6 +194,8 @@ def distill(mla: MLAModel, original: torch.nn.Module, tokens, config: DistillCon
     state = _State(config=asdict(config), tokens_key=_tokens_key(tokens), step=0, total_steps=config.steps,
                    losses=[], seconds=0.0, cpu_seconds=0.0, tokens=0)
     folder = Path(checkpoint) if checkpoint is not None else None
+    if folder is not None:
+        finish_pair(folder / CHECKPOINT_WEIGHTS, folder / CHECKPOINT_STATE)     # a checkpoint write cut short
     if folder is not None and (folder / CHECKPOINT_STATE).is_file():
         state = _load_checkpoint(folder, state, params, opt)
 
@@ -300,8 +303,6 @@ class _State:
 
 
 def _save_checkpoint(folder: Path, state: _State, params: dict, opt: torch.optim.Optimizer) -> None:
-    from safetensors.torch import save_file
-
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, p in params.items():
@@ -312,14 +313,15 @@ def _save_checkpoint(folder: Path, state: _State, params: dict, opt: torch.optim
                 tensors[f"{key}.{name}"] = moments[key].detach().contiguous().cpu()
         if "step" in moments:
             tensors[f"step.{name}"] = torch.as_tensor(moments["step"], dtype=torch.float64).reshape(1).cpu()
-    _atomic(folder / CHECKPOINT_WEIGHTS, lambda tmp: save_file(tensors, str(tmp)))
-    _atomic(folder / CHECKPOINT_STATE, lambda tmp: tmp.write_text(json.dumps(asdict(state), indent=1)))
+    write_pair(folder / CHECKPOINT_WEIGHTS, tensors, folder / CHECKPOINT_STATE, asdict(state))   # one checkpoint
 
 
 def _load_checkpoint(folder: Path, fresh: _State, params: dict, opt: torch.optim.Optimizer) -> _State:
     from safetensors.torch import load_file
 
-    saved = _State(**json.loads((folder / CHECKPOINT_STATE).read_text()))
+    record = json.loads((folder / CHECKPOINT_STATE).read_text())
+    record.pop("weights_sha256", None)              # write_pair's checksum of the weights file
+    saved = _State(**record)
     if saved.config != fresh.config:
         raise ValueError(f"the distillation checkpoint in {folder} was made with {saved.config}, not {fresh.config}: "
                          "resume with the same DistillConfig or use another checkpoint folder")
@@ -341,9 +343,3 @@ def _load_checkpoint(folder: Path, fresh: _State, params: dict, opt: torch.optim
                                 "exp_avg_sq": tensors[f"exp_avg_sq.{name}"].to(p.device)}
     logger.info("resuming distillation at step %d of %s", saved.step, saved.total_steps)
     return saved
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
