@@ -144,14 +144,25 @@ class MLAModel(nn.Module):
         of different lengths are left-padded with ``attention_mask`` marking real tokens.
         """
         input_ids = self._check_ids(input_ids)
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         stop = self.generation.get("eos_token_id") if eos_token_id == "default" else eos_token_id
         stop = [] if stop is None else ([stop] if isinstance(stop, int) else list(stop))
         if pad_token_id is None:
             pad_token_id = self.generation.get("pad_token_id") if eos_token_id == "default" else None
             pad_token_id = pad_token_id if pad_token_id is not None else (stop[0] if stop else 0)
+        for what, ids in (("eos_token_id", stop), ("pad_token_id", [pad_token_id])):
+            if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.vocab_size for i in ids):
+                raise ValueError(f"{what} must be token ids in [0, {self.vocab_size}), got {ids!r}")
         stop_t = torch.tensor(stop, dtype=torch.long, device=input_ids.device)
+        if attention_mask is not None:
+            if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(input_ids.shape):
+                got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
+                raise ValueError(f"attention_mask must be a tensor shaped like input_ids {tuple(input_ids.shape)}, "
+                                 f"got {got}")
+            zero_one = bool(((attention_mask == 0) | (attention_mask == 1)).all())
+            if not zero_one or not bool(attention_mask.bool().any(-1).all()):
+                raise ValueError("attention_mask must hold 0/1 with at least one real token (1) in every row")
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device).long()
         tokens = input_ids
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -187,8 +198,9 @@ class MLAModel(nn.Module):
     def _check_ids(self, input_ids) -> torch.Tensor:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError("input_ids must be an integer tensor [batch, seq]")
-        if input_ids.shape[1] == 0:
-            raise ValueError("input_ids is empty: give at least one token")
+        if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids {tuple(input_ids.shape)} is empty: give at least one row of at least one "
+                             "token")
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.vocab_size):
             raise ValueError(f"token ids must be in [0, {self.vocab_size})")
         return input_ids.long()

@@ -125,6 +125,8 @@ def finish_pair(weights: Path, described_by: Path) -> None:
 
 
 def _read_meta(path: Path) -> dict:
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a folder: give the folder written by MLAModel.save")
     finish_pair(path / WEIGHTS_FILE, path / CONFIG_FILE)
     cfg = path / CONFIG_FILE
     if not cfg.is_file():

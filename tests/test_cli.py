@@ -106,3 +106,27 @@ def test_sigterm_during_export_leaves_nothing_behind(tmp_path):
     assert proc.returncode == 130, err[-2000:]
     assert err.strip().splitlines()[-1] == "interrupted"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["convert", "{hf}", "--out", "{out}", "--d-kv", "0"], "d_kv must be a positive integer"),
+    (["convert", "{hf}", "--out", "{out}", "--rope-freqs", "-1"], "rope_freqs must be a non-negative integer"),
+    (["convert", "{hf}", "--out", "{out}", "--kv-budget", "2"], r"kv_budget is the fraction .* in \(0, 1\]"),
+    (["export", "{hf}", "--out", "{out}", "--d-kv", "0"], "d_kv must be a positive integer"),
+    (["export", "{hf}", "--out", "{out}", "--max-length", "0"], "--max-length must be >= 2"),
+    (["demo", "--tokens", "0"], "--tokens must be >= 2"),
+    (["demo", "--recover-minutes", "-1"], "--recover-minutes must be >= 0"),
+    (["generate", "{out}", "--prompt", "x"], "is not a folder"),
+])
+def test_bad_options_are_one_line_before_any_work(tmp_path, capsys, argv, message):
+    """Every option is checked before the model is loaded or converted: one line, exit 2, nothing
+    written (the tiny model's folder is only read after the checks)."""
+    import re
+
+    hf, out = tmp_path / "hf", tmp_path / "out"
+    tiny_llama().save_pretrained(hf)
+    capsys.readouterr()                                   # save_pretrained's own progress lines
+    assert main([a.format(hf=hf, out=out) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and re.search(message, err[0]), err
+    assert not out.exists()

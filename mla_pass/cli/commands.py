@@ -59,9 +59,9 @@ def cmd_convert(args) -> int:
     from ..inspect import format_table
     from ..persist import check_save_folder
     from ..pipeline import convert
-    check_save_folder(args.out)                  # before the conversion, not after it
-    model, tok = load_source(args.model, args.cache_dir)
+    check_save_folder(args.out)                  # the options and the folder before any work
     config = _config_from_args(args)
+    model, tok = load_source(args.model, args.cache_dir)
     calib = _auto_calibration(config, tok, args.cache_dir)
     t0 = time.perf_counter()
     mla = convert(model, config, calibration=calib)
@@ -82,9 +82,10 @@ def cmd_export(args) -> int:
     from ..export.staging import check_destination
     from ..model import MLAModel
     from ..pipeline import convert
-    check_destination(args.out)                  # before the conversion, not after it
+    check_destination(args.out)                  # the options and the folder before any work
     if args.max_length is not None and args.max_length < 2:
         raise ValueError(f"--max-length must be >= 2 (prompt + generated tokens), got {args.max_length}")
+    config = None if args.original else _config_from_args(args)
     source, tok = load_source(args.model, args.cache_dir)
     if tok is None and Path(args.model, "tokenizer.json").is_file():
         tok = str(Path(args.model, "tokenizer.json"))
@@ -96,7 +97,6 @@ def cmd_export(args) -> int:
     elif isinstance(source, MLAModel):
         program = source
     else:
-        config = _config_from_args(args)
         calib = _auto_calibration(config, None if isinstance(tok, str) else tok, args.cache_dir)   # as convert does
         program = convert(source, config, calibration=calib)
     if isinstance(program, MLAModel):
@@ -127,6 +127,11 @@ def cmd_demo(args) -> int:
     from ..quality.recovery import RecoveryConfig, recover
     from ..quality.windows import held_out_windows, training_windows
 
+    for flag, value, least in (("--tokens", args.tokens, 2), ("--recover-minutes", args.recover_minutes, 0),
+                               ("--recover-steps", args.recover_steps, 0)):
+        if value < least:
+            raise ValueError(f"{flag} must be >= {least}, got {value}")
+    config = _config_from_args(args)                 # checked before the download
     t_start = time.perf_counter()
     print(f"fetching {DEFAULT_MODEL} and text into {args.cache_dir or assets.default_cache_dir()} (once)")
     model, tok = assets.load_smollm2(args.cache_dir)
@@ -145,7 +150,6 @@ def cmd_demo(args) -> int:
           f"{ids.shape[1]} tokens of lcet10.txt; 32 greedy tokens identical: {same}")
     del exact
 
-    config = _config_from_args(args)
     calib = _auto_calibration(config, tok, args.cache_dir)
     _step("2/4 converting at the requested budget" + (f" (calibrated on {calib.shape[0]} × {calib.shape[1]} tokens)"
                                                      if calib is not None else ""))

@@ -185,4 +185,6 @@ def as_token_batches(tokens) -> torch.Tensor:
                          f"{tuple(t.shape)} {t.dtype}")
     if t.shape[1] < 2:
         raise ValueError("calibration sequences need at least 2 tokens")
+    if int(t.min()) < 0:
+        raise ValueError(f"calibration token ids must be >= 0, got {int(t.min())}")
     return t.long()
