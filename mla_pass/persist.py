@@ -38,21 +38,28 @@ class Checkpoint:
     meta: dict                              # everything else in mla_config.json (source, generation, ...)
 
 
-def check_save_folder(path: str | os.PathLike) -> None:
-    """``path`` can take a save: not a file, and not a Hugging Face model folder (a source model's:
-    its ``model.safetensors`` would be replaced by the converted one)."""
+def check_save_folder(path: str | os.PathLike, own: tuple[str, ...] = ()) -> None:
+    """``path`` can take a save: a new or empty folder, or one holding an earlier save (which the
+    new one replaces), or, for a command that keeps its own files there (``own``: ``mla-pass
+    recover``'s checkpoint), one holding those. Never a file, a source model's folder (its
+    ``model.safetensors`` would be replaced by the converted one) or a folder of other files (they
+    would be mixed with the save)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{path} is a file: save into a folder (a new or empty one)")
     if (path / "config.json").is_file() and not (path / CONFIG_FILE).is_file():
         raise CheckpointError(f"{path} holds a Hugging Face model (config.json), not an mla-pass save: saving there "
                               f"would overwrite its weights; choose another folder")
+    if path.is_dir() and any(path.iterdir()) and not any((path / name).is_file() for name in (CONFIG_FILE, *own)):
+        sample = sorted(p.name for p in path.iterdir())[:3]
+        raise CheckpointError(f"{path} holds other files ({sample}), not an mla-pass save: the save would be mixed "
+                              "with them; choose a new or empty folder")
 
 
-def save_model(mla, path: Path) -> Path:
-    """Write ``mla`` (an ``MLAModel``) into the folder ``path`` (over an earlier save: the folder
-    holds the old checkpoint or the new one at every moment, ``write_pair``)."""
-    check_save_folder(path)
+def save_model(mla, path: Path, own: tuple[str, ...] = ()) -> Path:
+    """Write ``mla`` (an ``MLAModel``) into the folder ``path`` (``check_save_folder``; over an
+    earlier save the folder holds the old checkpoint or the new one at every moment, ``write_pair``)."""
+    check_save_folder(path, own)
     path.mkdir(parents=True, exist_ok=True)
     tensors, aliases, seen = {}, {}, {}
     for name, t in mla.program.state_dict(keep_vars=False).items():

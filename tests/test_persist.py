@@ -102,6 +102,11 @@ def test_save_never_overwrites_a_source_model_folder(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(CheckpointError, match="is a file"):
         mla.save(tmp_path / "file")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="holds other files"):
+        mla.save(tmp_path / "other")
+    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["notes.txt"]
     mla.save(tmp_path / "mla")
     mla.save(tmp_path / "mla")                     # a previous save is replaced
     assert mla_pass.load(tmp_path / "mla") is not None

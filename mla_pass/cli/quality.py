@@ -154,7 +154,7 @@ def cmd_recover(args) -> int:
     import torch
     from safetensors.torch import load_file
 
-    from ..persist import finish_pair, write_pair
+    from ..persist import check_save_folder, finish_pair, save_model, write_pair
     from ..pipeline import load
     from ..quality.distillation import CHECKPOINT_STATE as DISTILL_STATE
     from ..quality.distillation import CHECKPOINT_WEIGHTS as DISTILL_WEIGHTS
@@ -211,6 +211,7 @@ def cmd_recover(args) -> int:
     elif state_path.is_file():
         raise SystemExit(f"error: {out} already holds a recovery checkpoint; pass --resume to continue it or choose "
                          "another --out")
+    check_save_folder(out, own=(CHECKPOINT_STATE,))   # where the result goes, checked before any work
     def windows(tok):             # checked before the models load when the folder has its tokenizer
         return (calibration_windows(tok, args.windows, args.length, args.cache_dir),
                 training_windows(tok, args.distill_windows, args.distill_length, args.cache_dir)
@@ -294,7 +295,7 @@ def cmd_recover(args) -> int:
         on = "" if args.distill_text == "real" else f" on {args.distill_text} text"
         summary += (f"; distillation{on}: {d.steps} steps on {d.tokens:,} training tokens, KL "
                     f"{first:.3f} → {last:.3f} (training text, first/last 10 steps), {d.cpu_seconds / 60:.1f} CPU-min")
-    mla.to("cpu").save(out)
+    save_model(mla.to("cpu"), out, own=(CHECKPOINT_STATE,))      # beside its own checkpoint
     tok.save_pretrained(str(out))
     state["complete"] = True
     save_state()
