@@ -145,9 +145,9 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
                 warnings.simplefilter("ignore")
                 try:
                     onnx_program = torch.onnx.export(wrapper, args, dynamo=True, opset_version=opset,
-                                                custom_translation_table=_translations(),
-                                                input_names=names["inputs"], output_names=names["outputs"],
-                                                dynamic_shapes=shapes, verbose=False)
+                                                     custom_translation_table=_translations(),
+                                                     input_names=names["inputs"], output_names=names["outputs"],
+                                                     dynamic_shapes=shapes, verbose=False)
                 except Exception as e:
                     raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {e}") from e
                 onnx_program.save(str(staging / MODEL_FILE), external_data=True)
