@@ -11,11 +11,13 @@ fresh interpreter).
   greedy / temperature / top-k / top-p, stop strings and ids, streaming callback) and ``step``.
 - ``KVCache`` (cache.py): cache buffers preallocated to the longest prompt + new tokens, bound
   with IO binding (ping-pong for a concatenating program, one shared buffer for an in-place one).
-- ``sampling.py``: the token choice in numpy; ``manifest.py``: the folder contract.
+- ``sampling.py``: the token choice in numpy; ``manifest.py``: the folder contract;
+  ``results.py``: what ``step`` and ``generate`` return.
 """
 from .cache import CacheError, KVCache, check_cache
-from .engine import Completion, EngineError, GenerationResult, OnnxEngine, StepOutput, choose_providers, positions
+from .engine import EngineError, OnnxEngine, choose_providers, positions
 from .manifest import CacheEntry, Manifest, ManifestError
+from .results import Completion, GenerationResult, StepOutput
 from .sampling import SamplingConfig, sample
 
 __all__ = ["CacheEntry", "CacheError", "Completion", "EngineError", "GenerationResult", "KVCache", "Manifest",

@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +29,7 @@ import onnxruntime as ort
 
 from .cache import NUMPY_DTYPES, CacheError, KVCache, check_cache
 from .manifest import Manifest, ManifestError
+from .results import Completion, GenerationResult, StepOutput
 from .sampling import SamplingConfig, sample
 from .text import IncrementalDecoder, find_stop, held_back
 
@@ -42,45 +42,6 @@ PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"
 
 class EngineError(RuntimeError):
     """onnxruntime cannot run this folder's model as the manifest describes it."""
-
-
-@dataclass
-class StepOutput:
-    logits: np.ndarray                       # [B, S, V]
-    cache: list[np.ndarray] | KVCache        # present (T+S tokens), or the advanced KVCache
-
-
-@dataclass
-class Completion:
-    prompt_ids: list[int]
-    token_ids: list[int] = field(default_factory=list)   # generated, ending with the end id if one came
-    text: str = ""                                         # generated text (special tokens skipped, stop string cut)
-    finish_reason: str = "length"                          # "eos" | "stop" | "length"
-
-
-@dataclass
-class GenerationResult:
-    completions: list[Completion]
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    decode_steps: int = 0
-
-    @property
-    def token_ids(self) -> list[list[int]]:
-        return [c.token_ids for c in self.completions]
-
-    @property
-    def texts(self) -> list[str]:
-        return [c.text for c in self.completions]
-
-    @property
-    def new_tokens(self) -> int:
-        return sum(len(c.token_ids) for c in self.completions)
-
-    @property
-    def tokens_per_second(self) -> float:
-        seconds = self.prefill_seconds + self.decode_seconds
-        return self.new_tokens / seconds if seconds > 0 else float("nan")
 
 
 def positions(attention_mask_BK: np.ndarray) -> np.ndarray:
