@@ -146,14 +146,22 @@ class MLAModel(nn.Module):
         input_ids = self._check_ids(input_ids)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        def valid(i) -> bool:
+            return isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.vocab_size
+
+        # the caller's ids are checked; the model's own defaults may name ids it can never produce
+        # (a tiny test config keeps GPT-2's eos 50256): those are dropped
+        given = {"eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
+        for what, ids in given.items():
+            ids = [] if ids is None or ids == "default" else ([ids] if isinstance(ids, int) else ids)
+            if not isinstance(ids, (list, tuple)) or not all(valid(i) for i in ids):
+                raise ValueError(f"{what} must be token ids in [0, {self.vocab_size}), got {given[what]!r}")
         stop = self.generation.get("eos_token_id") if eos_token_id == "default" else eos_token_id
         stop = [] if stop is None else ([stop] if isinstance(stop, int) else list(stop))
+        stop = [i for i in stop if valid(i)]
         if pad_token_id is None:
             pad_token_id = self.generation.get("pad_token_id") if eos_token_id == "default" else None
-            pad_token_id = pad_token_id if pad_token_id is not None else (stop[0] if stop else 0)
-        for what, ids in (("eos_token_id", stop), ("pad_token_id", [pad_token_id])):
-            if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.vocab_size for i in ids):
-                raise ValueError(f"{what} must be token ids in [0, {self.vocab_size}), got {ids!r}")
+            pad_token_id = pad_token_id if valid(pad_token_id) else (stop[0] if stop else 0)
         stop_t = torch.tensor(stop, dtype=torch.long, device=input_ids.device)
         if attention_mask is not None:
             if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(input_ids.shape):
