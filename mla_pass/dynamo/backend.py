@@ -180,13 +180,14 @@ def _rewrite(gm: fx.GraphModule, example_inputs: list, opts: BackendOptions) -> 
     data = {n for n, w in zip(placeholders, is_weight) if not w}
     sites, errors = find_graph_sites(gm_aten, env, data_dependent(gm_aten, data))
     conversion = _conversion(gm, opts)
+    if conversion is None:
+        source, build = opts.resolved, _factorised(opts.resolved)
+    else:
+        source, build = conversion.label, conversion.module_for
     modules, kept = {}, []
     for gs in sites:
         try:
-            if conversion is None:
-                module = _module_for(gs.site, gm_aten, env, data, opts.resolved)
-            else:
-                module = _conversion_module(conversion, gs.site, gm_aten, env, data)
+            module = _module_for(gs.site, gm_aten, env, data, source, lambda site: build(site, env))
             check_stored_layout(gs, module.plan, env)
         except SiteError as e:
             if gs.cache is not None:
@@ -281,16 +282,17 @@ class _Entry:
 _MODULES: dict[tuple, _Entry] = {}
 
 
-def _module_for(site, gm, env, data: set, config: MLAConfig):
-    """The site's LatentAttention: reused when built from the same weights, else probed,
-    planned and initialised (SVD) like ``convert``."""
+def _module_for(site, gm, env, data: set, source, build):
+    """The site's LatentAttention, kept per set of weights on the site's k/v paths and per
+    ``source`` (the config, or a conversion's label): reused when built from the same weights
+    (unprobed while their versions are unchanged: a one-token decode step cannot probe RoPE), else
+    probed and made by ``build(site)``."""
     from torch._dynamo.utils import counters
 
     from ..frontend.probe import extract_site_weights
-    from ..plan.build import plan_sites, site_module
 
     tensors = _site_weights(site, env, data)
-    key = (config, tuple(id(t) for t in tensors))
+    key = (source, tuple(id(t) for t in tensors))
     entry = _MODULES.get(key)
     if entry is not None and not entry.alive(tensors):     # an id reused after its tensor died
         del _MODULES[key]
@@ -305,33 +307,22 @@ def _module_for(site, gm, env, data: set, config: MLAConfig):
         entry.versions = versions
         counters["mla"]["reused"] += 1
         return entry.module
-    module = site_module(site, plan_sites([site], config)[site.index], env[site.hidden], config)
+    module = build(site)
     _prune()
     _MODULES[key] = _Entry(tuple(weakref.ref(t) for t in tensors), versions, digest, module)
-    counters["mla"]["factorisations"] += 1
     return module
 
 
-def _conversion_module(conversion, site, gm, env, data: set):
-    """The conversion's module for ``site``. Recorded under the site's weights like the modules
-    made from scratch: a later graph over the same weights (a one-token decode step, where RoPE
-    cannot be probed) reuses it unprobed, and ``latent_modules(model)`` finds it."""
+def _factorised(config: MLAConfig):
+    """``build`` for ``_module_for``: plan and initialise the site from its weights, like ``convert``."""
     from torch._dynamo.utils import counters
 
-    from ..frontend.probe import extract_site_weights
+    from ..plan.build import plan_sites, site_module
 
-    tensors = _site_weights(site, env, data)
-    key = (conversion.label, tuple(id(t) for t in tensors))
-    versions = tuple(t._version for t in tensors)
-    entry = _MODULES.get(key)
-    if entry is not None and entry.alive(tensors) and entry.versions == versions and _fits(entry.module.plan, site, env):
-        counters["mla"]["reused"] += 1
-        return entry.module
-    extract_site_weights(gm, site, env)
-    module = conversion.module_for(site, env)
-    _prune()
-    _MODULES[key] = _Entry(tuple(weakref.ref(t) for t in tensors), versions, "", module)
-    return module
+    def build(site, env):
+        counters["mla"]["factorisations"] += 1
+        return site_module(site, plan_sites([site], config)[site.index], env[site.hidden], config)
+    return build
 
 
 def _site_weights(site, env, data: set) -> list[torch.Tensor]:

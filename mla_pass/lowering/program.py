@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from ..modules.modes import LATENT_CACHES
+from ..modules.modes import CACHE_UPDATES, LATENT_CACHES
 from ..rewrite import CacheTensor
-from ..runtime.manifest import CACHE_UPDATES  # noqa: F401  (the contract with the runtime)
 
 EXAMPLE = {"batch": 2, "new": 3, "past": 5}
 
