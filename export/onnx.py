@@ -37,7 +37,7 @@ from torch import nn
 from mla_pass.export import verify as checks  # a module: to_onnx's own ``verify`` is its flag
 from mla_pass.export.common import ExportError, quiet  # noqa: F401  (ExportError: part of to_onnx's API)
 from mla_pass.export.quantize import INT8_BLOCK, to_int8_weights
-from mla_pass.export.staging import check_destination, staged_folder
+from mla_pass.export.staging import check_destination, check_stop, staged_folder
 from mla_pass.frontend.capture import non_finite
 from mla_pass.lowering import LoweringSettings, StepProgram, lower
 from mla_pass.modules.cache import cache_time_axis
@@ -209,6 +209,7 @@ class _Stages:
         self.started = 0
 
     def __call__(self, name: str) -> bool:
+        check_stop()
         if name not in self.names:
             return False
         self.bar.update(self.started - self.bar.n)          # the previous stage is done

@@ -3,13 +3,31 @@
 A staging folder ``.{name}.staging-{pid}`` is made in the destination's parent (the same file
 system, so publishing is one ``os.rename``); an error or Ctrl-C removes it, and one left by a
 killed process (its pid no longer alive) is removed by the next export to the same destination.
+
+A signal handler that raises ``KeyboardInterrupt`` can land where Python swallows exceptions (a
+weakref callback, ``__del__``), so the CLI also calls ``request_stop``: ``check_stop`` (at every
+export stage and before publishing) raises it again, and a folder is never published after a stop.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
+import threading
 from pathlib import Path
+
+_stop = threading.Event()
+
+
+def request_stop() -> None:
+    """Record that the process was asked to stop (SIGTERM / Ctrl-C)."""
+    _stop.set()
+
+
+def check_stop() -> None:
+    """Raise ``KeyboardInterrupt`` if a stop was requested, even one whose first raise was swallowed."""
+    if _stop.is_set():
+        raise KeyboardInterrupt
 
 
 def _alive(pid: int) -> bool:
@@ -54,6 +72,7 @@ def staged_folder(dest: str | os.PathLike):
     staging.mkdir()
     try:
         yield staging
+        check_stop()
         if dest.exists():
             dest.rmdir()              # empty (checked above; a race makes this fail loudly)
         os.rename(staging, dest)

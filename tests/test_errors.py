@@ -194,3 +194,16 @@ def test_a_failed_export_leaves_no_folder_and_stale_staging_is_removed(model, tm
     monkeypatch.undo()
     folder = onnx_export.to_onnx(model, tmp_path / "o", progress=False)
     assert (folder / "manifest.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+
+
+def test_a_stop_whose_keyboardinterrupt_was_swallowed_still_publishes_nothing(tmp_path, monkeypatch):
+    """SIGTERM's KeyboardInterrupt can land in a weakref callback, where Python ignores it: the
+    recorded stop is raised again before the folder is published, and the staging copy is removed."""
+    from mla_pass.export import staging
+
+    monkeypatch.setattr(staging, "_stop", type(staging._stop)())     # a fresh flag for this test
+    with pytest.raises(KeyboardInterrupt):
+        with staging.staged_folder(tmp_path / "o") as folder:
+            (folder / "model.onnx").write_text("whole")
+            staging.request_stop()                 # what the CLI's handler records before it raises
+    assert list(tmp_path.iterdir()) == []

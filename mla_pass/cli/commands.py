@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..export.staging import request_stop
 from .common import DEFAULT_MODEL, load_source
 
 
@@ -196,6 +197,7 @@ def cmd_demo(args) -> int:
 
 
 def _interrupt(signum, frame):
+    request_stop()          # if this raise is swallowed (it can land in a weakref callback), the next check raises it
     raise KeyboardInterrupt
 
 
