@@ -7,6 +7,7 @@ ROPE_STRATEGIES = ("auto", "high", "low", "uniform", "2-norm", "score-error")
 SVD_MODES = ("joint", "split")
 NOPE_FITS = ("auto", "none", "uniform", "attention", "attention-centered")
 NOPE_MAPS = ("rotation", "general")
+ROPE_MIXES = ("auto", "pca", "none")
 
 
 @dataclass(frozen=True)
@@ -16,8 +17,10 @@ class MLAConfig:
     Args:
         d_kv: latent width per kv head (the cached latent is ``n_kv_heads * d_kv`` wide);
             ``None`` keeps full rank (exact).
-        rope_freqs: rotary frequency pairs kept per kv head (each costs 2 cached values per kv
-            head); ``None`` keeps every pair the model rotates (exact), 0 drops RoPE entirely.
+        rope_freqs: the rotated part of the cache, in rotary frequency pairs per kv head: each
+            layer keeps ``n_kv_heads * rope_freqs`` rope slots (2 cached values each, one set
+            shared by every query head); ``None`` keeps every pair the model rotates (exact), 0
+            drops RoPE entirely.
         rope_strategy: which pairs stay rotated: ``"auto"`` (the default: ``"score-error"`` when
             calibration tokens are given, else ``"high"``), ``"high"`` (fastest), ``"low"`` (slowest),
             ``"uniform"`` (evenly spaced), ``"2-norm"`` (largest mean ‖q‖·‖k‖ on calibration
@@ -51,12 +54,21 @@ class MLAConfig:
             Exact when no pair is dropped.
         nope_map: the form of M: ``"rotation"`` (a·I + b·J, an averaged rotation) or
             ``"general"`` (any 2×2).
+        rope_mix: how rope slots are formed. ``"none"``: slot (k, j) is kv head j's pair k, and
+            each layer keeps ``rope_freqs`` pairs per kv head (MHA2MLA). ``"pca"``: pair k of the kv
+            heads is first mixed by an orthogonal U_k (the eigenvectors of the calibration keys'
+            second moment across heads; RoPE commutes with it, so nothing changes while every slot
+            is kept), and the slots with the largest exact score error are kept, wherever they are
+            (needs ``calibration=`` and ``rope_strategy="score-error"``; dropped slots are scored
+            unrotated, so ``nope_fit`` does not apply; sites whose keys are RMS-normalised per head
+            stay unmixed). ``"auto"`` (the default): ``"pca"`` when calibration tokens are given
+            and the strategy resolves to ``"score-error"``, else ``"none"``.
         best_effort: leave sites that cannot be rewritten exactly untouched (with a warning and
             a line in the report) instead of raising.
 
     Example:
         >>> MLAConfig(d_kv=16, rope_freqs=4, rope_strategy="high")
-        MLAConfig(d_kv=16, rope_freqs=4, rope_strategy='high', svd='joint', activation_aware=None, damping=0.01, best_effort=False, kv_budget=None, refit=False, nope_fit='auto', nope_map='rotation')
+        MLAConfig(d_kv=16, rope_freqs=4, rope_strategy='high', svd='joint', activation_aware=None, damping=0.01, best_effort=False, kv_budget=None, refit=False, nope_fit='auto', nope_map='rotation', rope_mix='auto')
     """
     d_kv: int | None = None
     rope_freqs: int | None = None
@@ -69,6 +81,7 @@ class MLAConfig:
     refit: bool = False
     nope_fit: str = "auto"
     nope_map: str = "rotation"
+    rope_mix: str = "auto"
 
     def __post_init__(self):
         if self.d_kv is not None and (not isinstance(self.d_kv, int) or isinstance(self.d_kv, bool) or self.d_kv <= 0):
@@ -86,6 +99,14 @@ class MLAConfig:
             raise ValueError(f"nope_fit must be one of {NOPE_FITS}, got {self.nope_fit!r}")
         if self.nope_map not in NOPE_MAPS:
             raise ValueError(f"nope_map must be one of {NOPE_MAPS}, got {self.nope_map!r}")
+        if self.rope_mix not in ROPE_MIXES:
+            raise ValueError(f"rope_mix must be one of {ROPE_MIXES}, got {self.rope_mix!r}")
+        if self.rope_mix == "pca" and self.rope_strategy not in ("auto", "score-error"):
+            raise ValueError(f"rope_mix='pca' chooses slots by their score error: use rope_strategy='score-error' "
+                             f"(or 'auto'), not {self.rope_strategy!r}, or rope_mix='none'")
+        if self.rope_mix == "pca" and self.nope_fit not in ("auto", "none"):
+            raise ValueError(f"nope_fit={self.nope_fit!r} fits a map per kv head's dropped pair, which mixed slots "
+                             "do not have: use rope_mix='none' with it, or nope_fit='none'")
         if self.svd not in SVD_MODES:
             raise ValueError(f"svd must be one of {SVD_MODES}, got {self.svd!r}")
         if self.kv_budget is not None:
@@ -101,7 +122,7 @@ class MLAConfig:
     def mha2mla(cls, d_kv: int, rope_freqs: int = 4) -> "MLAConfig":
         """The published MHA2MLA recipe: 2-norm frequency selection + weight-only joint SVD."""
         return cls(d_kv=d_kv, rope_freqs=rope_freqs, rope_strategy="2-norm", svd="joint", activation_aware=False,
-                   nope_fit="none")
+                   nope_fit="none", rope_mix="none")
 
     def resolved(self, has_calibration: bool) -> "MLAConfig":
         """The config with its automatic choices made: with calibration tokens, the measured best
@@ -113,10 +134,18 @@ class MLAConfig:
         aware = self.activation_aware
         if aware is None:
             aware = has_calibration and not self.exact
+        mix = self.rope_mix
+        if not self.drops_pairs:
+            mix = "none"                  # every slot kept: nothing to choose, any mixing is exact
+        elif mix == "auto":
+            mix = "pca" if strategy == "score-error" and self.nope_fit in ("auto", "none") else "none"
+        elif mix == "pca" and strategy != "score-error":
+            raise ValueError("rope_mix='pca' ranks the mixed slots on real activations: pass calibration token ids "
+                             "to convert(..., calibration=ids)")
         nope_fit = self.nope_fit
         if nope_fit == "auto":
-            nope_fit = "attention-centered" if has_calibration and self.drops_pairs else "none"
-        return replace(self, rope_strategy=strategy, activation_aware=aware, nope_fit=nope_fit)
+            nope_fit = "attention-centered" if has_calibration and self.drops_pairs and mix == "none" else "none"
+        return replace(self, rope_strategy=strategy, activation_aware=aware, nope_fit=nope_fit, rope_mix=mix)
 
     @property
     def benefits_from_calibration(self) -> bool:

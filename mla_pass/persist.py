@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .config import MLAConfig
-from .modules.site_plan import SitePlan
+from .modules.site_plan import RetiredLayoutError, SitePlan
 from .runtime.manifest import sha256
 
 FORMAT_VERSION = 1
@@ -167,7 +167,9 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
                               "after saving); re-save or re-convert the model")
     try:
         config = MLAConfig.from_dict(meta["config"])
-        plans = {p["index"]: SitePlan(**p) for p in meta["plans"]}
+        plans = {p["index"]: SitePlan.from_dict(p) for p in meta["plans"]}
+    except RetiredLayoutError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     except (TypeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path / CONFIG_FILE} has an invalid config or plan ({e}); re-save the model") from e
     try:

@@ -3,13 +3,13 @@
 ``emit_site_call`` writes the call, the one emitter behind every front end (``rewrite`` here for
 ``convert``/``load``, ``dynamo.graph_sites.rewrite_sites`` for the compile backend). Per site::
 
-    key_rope_full = mla.{i}.rope_key(x)                       # only the kept rotated dims
+    key_rope_full = mla.{i}.rope_key(x)                       # only the kept slots' (mixed) key dims
     key_rope      = <copy of the model's RoPE region>(key_rope_full)
     out_BHSDv     = mla.{i}(x, query_raw, query, key_rope, mask[, *past])
 
 ``out`` replaces the core's output; the old k/v projections, repeat_kv and the core become
 dead and are removed. With ``with_cache=True`` the program gains inputs ``attention_mask
-[B, T+S]`` and per site ``past_latent [B, T, C]`` (+ ``past_rope_key [B, Hkv, T, R]`` where
+[B, T+S]`` and per site ``past_latent [B, T, C]`` (+ ``past_rope_key [B, 1, T, R]`` where
 RoPE is kept, + ``past_key_scale [B, G, T]`` where k is RMS-normalised) and returns
 ``(logits, *present)`` in the same order. Its mask is causal over the cache plus padding from
 ``attention_mask`` (the model's own mask computation, which only knows the current tokens,

@@ -171,7 +171,7 @@ def test_generate_keeps_compressed_cache(name, record_property):
     plan = mla.plans[0]
     layer = out.past_key_values.layers[0]
     if plan.rope_width:
-        assert tuple(layer.keys.shape) == (2, plan.n_kv_heads, tokens, plan.rope_width)
+        assert tuple(layer.keys.shape) == (2, 1, tokens, plan.rope_width)
         assert tuple(layer.values.shape) == (2, 1, tokens, plan.latent_dim + plan.key_scale_groups)
     else:                                                     # GPT-2: no rope keys, latent in the key slot
         assert tuple(layer.keys.shape) == (2, 1, tokens, plan.latent_dim)

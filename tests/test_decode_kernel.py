@@ -50,7 +50,7 @@ def _decode_inputs(dtype=torch.float32, seed=0, b=3, h=6, hkv=2, n=12, r=4, v=16
     attention_mask = torch.ones(b, t - 1, dtype=torch.long)
     attention_mask[1, :5] = attention_mask[2, :30] = 0                      # left padding
     mask = CacheMask()(torch.cat([attention_mask, attention_mask.new_ones(b, 1)], 1), torch.zeros(b, 1))
-    return dict(q_nope=rnd(b, h, 1, n), q_rope=rnd(b, h, 1, r), latent=rnd(b, t, c), k_rope=rnd(b, hkv, t, r),
+    return dict(q_nope=rnd(b, h, 1, n), q_rope=rnd(b, h, 1, r), latent=rnd(b, t, c), k_rope=rnd(b, 1, t, r),
                 up_k=rnd(hkv, n, c), up_v=rnd(hkv, v, c), b_v=rnd(hkv, v), b_k=rnd(hkv, n),
                 key_scale=(torch.rand(b, hkv, t, generator=g) + 0.5).to(dtype), kv=torch.tensor(kv_heads),
                 kv_heads=kv_heads, mask=mask)
@@ -122,15 +122,15 @@ def test_refusal_where_the_kernel_does_not_pay():
 
 def test_plan_defaults():
     smol = _plan(DecodeKernelConfig(), 1, 9, 16384, 24, 8, tuple(i // 3 for i in range(9)), sm_count=132)
-    assert (smol.block_h, smol.c_chunk, smol.n_chunks, smol.rspan, smol.head_blocks) == (16, 32, 1, 32, 1)
+    assert (smol.block_h, smol.c_chunk, smol.n_chunks, smol.rspan, smol.head_blocks) == (16, 32, 1, 16, 1)
     assert smol.num_splits == 64                        # batch 1: one program per split, 2 per SM (capped)
     llama = _plan(DecodeKernelConfig(), 16, 32, 4096, 2048, 16, tuple(range(32)), sm_count=132)
-    assert (llama.block_h, llama.c_chunk, llama.n_chunks, llama.block_t, llama.rspan) == (32, 256, 8, 32, 512)
+    assert (llama.block_h, llama.c_chunk, llama.n_chunks, llama.block_t, llama.rspan) == (32, 256, 8, 32, 16)
     assert llama.num_splits == 3                        # 16 × 8 programs per split
     short = _plan(DecodeKernelConfig(), 1, 9, 100, 24, 0, tuple(i // 3 for i in range(9)), sm_count=132)
     assert short.num_splits == 1 and short.rspan == 0   # ≥ 4 tiles per split; no rope keys
     fixed = _plan(DecodeKernelConfig(num_splits=5, block_h=16, c_chunk=64), 2, 32, 100, 96, 8, tuple(range(32)), 132)
-    assert (fixed.num_splits, fixed.head_blocks, fixed.n_chunks, fixed.rspan) == (5, 2, 2, 128)
+    assert (fixed.num_splits, fixed.head_blocks, fixed.n_chunks, fixed.rspan) == (5, 2, 2, 16)
     d32 = _plan(DecodeKernelConfig(), 1, 9, 65536, 96, 8, tuple(i // 3 for i in range(9)), sm_count=132)
     assert (d32.c_chunk, d32.n_chunks, d32.num_splits) == (32, 3, 64)   # narrow latents: 32-wide output programs
 
@@ -156,7 +156,7 @@ def test_out_of_shared_memory_shrinks_the_tiling(monkeypatch):
     monkeypatch.setattr(K, "INTERPRETED", True)         # CPU tensors pass the device check; nothing launches
     g = torch.Generator().manual_seed(0)
     args = (torch.randn(1, 9, 24, generator=g), torch.randn(1, 9, 8, generator=g), torch.randn(1, 64, 24, generator=g),
-            torch.randn(1, 3, 64, 8, generator=g), 0.3)
+            torch.randn(1, 1, 64, 8, generator=g), 0.3)
     decode_attention(*args, config=DecodeKernelConfig(num_stages=3))
     assert tried == [(3, 64, 32), (1, 64, 32), (1, 32, 32), (1, 16, 32)]
     tried.clear()
@@ -171,15 +171,17 @@ def test_bad_input_messages():
         DecodeKernelConfig(block_t=24)
     with pytest.raises(ValueError, match="num_splits"):
         DecodeKernelConfig(num_splits=0)
-    q, qr, lat, rk = torch.zeros(2, 4, 24), torch.zeros(2, 4, 8), torch.zeros(2, 10, 24), torch.zeros(2, 2, 10, 8)
+    q, qr, lat, rk = torch.zeros(2, 4, 24), torch.zeros(2, 4, 8), torch.zeros(2, 10, 24), torch.zeros(2, 1, 10, 8)
     with pytest.raises(ValueError, match="inconsistent shapes"):
         decode_attention(q, qr, lat[:, :, :16], rk, 0.1)
     with pytest.raises(ValueError, match="kv_head_of_query"):
-        decode_attention(q, qr, lat, rk, 0.1, kv_head_of_query=[0, 1, 2, 0])
+        decode_attention(q, qr, lat, rk, 0.1, kv_head_of_query=[0, 1, 2, 0], key_scale_BHkvT=torch.ones(2, 2, 10))
+    with pytest.raises(ValueError, match=r"shared: \[B,1,T,R\]"):
+        decode_attention(q, qr, lat, torch.zeros(2, 2, 10, 8), 0.1)
     with pytest.raises(ValueError, match="lengths must have shape"):
         decode_attention(q, qr, lat, rk, 0.1, torch.tensor([3]))
     with pytest.raises(ValueError, match="3 kv heads"):
-        decode_attention(q, qr, lat, torch.zeros(2, 3, 10, 8), 0.1)
+        decode_attention(q, qr, lat, rk, 0.1, key_scale_BHkvT=torch.ones(2, 3, 10))
 
 
 def test_cpu_path_never_imports_triton():

@@ -262,7 +262,7 @@ def test_family_report(family):
         rows = fam.n_kv_heads * (fam.head_dim - rope_width) + fam.n_kv_heads * fam.head_dim
         plan = mla.plans[r.index]
         assert plan.latent_dim == min(rows, HIDDEN), where
-        assert plan.rope_width == rope_width, where
+        assert plan.rope_width == fam.n_kv_heads * rope_width, where
         assert r.converted_values_per_token == min(rows, HIDDEN) + fam.n_kv_heads * rope_width, where
     assert mla.original_kv_cache_bytes_per_token(torch.float16) == LAYERS * 2 * fam.n_kv_heads * fam.head_dim * 2
     assert mla.kv_cache_bytes_per_token(torch.float16) == sum(r.converted_values_per_token for r in mla.report) * 2
@@ -453,8 +453,8 @@ def test_reduced_cache_shapes_and_bytes(reduced):
     layers = len(mla.report)
     for plan in mla.plans.values():
         assert plan.latent_dim == n_kv * D_KV
-        assert plan.rope_width == 2 * ROPE_FREQS
-        assert all(len(d) == 2 * ROPE_FREQS for d in plan.rope_dims)
+        assert plan.rope_width == 2 * ROPE_FREQS * plan.n_kv_heads
+        assert all(len(d) == 2 * ROPE_FREQS for d in plan.rope_dims_per_kv_head)
     assert [(t.site, t.kind) for t in mla.cache_spec] == \
         [(i, k) for i in range(layers) for k in ("latent", "rope_key")]
     ids = prompt((batch, seq), vocab, seed=9)
@@ -465,7 +465,7 @@ def test_reduced_cache_shapes_and_bytes(reduced):
         if spec.kind == "latent":
             assert tuple(t.shape) == (batch, seq, n_kv * D_KV), spec.name
         else:
-            assert tuple(t.shape) == (batch, n_kv, seq, 2 * ROPE_FREQS), spec.name
+            assert tuple(t.shape) == (batch, 1, seq, n_kv * 2 * ROPE_FREQS), spec.name
     want = layers * (n_kv * D_KV + n_kv * 2 * ROPE_FREQS) * 2
     assert mla.kv_cache_bytes_per_token(torch.float16) == want
     head_dim = mla.report[0].head_dim
@@ -518,15 +518,15 @@ def test_rope_strategy_kept_dims(layout, strategy):
     model = TinyDecoder(cfg)
     mla = mla_pass.convert(model, MLAConfig(rope_freqs=2, rope_strategy=strategy), progress=False)
     plan = mla.plans[0]
-    assert plan.rope_width == 4
-    assert len(plan.rope_dims) == cfg.n_kv_heads
-    for dims in plan.rope_dims:
+    assert plan.rope_width == 4 * plan.n_kv_heads
+    assert len(plan.rope_dims_per_kv_head) == cfg.n_kv_heads
+    for dims in plan.rope_dims_per_kv_head:
         assert dims == STRATEGY_DIMS[(layout, strategy)], f"{layout}/{strategy}: kept {dims}"
     ids = prompt((2, 6), cfg.vocab)
     with torch.no_grad():
         _, *cache = mla.step_with_cache(ids, torch.ones_like(ids), mla.empty_cache(2))
         logits = mla(ids)
-    assert cache[1].shape == (2, cfg.n_kv_heads, 6, 4)
+    assert cache[1].shape == (2, 1, 6, 4 * cfg.n_kv_heads)
     assert torch.isfinite(logits).all()
 
 
@@ -538,9 +538,9 @@ def test_rope_strategy_counts(strategy, keep):
     model = TinyDecoder(cfg)
     mla = mla_pass.convert(model, MLAConfig(rope_freqs=keep, rope_strategy=strategy), progress=False)
     plan = mla.plans[0]
-    assert plan.rope_width == 2 * keep
+    assert plan.rope_width == 2 * keep * plan.n_kv_heads
     half = cfg.rotated_dims // 2
-    for dims in plan.rope_dims:
+    for dims in plan.rope_dims_per_kv_head:
         assert len(dims) == len(set(dims)) == 2 * keep
         pairs = {d % half for d in dims}
         assert len(pairs) == keep and all(d < cfg.rotated_dims for d in dims)
@@ -558,9 +558,9 @@ def test_rope_strategy_two_norm_with_calibration():
     mla = mla_pass.convert(model, MLAConfig(d_kv=4, rope_freqs=2, rope_strategy="2-norm"),
                            calibration=calibration, progress=False)
     for plan in mla.plans.values():
-        assert plan.rope_width == 4
-        assert len(plan.rope_dims) == cfg.n_kv_heads
-        for dims in plan.rope_dims:
+        assert plan.rope_width == 4 * plan.n_kv_heads
+        assert len(plan.rope_dims_per_kv_head) == cfg.n_kv_heads
+        for dims in plan.rope_dims_per_kv_head:
             assert len(set(dims)) == 4 and all(0 <= d < cfg.head_dim for d in dims)
             assert {d % 6 for d in dims} == {d for d in dims if d < 6}, f"kept dims {dims} split a pair"
     ids = prompt((2, 6), cfg.vocab)

@@ -82,7 +82,7 @@ def test_integer_attention_is_close_to_attention_over_the_dequantized_latent():
     b, h, n_kv, s, t, n, r, c, v = 2, 6, 3, 1, 40, 5, 4, 12, 7
     q_nope, q_rope = torch.randn(b, h, s, n, generator=g), torch.randn(b, h, s, r, generator=g)
     latent, scale = quantize_per_token(torch.randn(b, t, c, generator=g))
-    k_rope = torch.randn(b, n_kv, t, r, generator=g)
+    k_rope = torch.randn(b, 1, t, r, generator=g)
     up_k, up_v = torch.randn(n_kv, n, c, generator=g), torch.randn(n_kv, v, c, generator=g)
     kv = torch.arange(h) // (h // n_kv)
     mask = torch.ones(b, 1, s, t, dtype=torch.bool)
@@ -110,7 +110,7 @@ def test_manifest_and_bytes_per_token(converted, int8_folder):
     by_kind = {e.input.rsplit(".", 1)[1]: e for e in manifest.cache}
     assert by_kind["latent"].dtype == "uint8" and by_kind["latent_scale"].dtype == "float32"
     assert by_kind["latent_scale"].shape == ["batch", "past"] and by_kind["latent_scale"].time_axis == 1
-    per_site = [p.latent_dim * 1 + p.n_kv_heads * p.rope_width * 4 + 4 for p in converted.plans.values()]
+    per_site = [p.latent_dim * 1 + p.rope_width * 4 + 4 for p in converted.plans.values()]
     assert manifest.kv_cache_bytes_per_token() == sum(per_site)
     assert manifest.kv_cache_bytes_per_token() < converted.kv_cache_bytes_per_token(dtype=torch.float32)
 

@@ -59,7 +59,7 @@ def test_absorbed_equals_decompressed(softcap):
     B, H, Hkv, S, T, N, R, C, V = 2, 6, 2, 3, 7, 5, 4, 9, 8
     kv_map = torch.tensor([0, 0, 0, 1, 1, 1])
     q_nope, q_rope = torch.randn(B, H, S, N, generator=g), torch.randn(B, H, S, R, generator=g)
-    latent, k_rope = torch.randn(B, T, C, generator=g), torch.randn(B, Hkv, T, R, generator=g)
+    latent, k_rope = torch.randn(B, T, C, generator=g), torch.randn(B, 1, T, R, generator=g)
     up_k, up_v = torch.randn(Hkv, N, C, generator=g), torch.randn(Hkv, V, C, generator=g)
     b_k, b_v = torch.randn(Hkv, N, generator=g), torch.randn(Hkv, V, generator=g)
     mask = torch.ones(S, T, dtype=torch.bool).tril(T - S)[None, None].expand(B, 1, S, T)

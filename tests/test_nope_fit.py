@@ -183,13 +183,13 @@ def test_fitted_map_lowers_the_calibration_score_error(llama_moments, weighting,
             q_in = q.float() if module.plan.query_raw_layout == "BHSD" else q.float().transpose(1, 2)
             with torch.no_grad():
                 q_nope, _ = module.split_query(q_in, q_rot.float())            # [B, H, S, N]
-            nope = module.query_nope_dims.tolist()
+            kept = module.plan.rope_dims_per_kv_head
             causal = torch.ones(q.shape[2], q.shape[2], dtype=torch.bool).tril()
             for h, j in enumerate(site.kv_head_of_query):
                 for d0, d1 in site.rope.pairs:          # per dropped pair, as the fit minimises it
-                    if d0 not in nope[h]:
+                    if d0 in kept[j]:
                         continue
-                    cols = [nope[h].index(d0), nope[h].index(d1)]
+                    cols = [d0, d1]
                     got = q_nope[:, h][..., cols].double() @ k[:, j][..., [d0, d1]].transpose(-1, -2)
                     want = q_rot[:, h][..., [d0, d1]] @ k_rot[:, j][..., [d0, d1]].transpose(-1, -2)
                     total += float(((want - got)[:, causal] ** 2).sum())
@@ -208,7 +208,7 @@ def test_selection_uses_the_error_left_after_the_fit(llama_moments):
     for site in sites:
         fit = fit_maps(stats.sites[site.index].nope_moments["attention"])
         err = group_sum(fit.fitted_error, site.kv_head_of_query, site.n_kv_heads)
-        for j, dims in enumerate(mla.plans[site.index].rope_dims):
+        for j, dims in enumerate(mla.plans[site.index].rope_dims_per_kv_head):
             want = sorted(torch.topk(err[j], 2).indices.tolist())
             assert dims == sorted(d for p in want for d in site.rope.pairs[p])
 
@@ -273,7 +273,8 @@ def test_config_checks():
     cfg = MLAConfig(d_kv=4, rope_freqs=1, nope_fit="attention")
     assert cfg.needs_nope_moments and MLAConfig.from_dict(cfg.to_dict()) == cfg
     assert not MLAConfig(nope_fit="attention").needs_nope_moments        # nothing dropped: nothing to fit
-    assert MLAConfig(rope_freqs=2).resolved(True).nope_fit == "attention-centered"     # the default, with calibration
+    assert MLAConfig(rope_freqs=2).resolved(True).nope_fit == "none"     # the default with calibration mixes slots
+    assert MLAConfig(rope_freqs=2, rope_mix="none").resolved(True).nope_fit == "attention-centered"
     assert MLAConfig(rope_freqs=2).resolved(False).nope_fit == "none"
     assert MLAConfig().resolved(True).nope_fit == "none"
     with pytest.raises(ValueError, match="nope_moments weightings"):

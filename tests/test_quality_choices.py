@@ -80,12 +80,12 @@ def test_score_error_strategy_keeps_the_largest_errors():
     sites, _ = find_sites(captured)
     stats = collect(captured.gm, sites, tokens, captured.takes_positions, rope_norms=False, gram=False,
                     score_error=True, progress=False)
-    mla = build(captured, MLAConfig(rope_freqs=3, rope_strategy="score-error", nope_fit="none"), calibration=tokens,
-                progress=False)
+    mla = build(captured, MLAConfig(rope_freqs=3, rope_strategy="score-error", nope_fit="none", rope_mix="none"),
+                calibration=tokens, progress=False)
     for site in sites:
         err = stats.sites[site.index].pair_score_error
         plan = mla.plans[site.index]
-        for j, dims in enumerate(plan.rope_dims):
+        for j, dims in enumerate(plan.rope_dims_per_kv_head):
             want = sorted(torch.topk(err[j], 3).indices.tolist())
             assert dims == sorted(d for p in want for d in site.rope.pairs[p]), (j, dims, want)
     speeds = [1.0, 0.5, 0.25]
@@ -119,23 +119,29 @@ def test_budget_is_never_exceeded(seed):
     assert used <= budget * original, (cfg, used, original)
     assert used > budget * original - 2 * len(mla.plans) - 1, "the allocation left much of the budget unused"
     if cfg.rope_freqs is not None:
-        assert all(p.rope_width == 2 * cfg.rope_freqs for p in mla.plans.values())
+        assert all(p.rope_width == 2 * cfg.rope_freqs * p.n_kv_heads for p in mla.plans.values())
     ids = _calibration(2, 9, seed=9)
     with torch.no_grad():
         assert torch.isfinite(mla(ids)).all()
 
 
 def test_budget_below_the_minimum_names_it(llama_stats):
-    _, sites, stats = llama_stats      # per site: 2 kv heads × (2·1 rope + 1 latent) = 6 of 64 values → 0.0938
+    _, sites, stats = llama_stats      # unmixed, per site: 2 kv heads × (2·1 rope + 1 latent) = 6 of 64 values → 0.0938
+    unmixed = dict(rope_mix="none", rope_strategy="score-error")
     with pytest.raises(ValueError, match=r"below the minimum of 12 .*use kv_budget >= 0\.0938"):
-        allocate_budget(sites, MLAConfig(kv_budget=0.05), stats)
+        allocate_budget(sites, MLAConfig(kv_budget=0.05, **unmixed), stats)
     with pytest.raises(ValueError, match=r"rope_freqs=4 rotary pairs.*kv_budget >= 0\.2813"):
-        allocate_budget(sites, MLAConfig(kv_budget=0.2, rope_freqs=4), stats)
-    split = allocate_budget(sites, MLAConfig(kv_budget=0.0938), stats)
-    assert split == {s.index: (1, 2) for s in sites}
+        allocate_budget(sites, MLAConfig(kv_budget=0.2, rope_freqs=4, **unmixed), stats)
+    split = allocate_budget(sites, MLAConfig(kv_budget=0.0938, **unmixed), stats)
+    assert split == {s.index: (2, 2) for s in sites}           # (slots, latent): one pair per kv head
+    mixed = dict(rope_mix="pca", rope_strategy="score-error")  # per site: one slot (2 values) + 2 latent → 0.0625
+    with pytest.raises(ValueError, match=r"below the minimum of 8 .*one rope slot.*use kv_budget >= 0\.0625"):
+        allocate_budget(sites, MLAConfig(kv_budget=0.05, **mixed), stats)
+    assert allocate_budget(sites, MLAConfig(kv_budget=0.0625, **mixed), stats) == {s.index: (1, 2) for s in sites}
     for budget in (0.1, 0.25, 0.5, 0.77, 1.0):
-        for cfg in (MLAConfig(kv_budget=budget), MLAConfig(kv_budget=budget, activation_aware=True, svd="split")):
-            used = sum(2 * s.n_kv_heads * r + c for s, (r, c) in zip(sites, allocate_budget(sites, cfg, stats).values()))
+        for cfg in (MLAConfig(kv_budget=budget, **unmixed), MLAConfig(kv_budget=budget, **mixed),
+                    MLAConfig(kv_budget=budget, activation_aware=True, svd="split", **mixed)):
+            used = sum(2 * r + c for s, (r, c) in zip(sites, allocate_budget(sites, cfg, stats).values()))
             assert budget * 128 - 4 < used <= budget * 128, (cfg, used)
 
 
@@ -229,6 +235,7 @@ def test_refit_at_full_rank_stays_exact():
 def test_refit_lowers_the_site_error(llama_stats, svd):
     from mla_pass.modules.latent_attention import LatentAttention
     from mla_pass.plan.choose import plan_site
+    from mla_pass.math.rope import split_key_weights
     from mla_pass.plan.initialise import initialise
 
     _, sites, stats = llama_stats
@@ -238,7 +245,7 @@ def test_refit_lowers_the_site_error(llama_stats, svd):
         for refit in (False, True):
             module = LatentAttention(plan)
             initialise(module, site, gram=stats.sites[site.index].gram, activation_aware=False, refit=refit)
-            wk = torch.stack([site.weights.w_key[j, module.nope_dims[j]] for j in range(plan.n_kv_heads)])
+            wk = split_key_weights(site.weights.w_key, None, plan.rope_pairs, module.rope_mix, plan.rope_slots)[0]
             errors.append(_weighted_error(wk, site.weights.w_value, module.down, module.up_key, module.up_value,
                                           stats.sites[site.index].gram))
         assert errors[1] < errors[0], errors
@@ -264,11 +271,12 @@ def test_defaults_use_calibration_when_given_and_fall_back_without():
     assert cfg.rope_strategy == "auto" and cfg.activation_aware is None and not cfg.needs_calibration
     assert cfg.benefits_from_calibration and not MLAConfig().benefits_from_calibration
     assert cfg.resolved(True) == MLAConfig(d_kv=2, rope_freqs=2, rope_strategy="score-error", activation_aware=True,
-                                           nope_fit="attention-centered")
+                                           nope_fit="none", rope_mix="pca")
     assert cfg.resolved(False) == MLAConfig(d_kv=2, rope_freqs=2, rope_strategy="high", activation_aware=False,
-                                            nope_fit="none")
+                                            nope_fit="none", rope_mix="none")
     assert MLAConfig().resolved(True) == MLAConfig(rope_strategy="high", activation_aware=False,   # exact: nothing to fit
-                                                   nope_fit="none")
+                                                   nope_fit="none", rope_mix="none")
+    assert MLAConfig(d_kv=2, rope_freqs=2, rope_mix="none").resolved(True).nope_fit == "attention-centered"
     model = tiny_llama()
     without = mla_pass.convert(model, cfg, progress=False)
     with_calibration = mla_pass.convert(model, cfg, calibration=_calibration(), progress=False)
@@ -280,3 +288,62 @@ def test_defaults_use_calibration_when_given_and_fall_back_without():
         for mla in (without, with_calibration):
             kl.append((ref.exp() * (ref - mla(tokens).log_softmax(-1))).sum(-1).mean().item())
     assert kl[1] < kl[0], kl
+
+
+# -- shared rope slots (pairs mixed across kv heads) -------------------------------------------------
+def test_mixed_slots_keep_the_largest_mixed_errors_and_are_exact_with_every_slot_kept(llama_stats):
+    """rope_mix='pca': the kept slots are the top-S of ``slot_errors`` under the eigenvector mixing;
+    with every slot kept (any U) and full rank the logits are the original's; the cache holds 2
+    values per slot, one set for every head."""
+    from mla_pass.math.rope import mixing_matrices, slot_errors
+    from mla_pass.pipeline import build
+
+    model, sites, stats = llama_stats
+    tokens = _calibration(2, 12, seed=4)
+    mla = build(capture(model), MLAConfig(rope_freqs=3, rope_mix="pca"), stats=stats, progress=False)
+    for site in sites:
+        s, plan = stats.sites[site.index], mla.plans[site.index]
+        mix = mixing_matrices(s.key_mix_moments)
+        err = slot_errors(s.slot_score_error, mix, site.kv_head_of_query).reshape(-1)
+        want = sorted(divmod(i, site.n_kv_heads) for i in torch.topk(err, 3 * site.n_kv_heads).indices.tolist())
+        assert plan.rope_mixed and [tuple(x) for x in plan.rope_slots] == want
+        assert plan.cache_shape("rope_key", 2, 5) == (2, 1, 5, 6 * site.n_kv_heads)
+        module = mla.program.get_submodule(f"mla.{site.index}")
+        assert torch.allclose(module.rope_mix, mix.to(module.rope_mix.dtype))
+    # every slot kept, with the mixing forced on: still exact (RoPE commutes with U)
+    from mla_pass.plan import build as plan_build
+    original = plan_build.rope_mixing
+
+    def always_mixed(site, stats_, mixed=True):
+        return mixing_matrices(stats_.sites[site.index].key_mix_moments)
+    try:
+        plan_build.rope_mixing = always_mixed
+        exact = build(capture(model), MLAConfig(rope_mix="pca"), stats=stats, progress=False)
+    finally:
+        plan_build.rope_mixing = original
+    module = exact.program.get_submodule("mla.0")
+    assert not torch.allclose(module.rope_mix, torch.eye(module.rope_mix.shape[-1]).expand_as(module.rope_mix))
+    with torch.no_grad():
+        assert (exact(tokens) - model(tokens).logits).abs().max() < 1e-4
+
+
+def test_mixed_slots_beat_per_head_pairs_at_the_same_cache_size():
+    """On a model whose kv heads share their rotary keys, mixing puts the shared part in one slot per
+    pair: at the same rope cache the mixed conversion is closer to the original."""
+    model = tiny_llama(n_kv=2, layers=2, seed=3)
+    with torch.no_grad():          # make kv head 1's keys nearly a copy of kv head 0's
+        for layer in model.model.layers:
+            w = layer.self_attn.k_proj.weight
+            hd = w.shape[0] // 2
+            w[hd:] = w[:hd] + 0.05 * torch.randn_like(w[:hd])
+    tokens, held_out = _calibration(8, 32), _calibration(4, 32, seed=11)
+    kls = {}
+    for mix in ("none", "pca"):
+        mla = mla_pass.convert(model, MLAConfig(rope_freqs=2, rope_mix=mix, nope_fit="none"), calibration=tokens,
+                               progress=False)
+        with torch.no_grad():
+            ref = model(held_out).logits.log_softmax(-1)
+            kls[mix] = (ref.exp() * (ref - mla(held_out).log_softmax(-1))).sum(-1).mean().item()
+        assert mla.kv_cache_bytes_per_token() == mla_pass.convert(
+            model, MLAConfig(rope_freqs=2, rope_mix="none", rope_strategy="high"), progress=False).kv_cache_bytes_per_token()
+    assert kls["pca"] < kls["none"], kls

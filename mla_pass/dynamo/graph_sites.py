@@ -11,7 +11,7 @@ Face's ``DynamicCache`` a site reads its keys and values through ``cache_append`
 The site is matched with ``new_k``/``new_v`` as its key/value (``build_site`` then sees the
 S new tokens only), and rewritten to::
 
-    past  = unpack_slots(stored_k, stored_v)                 # latent [B,T,C], rope_key [B,Hkv,T,2r]
+    past  = unpack_slots(stored_k, stored_v)                 # latent [B,T,C], rope_key [B,1,T,2S]
     out, *present = mla.{i}(x, query_raw, query, key_rope, mask, *past)
     key_slot, value_slot = pack_slots(*present)              # replace keys/values as graph outputs
 
@@ -167,7 +167,7 @@ def check_stored_layout(gs: GraphSite, plan, env) -> None:
     packed = plan.latent_dim + plan.key_scale_groups
     shape = lambda t: (t.dim(), t.shape[1], t.shape[-1])  # noqa: E731
     if plan.rope_width:
-        ok = shape(stored_k) == (4, plan.n_kv_heads, plan.rope_width) and shape(stored_v) == (4, 1, packed)
+        ok = shape(stored_k) == (4, 1, plan.rope_width) and shape(stored_v) == (4, 1, packed)
     else:
         ok = shape(stored_k) == (4, 1, packed)
     if ok:
@@ -198,8 +198,8 @@ def rewrite_sites(gm: fx.GraphModule, sites: list[GraphSite], modules: dict[int,
         core_out = site.core.output
         with graph.inserting_before(core_out):
             stored = gs.stored_nodes or (None, None)
-            past_all = graph.call_function(unpack_slots, (*stored, site.hidden, plan.latent_dim, plan.n_kv_heads,
-                                                          plan.rope_width, plan.key_scale_groups))
+            past_all = graph.call_function(unpack_slots, (*stored, site.hidden, plan.latent_dim, plan.rope_width,
+                                                          plan.key_scale_groups))
             past = [graph.call_function(operator.getitem, (past_all, k)) for k in range(len(plan.cache_kinds))]
             mask = site.core.mask
             if mask is None and site.core.is_causal:

@@ -19,7 +19,7 @@ The backend then rewrites each attention site that reads a ``cache_append`` into
 attention with past/present cache, and stores the compressed present in the two slots
 (``pack_slots`` / ``unpack_slots`` below, the one place that layout is defined):
 
-    key slot:   rope_key [B, Hkv, T, 2r]          value slot: latent [B, 1, T, C (+G)]
+    key slot:   rope_key [B, 1, T, 2S]            value slot: latent [B, 1, T, C (+G)]
     (no rope keys:  key slot latent [B, 1, T, C (+G)],  value slot empty [B, 0, T, 0])
 
 ``+G``: sites with RMS-normalised keys (Qwen3, OLMo2) append their per-token key scale
@@ -76,15 +76,15 @@ def install() -> bool:
 # the compressed layout in the two slots (pure tensor functions, called from rewritten graphs)
 # --------------------------------------------------------------------------------------------
 def unpack_slots(stored_k: Tensor | None, stored_v: Tensor | None, like_BSD: Tensor, latent_dim: int,
-                 n_kv_heads: int, rope_width: int, scale_groups: int) -> tuple[Tensor, ...]:
+                 rope_width: int, scale_groups: int) -> tuple[Tensor, ...]:
     """The slots as the latent attention's past, in ``SitePlan.cache_kinds`` order:
-    latent [B,T,C][, rope_key [B,Hkv,T,2r]][, key_scale [B,G,T]]. ``None`` or DynamicLayer's
+    latent [B,T,C][, rope_key [B,1,T,2S]][, key_scale [B,G,T]]. ``None`` or DynamicLayer's
     initial 1-D empty tensors give T = 0."""
     batch = like_BSD.shape[0]
     if stored_k is None or stored_k.dim() < 2:
         past = [like_BSD.new_zeros(batch, 0, latent_dim)]
         if rope_width:
-            past.append(like_BSD.new_zeros(batch, n_kv_heads, 0, rope_width))
+            past.append(like_BSD.new_zeros(batch, 1, 0, rope_width))
         if scale_groups:
             past.append(like_BSD.new_zeros(batch, scale_groups, 0))
         return tuple(past)

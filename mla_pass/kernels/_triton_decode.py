@@ -4,22 +4,20 @@ Imported on first use only: triton is an optional dependency. Whether these run 
 or interpreted (``TRITON_INTERPRET=1`` set before triton is imported; CPU tensors) is decided by
 triton when this module is imported; ``INTERPRETED`` records which.
 
-Letters: B batch, H query heads, Hkv kv heads, T cache positions, C latent width, R rope dims per
-kv head (2r), RW = Hkv·R. One program of ``_split_kernel`` owns (a block of BLOCK_H query heads,
+Letters: B batch, H query heads, Hkv kv heads, T cache positions, C latent width, R rotated values
+of the kept rope slots (one rope key per position, shared by every head). One program of ``_split_kernel`` owns (a block of BLOCK_H query heads,
 one C_CHUNK-wide slice of the output, one T-chunk of one sequence):
 
     for each BLOCK_T tile of its T-chunk:
         s   = q_latent[h, :]·latent[t, :]               (tl.dot over C, C_CHUNK at a time)
               [+ q_bias[h]] [· key_scale[kv(h), t]]
-              + q_rope_blockdiag[h, :]·rope_key[t, :]   (one tl.dot over the kv heads of the block)
+              + q_rope[h, :]·rope_key[t, :]             (one tl.dot: the rope keys are shared)
         s   = softcap(s·scale) + additive mask, −inf outside the valid range / bool mask
         online softmax (base 2) → acc[h, slice] += p · latent[t, slice]
 
 The latent tile is shared by every query head, so a program covering all heads loads it once
-(MQA-like reuse, which keeps the kernel memory-bound). The rope keys differ per kv head; instead of
-a per-group loop, the query's rope part is placed in the columns of its own kv head (zeros
-elsewhere, built in registers from a masked gather), so all kv heads' rope keys of a tile are one
-[BLOCK_T, RSPAN] operand of one tl.dot. Partial results (running max, sum, unnormalised acc) go to
+(MQA-like reuse, which keeps the kernel memory-bound); so is the [BLOCK_T, RSPAN] rope-key tile,
+one more tl.dot. Partial results (running max, sum, unnormalised acc) go to
 a workspace that ``_combine_kernel`` reduces; with one split the first kernel writes the output.
 """
 from __future__ import annotations
@@ -79,15 +77,11 @@ def _split_kernel(
     if N_CHUNKS == 1:   # the whole query fits one tile: load it once
         q_all = tl.load(Q + b * s_qb + offs_h[:, None] * s_qh + offs_o[None, :] * s_qc,
                         mask=hmask[:, None] & omask[None, :], other=0.0).to(lat_ty)
-    if RSPAN > 0:       # block-diagonal rope query: row h holds q_rope[h] in the columns of kv(h)
-        j_lo = tl.min(tl.where(hmask, kvh, HKV), axis=0)
-        cols = j_lo * R + tl.arange(0, RSPAN)
-        col_j = cols // R
-        col_r = cols % R
-        col_ok = col_j < HKV
-        own = (col_j[None, :] == kvh[:, None]) & hmask[:, None] & col_ok[None, :]
+    if RSPAN > 0:       # the rope query over the shared rope keys' R columns (RSPAN: R padded to a power of 2)
+        col_r = tl.arange(0, RSPAN)
+        col_ok = col_r < R
         q_rope = tl.load(QR + b * s_qrb + offs_h[:, None] * s_qrh + col_r[None, :] * s_qrr,
-                         mask=own, other=0.0).to(lat_ty)
+                         mask=hmask[:, None] & col_ok[None, :], other=0.0).to(lat_ty)
     if HAS_QB:
         q_bias = tl.load(QB + b * s_qbb + offs_h * s_qbh, mask=hmask, other=0.0).to(tl.float32)
 
@@ -125,7 +119,7 @@ def _split_kernel(
                          mask=hmask[:, None] & tmask[None, :], other=0.0)
             s = s * ks.to(tl.float32)
         if RSPAN > 0:
-            rk = tl.load(RK + b * s_rb + col_j[None, :] * s_rj + offs_t[:, None] * s_rt + col_r[None, :] * s_rr,
+            rk = tl.load(RK + b * s_rb + offs_t[:, None] * s_rt + col_r[None, :] * s_rr,
                          mask=tmask[:, None] & col_ok[None, :], other=0.0)
             s += _dot(q_rope, tl.trans(rk), DOT_FP32, PRECISION)
         s = s * scale

@@ -1,10 +1,10 @@
 """One-token attention over the MHA2MLA cache: the fused Triton kernel and its plain reference.
 
-Letters: B batch, H query heads, Hkv kv heads, T cache positions, C latent width, R rope dims per
-kv head (2r, may be 0).
+Letters: B batch, H query heads, Hkv kv heads, T cache positions, C latent width, R rotated values
+of the kept rope slots (may be 0; one rope key per position, shared by every head).
 
-    decode_attention(q_latent [B,H,C], q_rope [B,H,R], latent [B,T,C], rope_key [B,Hkv,T,R], scale)
-        s_{h,t} = ((q_latent_h·latent_t [+ q_bias_h]) [· key_scale_{kv(h),t}] + q_rope_h·rope_key_{kv(h),t})·scale
+    decode_attention(q_latent [B,H,C], q_rope [B,H,R], latent [B,T,C], rope_key [B,1,T,R], scale)
+        s_{h,t} = ((q_latent_h·latent_t [+ q_bias_h]) [· key_scale_{kv(h),t}] + q_rope_h·rope_key_t)·scale
         s       = softcap·tanh(s/softcap) if softcap [+ additive key mask]
         a_{h,·} = softmax over the valid t: start_b ≤ t < lengths_b and, if given, a bool key mask
         out_h   = Σ_t a_{h,t} latent_t                                  → [B,H,C], latent's dtype
@@ -88,10 +88,7 @@ def _plan(cfg: DecodeKernelConfig, b: int, h: int, t: int, c: int, r: int, kv_he
     block_t = cfg.block_t or (64 if c_chunk <= 128 else 32)
     head_blocks = -(-h // block_h)
     n_chunks = -(-c // c_chunk)
-    rspan = 0
-    if r:
-        span = max(max(kv_heads[i:i + block_h]) - min(kv_heads[i:i + block_h]) + 1 for i in range(0, h, block_h))
-        rspan = _pow2(span * r)
+    rspan = _pow2(r) if r else 0
     splits = cfg.num_splits
     if splits is None:   # fill the GPU (~2 programs per SM), but keep ≥ 4 tiles per split
         programs = b * head_blocks * n_chunks
@@ -102,19 +99,21 @@ def _plan(cfg: DecodeKernelConfig, b: int, h: int, t: int, c: int, r: int, kv_he
 def _check(q_latent, q_rope, latent, rope_key, lengths, start, key_mask, q_bias, key_scale, kv_head_of_query):
     if q_latent.dim() != 3 or latent.dim() != 3 or q_rope.dim() != 3 or rope_key.dim() != 4:
         raise ValueError("decode_attention expects q_latent [B,H,C], q_rope [B,H,R], latent [B,T,C], "
-                         f"rope_key [B,Hkv,T,R]; got {tuple(q_latent.shape)}, {tuple(q_rope.shape)}, "
+                         f"rope_key [B,1,T,R]; got {tuple(q_latent.shape)}, {tuple(q_rope.shape)}, "
                          f"{tuple(latent.shape)}, {tuple(rope_key.shape)}")
     b, h, c = q_latent.shape
-    t = latent.shape[1]
-    hkv, r = rope_key.shape[1], rope_key.shape[3]
+    t, r = latent.shape[1], rope_key.shape[3]
+    hkv = key_scale.shape[1] if key_scale is not None else None
     if kv_head_of_query is None:
-        if hkv == 0 or h % hkv:
+        if hkv is not None and (hkv == 0 or h % hkv):
             raise ValueError(f"decode_attention: {h} query heads over {hkv} kv heads: pass kv_head_of_query")
-        kv_head_of_query = [i // (h // hkv) for i in range(h)]
+        kv_head_of_query = [i // (h // hkv) for i in range(h)] if hkv else [0] * h
     kv_heads = tuple(int(j) for j in kv_head_of_query)
-    if latent.shape != (b, t, c) or q_rope.shape[:2] != (b, h) or rope_key.shape != (b, hkv, t, q_rope.shape[2]):
+    hkv = hkv if hkv is not None else max(kv_heads, default=0) + 1
+    if latent.shape != (b, t, c) or q_rope.shape[:2] != (b, h) or rope_key.shape != (b, 1, t, q_rope.shape[2]):
         raise ValueError(f"decode_attention: inconsistent shapes q_latent {tuple(q_latent.shape)}, q_rope "
-                         f"{tuple(q_rope.shape)}, latent {tuple(latent.shape)}, rope_key {tuple(rope_key.shape)}")
+                         f"{tuple(q_rope.shape)}, latent {tuple(latent.shape)}, rope_key {tuple(rope_key.shape)} "
+                         "(the rope key is shared: [B,1,T,R])")
     if len(kv_heads) != h or not all(0 <= j < hkv for j in kv_heads):
         raise ValueError(f"decode_attention: kv_head_of_query must give each of the {h} query heads a kv head "
                          f"in [0, {hkv}), got {list(kv_heads)}")
@@ -132,7 +131,7 @@ def _check(q_latent, q_rope, latent, rope_key, lengths, start, key_mask, q_bias,
 
 
 def decode_attention(q_latent_BHC: torch.Tensor, q_rope_BHR: torch.Tensor, latent_BTC: torch.Tensor,
-                     rope_key_BHkvTR: torch.Tensor, scale: float, lengths_B: torch.Tensor | None = None, *,
+                     rope_key_B1TR: torch.Tensor, scale: float, lengths_B: torch.Tensor | None = None, *,
                      start_B: torch.Tensor | None = None, key_mask_BT: torch.Tensor | None = None,
                      kv_head_of_query: Sequence[int] | None = None, softcap: float | None = None,
                      q_bias_BH: torch.Tensor | None = None, key_scale_BHkvT: torch.Tensor | None = None,
@@ -144,11 +143,12 @@ def decode_attention(q_latent_BHC: torch.Tensor, q_rope_BHR: torch.Tensor, laten
         lengths_B / start_B: int tensors; sequence b attends to positions [start_b, lengths_b)
             (defaults: 0 and T).
         key_mask_BT: bool (True = attend) or float (added to the scaled, softcapped scores).
-        kv_head_of_query: host ints, the kv head of each query head (default h // (H // Hkv)).
+        kv_head_of_query: host ints, the kv head of each query head, which picks its row of
+            ``key_scale_BHkvT`` (default h // (H // Hkv)).
         q_bias_BH: added to the latent score before ``key_scale_BHkvT`` multiplies it.
     Returns [B,H,C] in the latent's dtype; accumulation is fp32.
     """
-    b, h, c, t, hkv, r, kv_heads = _check(q_latent_BHC, q_rope_BHR, latent_BTC, rope_key_BHkvTR, lengths_B,
+    b, h, c, t, hkv, r, kv_heads = _check(q_latent_BHC, q_rope_BHR, latent_BTC, rope_key_B1TR, lengths_B,
                                           start_B, key_mask_BT, q_bias_BH, key_scale_BHkvT, kv_head_of_query)
     from triton.runtime.errors import OutOfResources
 
@@ -165,7 +165,7 @@ def decode_attention(q_latent_BHC: torch.Tensor, q_rope_BHR: torch.Tensor, laten
         plan = _plan(cfg, b, h, t, c, r, kv_heads, _sm_count(str(device)))
         try:
             return _launch(K, cfg, plan, q_latent_BHC,
-                           q_rope_BHR, latent_BTC, rope_key_BHkvTR, scale, lengths_B, start_B, key_mask_BT,
+                           q_rope_BHR, latent_BTC, rope_key_B1TR, scale, lengths_B, start_B, key_mask_BT,
                            kv_heads, softcap, q_bias_BH, key_scale_BHkvT)
         except OutOfResources as e:     # shared memory / registers of this tiling
             if (smaller := _shrink(cfg, plan)) is None:
@@ -189,10 +189,11 @@ def _shrink(cfg: DecodeKernelConfig, plan: _Plan) -> DecodeKernelConfig | None:
     return None
 
 
-def _launch(K, cfg, p, q_latent_BHC, q_rope_BHR, latent_BTC, rope_key_BHkvTR, scale, lengths_B, start_B,
+def _launch(K, cfg, p, q_latent_BHC, q_rope_BHR, latent_BTC, rope_key_B1TR, scale, lengths_B, start_B,
             key_mask_BT, kv_heads, softcap, q_bias_BH, key_scale_BHkvT) -> torch.Tensor:
     b, h, c = q_latent_BHC.shape
-    t, hkv, r = latent_BTC.shape[1], rope_key_BHkvTR.shape[1], rope_key_BHkvTR.shape[3]
+    t, r = latent_BTC.shape[1], rope_key_B1TR.shape[3]
+    hkv = max(kv_heads) + 1
     device = latent_BTC.device
 
     start = start_B.to(torch.int32).contiguous() if start_B is not None else None
@@ -212,7 +213,7 @@ def _launch(K, cfg, p, q_latent_BHC, q_rope_BHR, latent_BTC, rope_key_BHkvTR, sc
     stride = lambda x, n: x.stride() if x is not None else (0,) * n  # noqa: E731
     precision = "ieee" if latent_BTC.dtype == torch.float32 else "tf32"   # fp16/bf16: ignored
     grid = (p.head_blocks * p.n_chunks, p.num_splits, b)
-    q_rope, rope_key = (q_rope_BHR, rope_key_BHkvTR) if r else (dummy, dummy)   # no pointer to empty storage
+    q_rope, rope_key = (q_rope_BHR, rope_key_B1TR) if r else (dummy, dummy)   # no pointer to empty storage
     K._split_kernel[grid](
         q_latent_BHC, q_rope, latent_BTC, rope_key, kv_map,
         start if start is not None else kv_map, end if end is not None else kv_map,
@@ -220,7 +221,7 @@ def _launch(K, cfg, p, q_latent_BHC, q_rope_BHR, latent_BTC, rope_key_BHkvTR, sc
         key_scale_BHkvT if key_scale_BHkvT is not None else dummy,
         acc, m_ws, l_ws, out,
         h, hkv, c, r, t, float(scale), float(softcap or 1.0),
-        *q_latent_BHC.stride(), *q_rope_BHR.stride(), *latent_BTC.stride(), *rope_key_BHkvTR.stride(),
+        *q_latent_BHC.stride(), *q_rope_BHR.stride(), *latent_BTC.stride(), *rope_key_B1TR.stride(),
         *stride(mask, 2), *stride(q_bias_BH, 2), *stride(key_scale_BHkvT, 3),
         *(acc.stride() if p.num_splits > 1 else (0,) * 4), *out.stride(),
         NUM_SPLITS=p.num_splits, BLOCK_H=p.block_h, BLOCK_T=p.block_t, C_CHUNK=p.c_chunk, N_CHUNKS=p.n_chunks,
@@ -235,12 +236,13 @@ def _launch(K, cfg, p, q_latent_BHC, q_rope_BHR, latent_BTC, rope_key_BHkvTR, sc
     return out
 
 
-def decode_attention_reference(q_latent_BHC, q_rope_BHR, latent_BTC, rope_key_BHkvTR, scale: float,
+def decode_attention_reference(q_latent_BHC, q_rope_BHR, latent_BTC, rope_key_B1TR, scale: float,
                                lengths_B=None, *, start_B=None, key_mask_BT=None, kv_head_of_query=None,
                                softcap=None, q_bias_BH=None, key_scale_BHkvT=None, config=None):
     """The same contract in plain PyTorch (fp32 math): the CPU path and the kernel's test oracle."""
     b, h, _ = q_latent_BHC.shape
-    t, hkv = latent_BTC.shape[1], rope_key_BHkvTR.shape[1]
+    t = latent_BTC.shape[1]
+    hkv = key_scale_BHkvT.shape[1] if key_scale_BHkvT is not None else 1
     if kv_head_of_query is None:
         kv_head_of_query = [i // (h // hkv) for i in range(h)]
     kv = torch.as_tensor(list(kv_head_of_query), dtype=torch.long, device=latent_BTC.device)
@@ -250,7 +252,7 @@ def decode_attention_reference(q_latent_BHC, q_rope_BHR, latent_BTC, rope_key_BH
         s = s + q_bias_BH.float()[:, :, None]
     if key_scale_BHkvT is not None:
         s = s * key_scale_BHkvT.float().index_select(1, kv)
-    s = s + torch.einsum("bhr,bhtr->bht", q_rope_BHR.float(), rope_key_BHkvTR.float().index_select(1, kv))
+    s = s + torch.einsum("bhr,btr->bht", q_rope_BHR.float(), rope_key_B1TR[:, 0].float())
     s = s * scale
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)

@@ -98,7 +98,7 @@ def first_attended(mask_B11T: torch.Tensor) -> torch.Tensor:
     return start
 
 
-def fused_absorbed(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_BHkvTR, up_key_HkvNC, up_value_HkvVC,
+def fused_absorbed(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_B1TR, up_key_HkvNC, up_value_HkvVC,
                    b_value_HkvV, kv_head_of_query, kv_heads: Sequence[int], scale: float, mask=None, softcap=None,
                    b_key_HkvN=None, key_scale_BHkvT=None, *, impl: Callable | None = None):
     """The absorbed form for S = 1 around a ``decode_attention``-contract core (``impl``; default
@@ -112,13 +112,13 @@ def fused_absorbed(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_BHkvTR, up_key_H
     if mask is not None:
         start_B = first_attended(mask).expand(b) if mask.dtype == torch.bool else None
         key_mask_BT = mask[:, 0, 0, :].expand(b, t)
-    out_latent_BHC = impl(q_latent_BHC, q_rope_BHSR[:, :, 0], latent_BTC, k_rope_BHkvTR, scale, start_B=start_B,
+    out_latent_BHC = impl(q_latent_BHC, q_rope_BHSR[:, :, 0], latent_BTC, k_rope_B1TR, scale, start_B=start_B,
                           key_mask_BT=key_mask_BT, kv_head_of_query=kv_heads, softcap=softcap,
                           q_bias_BH=q_bias_BH, key_scale_BHkvT=key_scale_BHkvT)
     return latent_output(out_latent_BHC[:, :, None], up_value_HkvVC, b_value_HkvV, kv_head_of_query)
 
 
-def absorbed_decode(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_BHkvTR, up_key_HkvNC, up_value_HkvVC,
+def absorbed_decode(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_B1TR, up_key_HkvNC, up_value_HkvVC,
                     b_value_HkvV, kv_head_of_query, scale: float, mask=None, is_causal=False, softcap=None,
                     b_key_HkvN=None, key_scale_BHkvT=None, *, kv_heads: Sequence[int], use_kernel: bool = True,
                     latent_scale_BT=None):
@@ -128,23 +128,23 @@ def absorbed_decode(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_BHkvTR, up_key_
     mqa = mqa_eligible(softcap, key_scale_BHkvT, kv_heads, up_key_HkvNC.shape[0])
     if latent_scale_BT is not None:
         if mqa:
-            return absorbed_attention_mqa(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_BHkvTR, up_key_HkvNC,
+            return absorbed_attention_mqa(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_B1TR, up_key_HkvNC,
                                           up_value_HkvVC, b_value_HkvV, kv_head_of_query, scale, mask, is_causal,
                                           latent_scale_BT)
         latent_BTC = dequantize_per_token(latent_BTC, latent_scale_BT)
     reason = "disabled" if not use_kernel else kernel_refusal(
-        q_nope_BHSN, latent_BTC, mask, is_causal, q_rope_BHSR, k_rope_BHkvTR, up_key_HkvNC, up_value_HkvVC,
+        q_nope_BHSN, latent_BTC, mask, is_causal, q_rope_BHSR, k_rope_B1TR, up_key_HkvNC, up_value_HkvVC,
         b_value_HkvV, b_key_HkvN, key_scale_BHkvT)
     if reason is None:
-        return fused_absorbed(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_BHkvTR, up_key_HkvNC, up_value_HkvVC,
+        return fused_absorbed(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_B1TR, up_key_HkvNC, up_value_HkvVC,
                               b_value_HkvV, kv_head_of_query, kv_heads, scale, mask, softcap, b_key_HkvN,
                               key_scale_BHkvT)
     if latent_BTC.is_cuda and reason not in _logged:
         _logged.add(reason)
         log.debug("latent decode kernel not used: %s", reason)
     if mqa:
-        return absorbed_attention_mqa(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_BHkvTR, up_key_HkvNC,
+        return absorbed_attention_mqa(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_B1TR, up_key_HkvNC,
                                       up_value_HkvVC, b_value_HkvV, kv_head_of_query, scale, mask, is_causal)
-    return absorbed_attention(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_BHkvTR, up_key_HkvNC, up_value_HkvVC,
+    return absorbed_attention(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_B1TR, up_key_HkvNC, up_value_HkvVC,
                               b_value_HkvV, kv_head_of_query, scale, mask, is_causal, softcap, b_key_HkvN,
                               key_scale_BHkvT)

@@ -88,8 +88,11 @@ def _absorb_site(step: fx.GraphModule, node: fx.Node, module: LatentAttention, e
     new_query = None
     graph = step.graph
     if p.rope_width:
-        w_qr, b_qr = rope_query(w_q, b_q, module.query_rope_dims, p.scale)
-        rope = RopeProjection(p.n_heads, p.head_dim, d, module.query_rope_dims, p.query_raw_layout, b_qr is not None)
+        used = sorted(set(module.rope_value_dims.tolist()))            # the dims of the kept slots' pairs
+        dims = torch.tensor(used, device=w_q.device).repeat(p.n_heads, 1)                     # [H, R']
+        w_qr, b_qr = rope_query(w_q, b_q, dims, p.scale)
+        positions = (torch.arange(p.n_heads, device=dims.device)[:, None] * p.head_dim + dims).reshape(-1)
+        rope = RopeProjection(p.n_heads, p.head_dim, d, positions, p.query_raw_layout, b_qr is not None)
         module.rope_query = _loaded(rope.to(dtype), w_qr, b_qr)
         with graph.inserting_before(node):
             full = graph.call_module(f"{node.target}.rope_query", (x,))

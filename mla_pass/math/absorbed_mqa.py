@@ -4,8 +4,8 @@ The latent is shared by every head, so the absorbed form is multi-query attentio
 key/value head of width C: keys = values = c_t. Stacking the H·S queries as rows makes the scores
 one GEMM per sequence, ``[H·S, C] · latentᵀ``, and the output a second one, ``[H·S, T] · latent``:
 the latent cache is read once per step for all heads, which is where decode time goes at long
-context. The rope part of each score differs per kv head; it is one batched matmul per kv group,
-added together with the padding mask before the softmax:
+context. The rope keys are one [B, 1, T, R] tensor shared by every head, so the rope part is one
+more GEMM, ``[H·S, R] · rope_keyᵀ``, added together with the padding mask before the softmax:
 
     softmax(q_latent·c_t + q_rope·k_rope_t + mask_bias) · c_t        (queries pre-scaled)
 
@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import torch
 
-from .attention import in_repeat_kv_order
 from .int8_cache import ZERO_POINT, quantize_rows_int8, quantize_rows_uint8
 
 
 def eligible(softcap, key_scale, kv_head_of_query: list[int], n_kv_heads: int) -> bool:
-    """This form needs plain softmax scores, unscaled keys, and query heads grouped
-    contiguously by kv head (h → h // g), so the rope scores are one batched matmul."""
-    return softcap is None and key_scale is None and in_repeat_kv_order(kv_head_of_query, n_kv_heads)
+    """This form needs plain softmax scores and unscaled keys (any kv-head map: the rope keys are
+    shared and the up-projections are gathered per query head)."""
+    return softcap is None and key_scale is None
 
 
 def mask_bias(mask, is_causal: bool, s: int, t: int, dtype, device):
@@ -45,14 +44,14 @@ def mask_bias(mask, is_causal: bool, s: int, t: int, dtype, device):
     return bias
 
 
-def absorbed_attention_mqa(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_BHkvTR, up_key_HkvNC, up_value_HkvVC,
+def absorbed_attention_mqa(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_B1TR, up_key_HkvNC, up_value_HkvVC,
                            b_value_HkvV, kv_head_of_query, scale: float, mask=None, is_causal=False,
                            latent_scale_BT=None):
     """``latent_scale_BT``: the latent is the 8-bit cache of ``math/int8_cache.py`` (uint8 codes +
     128, one scale per token), read by ``integer_latent_attention``."""
     q_latent_BHSC = (q_nope_BHSN * scale) @ up_key_HkvNC.index_select(0, kv_head_of_query)     # [B,H,S,N]@[H,N,C]
     q_rope_BHSR = q_rope_BHSR * scale if q_rope_BHSR.shape[-1] else q_rope_BHSR
-    out_latent = latent_mqa(q_latent_BHSC, q_rope_BHSR, latent_BTC, k_rope_BHkvTR, mask, is_causal,
+    out_latent = latent_mqa(q_latent_BHSC, q_rope_BHSR, latent_BTC, k_rope_B1TR, mask, is_causal,
                             latent_scale_BT)
     out = out_latent @ up_value_HkvVC.index_select(0, kv_head_of_query).transpose(-1, -2)     # [B,H,S,V]
     if b_value_HkvV is not None:
@@ -60,19 +59,16 @@ def absorbed_attention_mqa(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_BHkvTR, 
     return out
 
 
-def latent_mqa(q_latent_BHSC, q_rope_BHSR, latent_BTC, k_rope_BHkvTR, mask=None, is_causal=False,
+def latent_mqa(q_latent_BHSC, q_rope_BHSR, latent_BTC, k_rope_B1TR, mask=None, is_causal=False,
                latent_scale_BT=None):
     """softmax(q_latent·c_t + q_rope·k_rope_t + mask) · c_t → the heads' latent outputs [B,H,S,C]
-    (queries already scaled; query heads grouped by kv head, see ``eligible``)."""
+    (queries already scaled)."""
     b, h, s, c = q_latent_BHSC.shape
     t = latent_BTC.shape[1]
-    n_kv = k_rope_BHkvTR.shape[1]
-    g = h // n_kv
-    r = k_rope_BHkvTR.shape[-1]
+    r = k_rope_B1TR.shape[-1]
     rope = None
     if r:
-        rope = q_rope_BHSR.reshape(b, n_kv, g * s, r) @ k_rope_BHkvTR.transpose(-1, -2)      # [B,Hkv,g·S,T]
-        rope = rope.reshape(b, h, s, t)
+        rope = (q_rope_BHSR.reshape(b, h * s, r) @ k_rope_B1TR[:, 0].transpose(1, 2)).reshape(b, h, s, t)
     bias = mask_bias(mask, is_causal, s, t, q_latent_BHSC.dtype, q_latent_BHSC.device)
     if latent_scale_BT is not None:
         return integer_latent_attention(q_latent_BHSC, latent_BTC, latent_scale_BT, rope, bias)

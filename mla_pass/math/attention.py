@@ -1,7 +1,8 @@
 """The two forms of latent attention, as pure functions.
 
-Letters: B batch, H query heads, Hkv kv heads, S queries, T keys, N non-RoPE dims per head
-(Dh − 2r), R RoPE dims per head (2r), C latent width, V value head dim.
+Letters: B batch, H query heads, Hkv kv heads, S queries, T keys, N unrotated dims per head
+(all Dh of them), R rotated values of the kept rope slots (2 per slot; one key [B, 1, T, R]
+shared by every query head), C latent width, V value head dim.
 
 decompressed: k_nope = W_uk·c + b, v = W_uv·c + b, then ordinary attention over
               [q_nope ; q_rope]·[k_nope ; k_rope] (a permutation of the original dims, so the
@@ -49,10 +50,11 @@ def attention_probs_apply(scores_BHST: torch.Tensor, mask, is_causal: bool, soft
     return torch.softmax(s, dim=-1)
 
 
-def decompressed_attention(q_nope_BHSN, q_rope_BHSR, k_nope_BHkvTN, k_rope_BHkvTR, v_BHkvTV,
+def decompressed_attention(q_nope_BHSN, q_rope_BHSR, k_nope_BHkvTN, k_rope_B1TR, v_BHkvTV,
                            kv_head_of_query, scale: float, mask=None, is_causal=False, softcap=None):
     q = torch.cat([q_nope_BHSN, q_rope_BHSR], dim=-1)
-    k = expand_kv(torch.cat([k_nope_BHkvTN, k_rope_BHkvTR], dim=-1), kv_head_of_query)
+    k_rope = k_rope_B1TR.expand(-1, k_nope_BHkvTN.shape[1], -1, -1)       # shared: the same for every kv head
+    k = expand_kv(torch.cat([k_nope_BHkvTN, k_rope], dim=-1), kv_head_of_query)
     v = expand_kv(v_BHkvTV, kv_head_of_query)
     if softcap is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
@@ -78,7 +80,7 @@ def latent_output(out_latent_BHSC, up_value_HkvVC, b_value_HkvV, kv_head_of_quer
     return out
 
 
-def absorbed_attention(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_BHkvTR, up_key_HkvNC, up_value_HkvVC,
+def absorbed_attention(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_B1TR, up_key_HkvNC, up_value_HkvVC,
                        b_value_HkvV, kv_head_of_query, scale: float, mask=None, is_causal=False, softcap=None,
                        b_key_HkvN=None, key_scale_BHkvT=None):
     q_latent_BHSC = latent_query(q_nope_BHSN, up_key_HkvNC, kv_head_of_query)
@@ -87,8 +89,8 @@ def absorbed_attention(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_BHkvTR, up_k
         scores = scores + key_bias_score(q_nope_BHSN, b_key_HkvN, kv_head_of_query)
     if key_scale_BHkvT is not None:        # RMS-normalised keys: k_nope_t = s_t·(W_uk c_t + b)
         scores = scores * expand_kv(key_scale_BHkvT, kv_head_of_query)[:, :, None, :]
-    if k_rope_BHkvTR.shape[-1]:
-        scores = scores + q_rope_BHSR @ expand_kv(k_rope_BHkvTR, kv_head_of_query).transpose(-1, -2)
+    if k_rope_B1TR.shape[-1]:
+        scores = scores + q_rope_BHSR @ k_rope_B1TR.transpose(-1, -2)
     probs = attention_probs_apply(scores * scale, mask, is_causal, softcap).to(latent_BTC.dtype)
     out_latent_BHSC = torch.einsum("bhst,btc->bhsc", probs, latent_BTC)
     return latent_output(out_latent_BHSC, up_value_HkvVC, b_value_HkvV, kv_head_of_query)

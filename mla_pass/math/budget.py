@@ -1,7 +1,7 @@
 """Split a total KV-cache budget between sites, and within a site between rotary pairs and latent.
 
-Each site offers choices (r, c): keep r rotary pairs per kv head (costing ``rope_cost`` cached
-values per pair) and a latent of c values, with a measured loss ``losses[r][c]`` (non-increasing
+Each site offers choices (r, c): keep r rope units (a shared slot, or a pair per kv head; costing
+``rope_cost`` cached values each) and a latent of c values, with a measured loss ``losses[r][c]`` (non-increasing
 in c). We minimise the summed loss subject to Σ cost ≤ budget: a Lagrangian search (each site
 independently minimises loss + μ·cost; bisect μ for the cheapest multiplier that fits), then the
 values left over go one latent value at a time to whichever site's loss drops most. The result
@@ -19,8 +19,8 @@ class SiteChoices:
     """The options of one site.
 
     Args:
-        losses: rotary pairs kept r → loss for each latent width c = 0 .. len − 1 ([C_r] tensor).
-        rope_cost: cached values per kept rotary pair (2 per kv head).
+        losses: rope units kept r → loss for each latent width c = 0 .. len − 1 ([C_r] tensor).
+        rope_cost: cached values per kept rope unit (2 for a slot, 2·Hkv for a pair per kv head).
         fixed_cost: cached values that do not depend on the choice (a key-norm scale, for example).
         min_latent: the smallest latent width allowed.
     """

@@ -1,4 +1,4 @@
-"""Partial RoPE: which rotary frequency pairs stay rotated, per kv head."""
+"""Partial RoPE: which rotary frequency pairs stay rotated (per kv head, or as slots shared by every head)."""
 from __future__ import annotations
 
 import torch
@@ -86,3 +86,103 @@ def pair_score_errors(q_raw_BHSD: torch.Tensor, q_rot_BHSD: torch.Tensor, k_raw_
 def causal_pairs(batch: int, seq: int) -> int:
     """Number of (query, key) token pairs with key ≤ query, per head, over a batch."""
     return batch * seq * (seq + 1) // 2
+
+
+# -- shared rope slots: each frequency's pairs mixed across kv heads ------------------------------
+#
+# RoPE turns pair k of every kv head by the same angle, so an orthogonal U_k [Hkv, Hkv] applied
+# across heads (the same on both dims of the pair) commutes with it: with k'^(k) = U_kᵀ k^(k),
+# q_h^(k)·R·k_{g(h)}^(k) = Σ_j U_k[g(h), j] · q_h^(k)·R·k'_j^(k). A slot (k, j) is one mixed
+# component; the kept slots' rotated keys are cached once for all query heads, the dropped ones
+# join the unrotated (latent) part. U = I with r slots per kv head is MHA2MLA's partial RoPE.
+
+def key_mix_moments(k_raw_BHkvSD: torch.Tensor, pairs: list[tuple[int, int]]) -> torch.Tensor:
+    """Σ over tokens and the pair's two dims of k_g^(k)·k_g'^(k) → [P, Hkv, Hkv] float64."""
+    if not pairs:
+        return k_raw_BHkvSD.new_zeros(0, k_raw_BHkvSD.shape[1], k_raw_BHkvSD.shape[1], dtype=torch.float64)
+    idx = torch.tensor(pairs, device=k_raw_BHkvSD.device)
+    k = k_raw_BHkvSD.detach().double()[..., idx]                                          # [B,Hkv,S,P,2]
+    return torch.einsum("bgspd,bGspd->pgG", k, k)
+
+
+def mixing_matrices(moments_PHH: torch.Tensor) -> torch.Tensor:
+    """U_k per pair [P, Hkv, Hkv]: the eigenvectors (columns) of each pair's key second moment,
+    largest first, each signed so its largest entry is positive (a deterministic choice)."""
+    if moments_PHH.shape[0] == 0:
+        return moments_PHH.clone()
+    _, vecs = torch.linalg.eigh(moments_PHH.double())
+    vecs = vecs.flip(-1)                                                                    # largest first
+    pick = vecs.abs().argmax(dim=1, keepdim=True)                                           # [P, 1, Hkv]
+    return vecs * torch.sign(vecs.gather(1, pick))
+
+
+def slot_score_moments(q_raw_BHSD: torch.Tensor, q_rot_BHSD: torch.Tensor, k_raw_BHkvSD: torch.Tensor,
+                       k_rot_BHkvSD: torch.Tensor, pairs: list[tuple[int, int]]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The moments that give every slot's score error for any mixing U (``slot_errors``), summed
+    over sequences and causal token pairs (m, n ≤ m), per query head h, pair k and kv heads g, g':
+    - error [H, P, Hkv, Hkv]: Σ a_mᵀ (Σ_n b_g(n) b_g'(n)ᵀ) a_m with a = [q_rot; q_raw],
+      b_g = [k_rot_g; −k_raw_g] (4 values each): the (rotated − unrotated) score of a mixed key
+      Σ_g u_g k_g is a·Σ_g u_g b_g, so its squared sum is uᵀ E u;
+    - energy [H, P, Hkv, Hkv]: the same with the rotated halves only (the score it carries).
+    With U = I the diagonal summed over each group is ``pair_score_errors``. O(S) by running sums."""
+    n_heads, n_kv = q_rot_BHSD.shape[1], k_raw_BHkvSD.shape[1]
+    if not pairs:
+        z = torch.zeros(n_heads, 0, n_kv, n_kv, dtype=torch.float64, device=k_raw_BHkvSD.device)
+        return z, z.clone()
+    idx = torch.tensor(pairs, device=q_raw_BHSD.device)
+    take = lambda t: t.detach().double()[..., idx]                                         # noqa: E731  [B,·,S,P,2]
+    a = torch.cat([take(q_rot_BHSD), take(q_raw_BHSD)], dim=-1)                            # [B,H,S,P,4]
+    b = torch.cat([take(k_rot_BHkvSD), -take(k_raw_BHkvSD)], dim=-1)                       # [B,Hkv,S,P,4]
+    error = torch.zeros(n_heads, len(pairs), n_kv, n_kv, dtype=torch.float64, device=a.device)
+    energy = torch.zeros_like(error)
+    for g in range(n_kv):          # one kv head at a time bounds the running sums' memory
+        running = (b[:, g, None, :, :, :, None] * b[..., None, :]).cumsum(dim=2)          # [B,Hkv,S,P,4,4]
+        error[:, :, g] = torch.einsum("bhspi,bGspij,bhspj->hpG", a, running, a)
+        energy[:, :, g] = torch.einsum("bhspi,bGspij,bhspj->hpG", a[..., :2], running[..., :2, :2], a[..., :2])
+    return error, energy
+
+
+def slot_errors(moments_HPGG: torch.Tensor, mix_PGG: torch.Tensor, kv_head_of_query) -> torch.Tensor:
+    """[P, Hkv]: for slot (k, j) = component j of pair k under ``mix`` (U_k, columns), Σ over
+    query heads h of U_k[g(h), j]² · u_jᵀ E[h, k] u_j (``slot_score_moments``)."""
+    kv = torch.as_tensor(list(kv_head_of_query), device=mix_PGG.device)
+    per_head = torch.einsum("pgj,hpgG,pGj->hpj", mix_PGG, moments_HPGG, mix_PGG)           # [H, P, Hkv]
+    weight = mix_PGG[:, kv, :].pow(2).permute(1, 0, 2)                                      # [H, P, Hkv]
+    return (weight * per_head).sum(0)
+
+
+def split_key_weights(w_key_HkvDX: torch.Tensor, b_key_HkvD: torch.Tensor | None, pairs: list[tuple[int, int]],
+                      mix_PGG: torch.Tensor, slots: list[tuple[int, int]]):
+    """The key projection split between kept slots and the rest, under mixing ``mix``:
+    (w_nope [Hkv, D, X], b_nope, w_rope [2S, X], b_rope). Slot (k, j)'s two rows are component j
+    of pair k's mixed rows (U_kᵀ W^(k)); the nope rows are each pair's rows with the kept
+    components projected out (Σ over dropped j of U_k[:, j] U_k[:, j]ᵀ W^(k)); dims no pair
+    covers stay as they are. Exact: w_nope's pair rows plus the kept slots mixed back give W."""
+    w_nope = w_key_HkvDX.clone()
+    b_nope = None if b_key_HkvD is None else b_key_HkvD.clone()
+    kept: dict[int, list[int]] = {}
+    for k, j in slots:
+        kept.setdefault(k, []).append(j)
+    rows_w, rows_b = [], []
+    for k, (d0, d1) in enumerate(pairs):
+        u = mix_PGG[k].to(w_key_HkvDX.dtype)                                               # [Hkv, Hkv]
+        dims = [d0, d1]
+        mixed = torch.einsum("gj,gdx->jdx", u, w_key_HkvDX[:, dims])                        # [Hkv, 2, X]
+        mixed_b = None if b_key_HkvD is None else torch.einsum("gj,gd->jd", u, b_key_HkvD[:, dims])
+        keep = kept.get(k, [])
+        drop = torch.ones(u.shape[1], dtype=torch.bool)
+        drop[keep] = False
+        w_nope[:, dims] = torch.einsum("gj,jdx->gdx", u[:, drop], mixed[drop])
+        if b_nope is not None:
+            b_nope[:, dims] = torch.einsum("gj,jd->gd", u[:, drop], mixed_b[drop])
+    for k, j in slots:
+        d0, d1 = pairs[k]
+        u = mix_PGG[k].to(w_key_HkvDX.dtype)
+        rows_w.append(torch.einsum("g,gdx->dx", u[:, j], w_key_HkvDX[:, [d0, d1]]))
+        if b_key_HkvD is not None:
+            rows_b.append(torch.einsum("g,gd->d", u[:, j], b_key_HkvD[:, [d0, d1]]))
+    hidden = w_key_HkvDX.shape[-1]
+    w_rope = torch.cat(rows_w) if rows_w else w_key_HkvDX.new_zeros(0, hidden)
+    b_rope = None if b_key_HkvD is None else (torch.cat(rows_b) if rows_b else b_key_HkvD.new_zeros(0))
+    return w_nope, b_nope, w_rope, b_rope

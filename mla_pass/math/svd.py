@@ -33,9 +33,11 @@ def full_latent_dim(rows_key: int, rows_value: int, hidden: int, mode: str) -> i
 
 
 def factorize_kv(w_key_nope: torch.Tensor, w_value: torch.Tensor, latent_dim: int, mode: str = "joint",
-                 gram: torch.Tensor | None = None, damping: float = 1e-2) -> LowRankKV:
+                 gram: torch.Tensor | None = None, damping: float = 1e-2, key_rank: int | None = None) -> LowRankKV:
     """w_key_nope [Hkv, Dn, D], w_value [Hkv, Dv, D] → LowRankKV with latent width ``latent_dim``
-    (activation-aware when ``gram`` [D, D] is given)."""
+    (activation-aware when ``gram`` [D, D] is given). ``key_rank``: the rank bound of the key rows
+    (default their count; less where kept rope slots were projected out), which sizes ``split``'s
+    key half."""
     n_kv, dn, hidden = w_key_nope.shape
     dv = w_value.shape[1]
     out_dtype = w_value.dtype
@@ -46,7 +48,7 @@ def factorize_kv(w_key_nope: torch.Tensor, w_value: torch.Tensor, latent_dim: in
         down, up = _truncated(torch.cat([wk, wv]), latent_dim, chol)
         up_k, up_v = up[: n_kv * dn], up[n_kv * dn:]
     elif mode == "split":
-        ck = split_key_width(wk.shape[0], hidden, latent_dim)
+        ck = split_key_width(wk.shape[0] if key_rank is None else key_rank, hidden, latent_dim)
         cv = latent_dim - ck
         down_k, up_k_part = _truncated(wk, ck, chol)
         down_v, up_v_part = _truncated(wv, cv, chol)

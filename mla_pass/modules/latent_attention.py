@@ -1,12 +1,15 @@
-"""The module that replaces one attention core: latent K/V with partial RoPE.
+"""The module that replaces one attention core: latent K/V with partial RoPE over shared rope slots.
 
 The rewritten graph calls it as ``attn(x, query_raw, query, key_rope_full, mask[, past_latent,
 past_rope_key])``: ``query`` is the model's own rotated query and ``query_raw`` the same before
-RoPE, so partial RoPE on q is a per-dim select and any RoPE idiom works unchanged. The rope
-keys come from ``rope_key`` (a projection onto the kept dims, zero elsewhere) passed through a
-copy of the model's own RoPE region. Where the plan fits the dropped pairs (``nope_pairs``), the
-nope query goes through a per-head 2×2 map on each dropped pair (``query_nope_mix``: q' = Mᵀq,
-see ``math.nope_fit``), so the cache and the key side are unchanged.
+RoPE, so any RoPE idiom works unchanged. The rope keys come from ``rope_key`` (a projection onto
+the kept slots, each rotary pair k mixed across kv heads by U_k and slot (k, j) placed in kv head
+j's pair-k dims, zero elsewhere) passed through a copy of the model's own RoPE region, and are
+cached once for every query head ([B, 1, T, 2S], DeepSeek's k_pe). A query head's rope part is its
+rotated pair k times U_k[g(h), j] on slot (k, j) (``rope_query_mix``); its nope part is the whole
+unrotated query against keys from which the kept slots are projected out (``up_key`` over every
+dim). Where the plan fits the dropped pairs (unmixed, ``nope_pairs``), the nope query goes through
+a per-head 2×2 map on each dropped pair (``query_nope_mix``: q' = Mᵀq, see ``math.nope_fit``).
 """
 from __future__ import annotations
 
@@ -23,31 +26,33 @@ from .site_plan import SitePlan
 
 
 class RopeProjection(nn.Module):
-    """x_BSD → the rotated dims of every head in the model's pre-RoPE layout, others 0: what the
-    model's own RoPE is then applied to (so no rotation formula is assumed)."""
+    """x_BSD → chosen dims of the heads in the model's pre-RoPE layout, others 0: what the model's
+    own RoPE is then applied to (so no rotation formula is assumed)."""
 
-    def __init__(self, n_heads: int, head_dim: int, hidden: int, dims, layout: str, bias: bool):
-        """``dims``: per head, the rotated dims it keeps (2r each)."""
+    def __init__(self, n_heads: int, head_dim: int, hidden: int, positions, layout: str, bias: bool):
+        """``positions``: the filled entries, as head · head_dim + dim (distinct)."""
         super().__init__()
         self.n_heads, self.head_dim, self.layout = n_heads, head_dim, layout
-        dims = torch.as_tensor(dims, dtype=torch.long).reshape(n_heads, -1)
-        self.weight = nn.Parameter(torch.zeros(dims.numel(), hidden))
-        self.bias = nn.Parameter(torch.zeros(dims.numel())) if bias else None
-        self.register_buffer("dims", dims, persistent=False)
+        positions = torch.as_tensor(positions, dtype=torch.long).reshape(-1)
+        self.weight = nn.Parameter(torch.zeros(positions.numel(), hidden))
+        self.bias = nn.Parameter(torch.zeros(positions.numel())) if bias else None
+        self.register_buffer("positions", positions, persistent=False)
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         b, s = x_BSD.shape[:2]
-        r_BSHR = nn.functional.linear(x_BSD, self.weight, self.bias).reshape(b, s, self.n_heads, -1)
-        full = r_BSHR.new_zeros(b, s, self.n_heads, self.head_dim)
-        full = full.scatter(-1, self.dims.expand(b, s, -1, -1), r_BSHR)
+        r_BSR = nn.functional.linear(x_BSD, self.weight, self.bias)
+        full = r_BSR.new_zeros(b, s, self.n_heads * self.head_dim)
+        full = full.index_copy(-1, self.positions, r_BSR).reshape(b, s, self.n_heads, self.head_dim)
         return full if self.layout == "BSHD" else full.transpose(1, 2)
 
 
 class RopeKeyProjection(RopeProjection):
-    """x_BSD → k_rope_full in the model's pre-RoPE key layout, kept dims filled, others 0."""
+    """x_BSD → the kept slots' (mixed) keys in the model's pre-RoPE key layout, others 0: slot
+    (k, j) sits in kv head j's pair-k dims (RoPE turns that pair of every head alike)."""
 
     def __init__(self, plan: SitePlan):
-        super().__init__(plan.n_kv_heads, plan.head_dim, plan.hidden, plan.rope_dims, plan.key_raw_layout,
+        positions = [j * plan.head_dim + d for k, j in plan.rope_slots for d in plan.rope_pairs[k]]
+        super().__init__(plan.n_kv_heads, plan.head_dim, plan.hidden, positions, plan.key_raw_layout,
                          bool(plan.key_bias))
 
 
@@ -61,7 +66,7 @@ class LatentAttention(nn.Module):
         super().__init__()
         self.plan = plan
         p = plan
-        n_nope = p.head_dim - p.rope_width
+        n_nope = p.head_dim       # every dim scores unrotated too: the kept slots' share is projected out of it
         self.down = nn.Parameter(torch.zeros(p.latent_dim, p.hidden))
         self.up_key = nn.Parameter(torch.zeros(p.n_kv_heads, n_nope, p.latent_dim))
         self.up_value = nn.Parameter(torch.zeros(p.n_kv_heads, p.value_dim, p.latent_dim))
@@ -71,18 +76,21 @@ class LatentAttention(nn.Module):
         if p.key_norm:   # the unweighted k projection, to compute each token's RMS scale
             self.key_norm_weight = nn.Parameter(torch.zeros(p.n_kv_heads * p.head_dim, p.hidden))
             self.key_norm_bias = nn.Parameter(torch.zeros(p.n_kv_heads * p.head_dim)) if p.key_norm_bias else None
-        rope = torch.tensor(p.rope_dims, dtype=torch.long).reshape(p.n_kv_heads, p.rope_width)
-        nope = torch.tensor([[d for d in range(p.head_dim) if d not in set(dims)] for dims in
-                             rope.tolist()], dtype=torch.long).reshape(p.n_kv_heads, n_nope)
+        # U_k per rotary pair (columns: the mixed components), saved: recovery replays the original's keys through it
+        self.register_buffer("rope_mix", torch.eye(p.n_kv_heads).repeat(len(p.rope_pairs), 1, 1))
+        slot_dims = [d for k, _ in p.rope_slots for d in p.rope_pairs[k]]
+        slot_heads = [j for _, j in p.rope_slots for _ in range(2)]
+        # the query's rope part: slot (k, j) reads head h's rotated pair k times U_k[g(h), j] (trainable)
+        self.rope_query_mix = nn.Parameter(torch.zeros(p.n_heads, p.rope_width)) if p.rope_width else None
         kv_map = torch.tensor(p.kv_head_of_query, dtype=torch.long)
-        rotated_q = torch.zeros(p.n_heads, p.head_dim, dtype=torch.bool)
-        for h, j in enumerate(p.kv_head_of_query):
-            rotated_q[h, rope[j]] = True
-        for name, t in (("rope_dims", rope), ("nope_dims", nope), ("kv_head_of_query", kv_map),
-                        ("query_rope_dims", rope[kv_map]), ("query_nope_dims", nope[kv_map]),
-                        ("query_rotated", rotated_q)):
+        for name, t in (("rope_value_dims", torch.tensor(slot_dims, dtype=torch.long)),
+                        ("rope_value_heads", torch.tensor(slot_heads, dtype=torch.long)),
+                        ("rope_key_positions", torch.tensor([j * p.head_dim + d for d, j in zip(slot_dims, slot_heads)],
+                                                            dtype=torch.long)),
+                        ("kv_head_of_query", kv_map),
+                        ("query_nope_dims", torch.arange(p.head_dim).repeat(p.n_heads, 1))):
             self.register_buffer(name, t, persistent=False)
-        if p.nope_pairs:     # per query head and nope dim: (self, partner) coefficients; identity = (1, 0)
+        if p.nope_pairs:     # per query head and dim: (self, partner) coefficients; identity = (1, 0)
             partner = torch.arange(n_nope).repeat(p.n_heads, 1)
             for h, _, i0, i1 in self.dropped_pair_positions():
                 partner[h, i0], partner[h, i1] = i1, i0
@@ -106,33 +114,48 @@ class LatentAttention(nn.Module):
 
     # -- pieces -------------------------------------------------------------------------------
     def split_query(self, query_raw, query):
-        """Partial RoPE on q: kept pairs from the rotated query, the rest from the raw one."""
-        q_raw = query_raw if self.plan.query_raw_layout == "BHSD" else query_raw.transpose(1, 2)
-        q = torch.where(self.query_rotated[None, :, None, :], query, q_raw)
-        b, h, s, _ = q.shape
-        q_nope = q.gather(-1, self.query_nope_dims[None, :, None, :].expand(b, h, s, -1))
-        q_rope = q.gather(-1, self.query_rope_dims[None, :, None, :].expand(b, h, s, -1))
+        """Partial RoPE on q: every dim unrotated (the nope part), and the kept slots' rotated pairs
+        weighted by the mixing (the rope part)."""
+        q_nope = query_raw if self.plan.query_raw_layout == "BHSD" else query_raw.transpose(1, 2)
         if self.query_nope_mix is not None:        # the fitted map standing in for dropped rotations
+            b, h, s, _ = q_nope.shape
             partner = q_nope.gather(-1, self.query_nope_partner[None, :, None, :].expand(b, h, s, -1))
             q_nope = q_nope * self.query_nope_mix[:, None, :, 0] + partner * self.query_nope_mix[:, None, :, 1]
-        return q_nope, q_rope
+        return q_nope, self.rope_query_of(query)
+
+    def rope_query_of(self, query_BHSD):
+        """The model's rotated query [B, H, S, Dh] → its rope part over the kept slots [B, H, S, 2S]."""
+        if self.rope_query_mix is None:
+            b, h, s, _ = query_BHSD.shape
+            return query_BHSD.new_zeros(b, h, s, 0)
+        return query_BHSD.index_select(-1, self.rope_value_dims) * self.rope_query_mix[None, :, None, :]
 
     def dropped_pair_positions(self) -> list[tuple[int, int, int, int]]:
-        """(query head, index into ``plan.nope_pairs``, position of its two dims among the head's
-        nope dims) for every rotary pair that head's kv head no longer rotates."""
-        out = []
-        for h, dims in enumerate(self.query_nope_dims.tolist()):
-            where = {d: i for i, d in enumerate(dims)}
-            out += [(h, k, where[d0], where[d1]) for k, (d0, d1) in enumerate(self.plan.nope_pairs or [])
-                    if d0 in where and d1 in where]
-        return out
+        """(query head, index into ``plan.nope_pairs``, its two dims) for every rotary pair that
+        head's kv head no longer rotates (unmixed slots: slot (k, j) is kv head j's pair k)."""
+        kept = {tuple(slot) for slot in self.plan.rope_slots}
+        return [(h, k, d0, d1) for h, j in enumerate(self.plan.kv_head_of_query)
+                for k, (d0, d1) in enumerate(self.plan.nope_pairs or []) if (k, j) not in kept]
 
     def rope_keys(self, key_rope_full_BHkvSD, like_BSD):
+        """The model's RoPE of ``rope_key(x)`` → the kept slots' rotated keys [B, 1, S, 2S]."""
         if key_rope_full_BHkvSD is None:
             b, s = like_BSD.shape[:2]
-            return like_BSD.new_zeros(b, self.plan.n_kv_heads, s, 0)
-        b, j, s, _ = key_rope_full_BHkvSD.shape
-        return key_rope_full_BHkvSD.gather(-1, self.rope_dims[None, :, None, :].expand(b, j, s, -1))
+            return like_BSD.new_zeros(b, 1, s, 0)
+        b, j, s, d = key_rope_full_BHkvSD.shape
+        flat = key_rope_full_BHkvSD.transpose(1, 2).reshape(b, s, j * d)
+        return flat.index_select(-1, self.rope_key_positions)[:, None]
+
+    def mix_keys(self, key_BHkvSD):
+        """The original's keys [B, Hkv, S, Dh] with each rotary pair mixed across kv heads (U_kᵀ k^(k)),
+        laid out as ``rope_key``'s output: what ``rope_keys`` reads (rotation commutes with the mix)."""
+        pairs = torch.tensor(self.plan.rope_pairs, dtype=torch.long, device=key_BHkvSD.device).reshape(-1)
+        if pairs.numel() == 0:
+            return key_BHkvSD
+        b, j, s, _ = key_BHkvSD.shape
+        vals = key_BHkvSD.index_select(-1, pairs).reshape(b, j, s, -1, 2)                 # [B,Hkv,S,P,2]
+        mixed = torch.einsum("bgspd,pgj->bjspd", vals, self.rope_mix.to(vals.dtype))
+        return key_BHkvSD.index_copy(-1, pairs, mixed.reshape(b, j, s, -1))
 
     def key_scale(self, x_BSD):
         """rsqrt(mean(t²) + eps) of the pre-norm key, per token and group → [B, G, S] (float32 math)."""
@@ -159,7 +182,8 @@ class LatentAttention(nn.Module):
                "rope_key": self.rope_keys(key_rope_full, x_BSD)}                      # [B, Hkv, S, R]
         if p.key_norm:
             new["key_scale"] = self.key_scale(x_BSD)                                  # [B, G, S]
-            new["rope_key"] = new["rope_key"] * new["key_scale"].expand(-1, p.n_kv_heads, -1)[..., None]
+            scale = new["key_scale"].expand(-1, p.n_kv_heads, -1).index_select(1, self.rope_value_heads)  # [B,2S,S]
+            new["rope_key"] = new["rope_key"] * scale.transpose(1, 2)[:, None]
         cached = len(past) > 0
         kinds = self.cache_kinds
         if cached:
@@ -172,7 +196,7 @@ class LatentAttention(nn.Module):
                 new[kind] = update_cache(old, new[kind], cache_time_axis(kind), write_index)
         if "rope_key" not in p.cache_kinds:            # no rope keys: zero-width over all keys
             latent = new["latent"]
-            new["rope_key"] = latent.new_zeros(latent.shape[0], p.n_kv_heads, latent.shape[1], 0)
+            new["rope_key"] = latent.new_zeros(latent.shape[0], 1, latent.shape[1], 0)
         return new, cached
 
     def absorbed_projections(self, x_BSD, query_rope_full, new: dict, mask, cached: bool):
@@ -182,7 +206,7 @@ class LatentAttention(nn.Module):
         b, s = x_BSD.shape[:2]
         q_latent = self.query_latent(x_BSD).reshape(b, s, p.n_heads, -1).transpose(1, 2)        # [B,H,S,C], scaled
         if self.rope_query is not None:        # the model's RoPE of rope_query(x), heads first like its core's query
-            q_rope = query_rope_full.gather(-1, self.query_rope_dims[None, :, None, :].expand(b, p.n_heads, s, -1))
+            q_rope = self.rope_query_of(query_rope_full)
         else:
             q_rope = q_latent.new_zeros(b, p.n_heads, s, 0)
         out_latent = latent_mqa(q_latent, q_rope, new["latent"], new["rope_key"], mask, p.is_causal and not cached,

@@ -12,7 +12,7 @@ from ..config import MLAConfig
 from ..frontend.match import AttentionSite
 from ..modules.latent_attention import LatentAttention
 from ..modules.site_plan import SitePlan
-from .choose import PlanError, nope_maps, plan_site
+from .choose import PlanError, nope_maps, plan_site, rope_mixing
 from .initialise import initialise
 
 
@@ -40,5 +40,6 @@ def site_module(site: AttentionSite, plan: SitePlan, like: torch.Tensor, config:
         site_stats = stats.sites[site.index] if stats is not None else None
         gram = site_stats.gram if site_stats is not None and config.needs_gram else None
         initialise(module, site, gram=gram, damping=config.damping, activation_aware=config.activation_aware,
-                   refit=config.refit, nope_maps=nope_maps(site, config, stats))
+                   refit=config.refit, nope_maps=nope_maps(site, config, stats),
+                   rope_mix=rope_mixing(site, stats, plan.rope_mixed))
     return module

@@ -3,8 +3,10 @@
 Observers are spliced into a copy of the graph after the nodes of interest (no model hooks),
 reduce each batch to running sums, and keep nothing else, so memory stays bounded:
 - rotary pair norms of the raw (pre-RoPE) q and k, for ``rope_strategy="2-norm"``;
-- per rotary pair, the attention-score error of dropping its rotation (and the score energy it
-  carries), for ``rope_strategy="score-error"`` and ``kv_budget``;
+- per query head, rotary pair and pair of kv heads, the moments that give the attention-score
+  error of dropping any mixed rope slot's rotation (and the score energy it carries), plus the
+  keys' second moment across kv heads per pair (the mixing), for ``rope_strategy="score-error"``,
+  ``rope_mix`` and ``kv_budget``;
 - per query head and rotary pair, the moments that fit the map replacing a dropped pair's
   rotation (``math.nope_fit``), uniform or attention-weighted, for ``nope_fit``;
 - the Gram matrix Σ x xᵀ of the K/V projections' input, for activation-aware SVD.
@@ -20,7 +22,7 @@ import torch.fx as fx
 from ..frontend.match import AttentionSite
 from ..graph import clone_graph_module, insert_observer, run_on_tokens
 from ..math.nope_fit import WEIGHTINGS, pair_fit_moments
-from ..math.rope import causal_pairs, pair_norms, pair_score_errors
+from ..math.rope import causal_pairs, key_mix_moments, pair_norms, slot_errors, slot_score_moments
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +35,9 @@ class SiteStats:
     tokens: int = 0
     pair_score_error: torch.Tensor | None = None     # [Hkv, P], mean over causal token pairs, Σ over the group
     pair_score_energy: torch.Tensor | None = None    # [Hkv, P], mean (q_rot·k_rot)² of each pair, same averaging
+    slot_score_error: torch.Tensor | None = None     # [H, P, Hkv, Hkv], ``math.rope.slot_score_moments``, same averaging
+    slot_score_energy: torch.Tensor | None = None    # [H, P, Hkv, Hkv]
+    key_mix_moments: torch.Tensor | None = None      # [P, Hkv, Hkv], mean over tokens of k_g^(k)·k_g'^(k)
     nope_moments: dict[str, torch.Tensor] = field(default_factory=dict)   # weighting → [H, P, 3, 3], weighted mean
 
 
@@ -91,8 +96,8 @@ class _ScoreErrorCollector:
         self.layouts = {"query_raw": site.raw_layouts["query"], "key_raw": site.raw_layouts["key"],
                         "query": "BHSD", "key": "BHSD"}
         self.pending: dict[str, torch.Tensor] = {}
-        self.error = self.energy = None
-        self.count = 0
+        self.error = self.energy = self.key_moments = None
+        self.count = self.tokens = 0
 
     def put(self, name: str, t: torch.Tensor) -> None:
         self.pending[name] = t if self.layouts[name] == "BHSD" else t.transpose(1, 2)
@@ -100,10 +105,13 @@ class _ScoreErrorCollector:
             return
         p = self.pending
         if self.score_error:
-            err, energy = pair_score_errors(p["query_raw"], p["query"], p["key_raw"], p["key"], self.pairs, self.kv_map)
+            err, energy = slot_score_moments(p["query_raw"], p["query"], p["key_raw"], p["key"], self.pairs)
+            moments = key_mix_moments(p["key"], self.pairs)       # rotation keeps the cross-head products
             self.error = err if self.error is None else self.error + err
             self.energy = energy if self.energy is None else self.energy + energy
+            self.key_moments = moments if self.key_moments is None else self.key_moments + moments
             self.count += causal_pairs(p["key"].shape[0], p["key"].shape[2])
+            self.tokens += p["key"].shape[0] * p["key"].shape[2]
         for w in self.weightings:
             m, total = pair_fit_moments(p["query_raw"], p["query"], p["key_raw"], p["key"], self.pairs, self.kv_map,
                                         w, self.scale, self.softcap)
@@ -111,8 +119,13 @@ class _ScoreErrorCollector:
             self.weight_totals[w] += total
         self.pending = {}
 
-    def means(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.error / max(self.count, 1), self.energy / max(self.count, 1)
+    def fill(self, s: SiteStats) -> None:
+        """The means of the slot moments into ``s``, and their unmixed (per kv head) totals."""
+        s.slot_score_error, s.slot_score_energy = self.error / max(self.count, 1), self.energy / max(self.count, 1)
+        s.key_mix_moments = self.key_moments / max(self.tokens, 1)
+        eye = torch.eye(s.key_mix_moments.shape[-1], dtype=torch.float64).expand_as(s.key_mix_moments)
+        s.pair_score_error = slot_errors(s.slot_score_error, eye, self.kv_map).T.contiguous()
+        s.pair_score_energy = slot_errors(s.slot_score_energy, eye, self.kv_map).T.contiguous()
 
 
 class _SlotObserver(torch.nn.Module):
@@ -170,7 +183,7 @@ def collect(gm: fx.GraphModule, sites: list[AttentionSite], tokens, takes_positi
         if site.index in collectors:
             c = collectors[site.index]
             if score_error:
-                s.pair_score_error, s.pair_score_energy = c.means()
+                c.fill(s)
             s.nope_moments = {w: m / max(c.weight_totals[w], 1.0) for w, m in c.moments.items()}
         stats.sites[site.index] = s
     return stats

@@ -214,8 +214,9 @@ def _converted_inputs(mla: MLAModel, module: LatentAttention, tokens: torch.Tens
 
 
 def _replayed_rope_keys(module: LatentAttention, rec: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """The module's rope-key input, from the original's rotated keys (exact: the rope-key rows
-    are the original key's; normalised keys are un-scaled, the module scales them itself)."""
+    """The module's rope-key input, from the original's rotated keys mixed across kv heads (exact:
+    the rope-key rows are the original key's, mixed by ``rope_mix``, and RoPE commutes with the
+    mix; normalised keys are un-scaled, the module scales them itself)."""
     if module.rope_key is None:
         return None
     key = rec["key_head"]
@@ -223,7 +224,8 @@ def _replayed_rope_keys(module: LatentAttention, rec: dict[str, torch.Tensor]) -
         with torch.no_grad():
             scale = module.key_scale(rec["x"].to(module.down.device)).to(key.device)
         key = key / scale.expand(-1, module.plan.n_kv_heads, -1)[..., None]
-    return key
+    with torch.no_grad():
+        return module.mix_keys(key.to(module.rope_mix.device)).to(key.device)
 
 
 def _fit_site(module: LatentAttention, rec: dict[str, torch.Tensor], config: RecoveryConfig) -> tuple[float, float]:

@@ -42,7 +42,7 @@ def make(b, h, hkv, c, r, t, dtype, seed=0, t_max=None):
     q = torch.randn(b, h, c, generator=g).to(dtype)
     qr = torch.randn(b, h, r, generator=g).to(dtype)
     lat = torch.randn(b, t_max, c, generator=g).to(dtype)[:, :t]
-    rk = torch.randn(b, hkv, t_max, r, generator=g).to(dtype)[:, :, :t]
+    rk = torch.randn(b, 1, t_max, r, generator=g).to(dtype)[:, :, :t]
     return on(q, qr, lat, rk)
 
 
@@ -136,7 +136,7 @@ def test_absorbed_glue_matches_model_math(dtype):
     g = torch.Generator().manual_seed(11)
     b, h, hkv, n, r, v, c, t = 3, 6, 2, 12, 4, 16, 24, 37
     rnd = lambda *s: torch.randn(*s, generator=g).to(dtype).to(DEVICE)  # noqa: E731
-    q_nope, q_rope, latent, k_rope = rnd(b, h, 1, n), rnd(b, h, 1, r), rnd(b, t, c), rnd(b, hkv, t, r)
+    q_nope, q_rope, latent, k_rope = rnd(b, h, 1, n), rnd(b, h, 1, r), rnd(b, t, c), rnd(b, 1, t, r)
     up_k, up_v, b_k, b_v = rnd(hkv, n, c), rnd(hkv, v, c), rnd(hkv, n), rnd(hkv, v)
     key_scale, = on((torch.rand(b, hkv, t, generator=g) + 0.5).to(dtype))
     kv_heads = [i // 3 for i in range(h)]
