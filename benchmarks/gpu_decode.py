@@ -52,10 +52,11 @@ class LayerShape:
 
     @property
     def rope_width(self) -> int:
-        return 2 * self.rope_freqs
+        """Shared rope slots' values: Hkv · rope_freqs slots, 2 values each, one set for every head."""
+        return 2 * self.rope_freqs * self.kv_heads
 
     def cache_values(self) -> int:
-        return self.latent + self.kv_heads * self.rope_width
+        return self.latent + self.rope_width
 
     def original_values(self) -> int:
         return 2 * self.kv_heads * self.head_dim
@@ -84,7 +85,7 @@ def smoke_check() -> None:
     from mla_pass.kernels import DecodeKernelConfig, decode_attention, decode_attention_reference
     g = torch.Generator().manual_seed(0)
     q, qr = torch.randn(2, 9, 24, generator=g), torch.randn(2, 9, 8, generator=g)
-    lat, rk = torch.randn(2, 100, 24, generator=g), torch.randn(2, 3, 100, 8, generator=g)
+    lat, rk = torch.randn(2, 100, 24, generator=g), torch.randn(2, 1, 100, 8, generator=g)
     lengths, start = torch.tensor([100, 61]), torch.tensor([0, 7])
     out = decode_attention(q, qr, lat, rk, 0.125, lengths, start_B=start, config=DecodeKernelConfig(num_splits=3))
     err = (out - decode_attention_reference(q, qr, lat, rk, 0.125, lengths, start_B=start)).abs().max().item()
@@ -96,11 +97,11 @@ def smoke_check() -> None:
 def make_inputs(s: LayerShape, b: int, t: int, dtype, device):
     g = torch.Generator(device=device).manual_seed(0)
     rnd = lambda *shape: torch.randn(*shape, generator=g, device=device, dtype=dtype)  # noqa: E731
-    n_nope = s.head_dim - s.rope_width
+    n_nope = s.head_dim                    # every dim scores unrotated too (the kept slots are projected out)
     return dict(
         q=rnd(b, s.heads, 1, s.head_dim), k=rnd(b, s.kv_heads, t, s.head_dim), v=rnd(b, s.kv_heads, t, s.head_dim),
         q_nope=rnd(b, s.heads, 1, n_nope), q_rope=rnd(b, s.heads, 1, s.rope_width), latent=rnd(b, t, s.latent),
-        rope_key=rnd(b, s.kv_heads, t, s.rope_width), up_key=rnd(s.kv_heads, n_nope, s.latent) * s.latent ** -0.5,
+        rope_key=rnd(b, 1, t, s.rope_width), up_key=rnd(s.kv_heads, n_nope, s.latent) * s.latent ** -0.5,
         up_value=rnd(s.kv_heads, s.head_dim, s.latent) * s.latent ** -0.5,
         kv=torch.arange(s.heads, device=device) // (s.heads // s.kv_heads),
         mask=torch.ones(b, 1, 1, t, dtype=torch.bool, device=device))

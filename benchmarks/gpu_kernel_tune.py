@@ -61,7 +61,7 @@ def main(argv=None) -> int:
             q_lat = latent_query(x["q_nope"], x["up_key"], x["kv"])[:, :, 0].contiguous()
             q_rope = x["q_rope"][:, :, 0].contiguous()
             ref = decode_attention_reference(q_lat[:1], q_rope[:1], x["latent"][:1], x["rope_key"][:1], 0.125)
-            nbytes = 2 * b * t * (s.latent + s.kv_heads * s.rope_width)
+            nbytes = 2 * b * t * (s.latent + s.rope_width)
             timed, failed = [], 0
             for cfg in [DecodeKernelConfig()] + candidates(s.latent, rng, args.trials):
                 def run(cfg=cfg):

@@ -89,6 +89,8 @@ def main() -> None:
     parser.add_argument("--merge", nargs="+", default=None, help="quality.json files of earlier runs: write their "
                         "rows as one table and plot (nothing is measured)")
     parser.add_argument("--passkey", action="store_true", help="passkey retrieval at 1k and 2k tokens (slow)")
+    parser.add_argument("--probe", action="store_true", help="also the rope part alone at full-rank latent: per-kv-head "
+                        "pairs vs shared mixed slots at several cache sizes")
     parser.add_argument("--ablation", action="store_true", help="also one row per training-free choice at "
                         "31.25%% of the cache (d_kv=32, r=4 and d_kv=16, r=12)")
     parser.add_argument("--threads", type=int, default=1)
@@ -144,6 +146,8 @@ def main() -> None:
         fraction = n_kv * (d + 2 * r) / per_layer
         label = f"d_kv={d}, r={r} / kv_budget={fraction:g}"
         recipes = [("MHA2MLA (2-norm + weight-only joint SVD)", MLAConfig.mha2mla(d, r)),
+                   ("per-kv-head pairs + fitted map (the default before shared slots)",
+                    MLAConfig(d_kv=d, rope_freqs=r, rope_mix="none")),
                    ("project default, fixed d_kv and r", MLAConfig(d_kv=d, rope_freqs=r)),
                    ("project default, kv_budget (split chosen per layer)", MLAConfig(kv_budget=fraction))]
         if args.recovered_only:
@@ -164,6 +168,15 @@ def main() -> None:
             if chosen and d in recover_at and (args.recover_steps > 0 or args.distill_minutes > 0):
                 rows.append(_recovered(args, mla, model, tok, calibration, label, original_bytes, measure, run_passkey))
                 print(_row_line(rows[-1]), flush=True)
+    if args.probe:
+        for name, config in _probe(r):
+            t0 = time.perf_counter()
+            mla = build(capture(model), config, stats=stats, progress=False)
+            q = text_quality(mla, ids, reference=model)
+            rows.append(Row(name, "rope only (full-rank latent)", mla.kv_cache_bytes_per_token(),
+                            mla.kv_cache_bytes_per_token() / original_bytes, q.perplexity, q.agreement, q.kl,
+                            time.perf_counter() - t0))
+            print(_row_line(rows[-1]), flush=True)
     if args.ablation:
         for name, config in _ablation():
             t0 = time.perf_counter()
@@ -352,9 +365,24 @@ def _from_start(args, out: Path) -> None:
     _write(rows, header, False, out)
 
 
+def _probe(r: int) -> list[tuple[str, MLAConfig]]:
+    """The rope part's loss alone (latent at full rank, so it is exact): MHA2MLA-style pairs per kv
+    head against shared slots mixed across kv heads, at 2·Hkv·r values and half and double that."""
+    unmixed = dict(rope_mix="none", nope_fit="none")
+    return [
+        (f"{r} fastest pairs per kv head", MLAConfig(rope_freqs=r, rope_strategy="high", **unmixed)),
+        (f"best {r} pairs per kv head by score error", MLAConfig(rope_freqs=r, rope_strategy="score-error", **unmixed)),
+        ("the same + fitted map", MLAConfig(rope_freqs=r, rope_strategy="score-error", rope_mix="none")),
+        (f"mixed slots, best {r // 2 * 3}", MLAConfig(rope_freqs=r // 2, rope_mix="pca")),
+        (f"mixed slots, best {r * 3}", MLAConfig(rope_freqs=r, rope_mix="pca")),
+        (f"mixed slots, best {r * 6}", MLAConfig(rope_freqs=2 * r, rope_mix="pca")),
+        (f"{2 * r} fastest pairs per kv head", MLAConfig(rope_freqs=2 * r, rope_strategy="high", **unmixed)),
+    ]
+
+
 def _ablation() -> list[tuple[str, MLAConfig]]:
     """What each training-free choice buys at one cache size (120 values per token and layer)."""
-    aware = dict(activation_aware=True)
+    aware = dict(activation_aware=True, rope_mix="none")
     return [
         ("MHA2MLA d_kv=32, r=4 + least-squares refit", MLAConfig(d_kv=32, rope_freqs=4, rope_strategy="2-norm",
                                                                   activation_aware=False, refit=True)),
@@ -368,6 +396,9 @@ def _ablation() -> list[tuple[str, MLAConfig]]:
                                                                  **aware)),
         ("score-error + activation-aware SVD, d_kv=16, r=12", MLAConfig(d_kv=16, rope_freqs=12,
                                                                         rope_strategy="score-error", **aware)),
+        ("mixed slots (pca), d_kv=32, 12 slots", MLAConfig(d_kv=32, rope_freqs=4, activation_aware=True)),
+        ("mixed slots (pca), d_kv=28, 18 slots", MLAConfig(d_kv=28, rope_freqs=6, activation_aware=True)),
+        ("mixed slots (pca), d_kv=24, 24 slots", MLAConfig(d_kv=24, rope_freqs=8, activation_aware=True)),
     ]
 
 

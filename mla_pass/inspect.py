@@ -32,10 +32,12 @@ def format_table(rows: list[SiteReport], dtype: torch.dtype = torch.float16) -> 
     """One line per site; cache sizes in bytes per token at ``dtype`` (named in the header)."""
     tag = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype, str(dtype))
     head = ["layer", "heads", "kv", "head_dim", "rope", "pairs", "gqa", "bias", "fused", f"KV B/tok ({tag})",
-            f"MLA B/tok ({tag})", "note"]
+            "rope slots", "latent", f"MLA B/tok ({tag})", "note"]
     body = [[r.layer, r.n_heads, r.n_kv_heads, r.head_dim, r.rope_layout, r.rotary_pairs, r.gqa_form,
              "yes" if r.qkv_bias else "no", "yes" if r.fused_qkv else "no",
              kv_bytes_per_token([r], dtype, original=True),
+             "-" if r.rope_slots is None else f"{r.rope_slots} {'mixed' if r.rope_mixed else 'per kv head'}",
+             "-" if r.latent_dim is None else r.latent_dim,
              "-" if r.converted_values_per_token is None else kv_bytes_per_token([r], dtype), r.note]
             for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]

@@ -10,8 +10,8 @@ step over an explicit cache::
 
 Cache shapes are lists whose symbolic entries are ``"batch"`` and ``"past"`` (``"past"`` sits at
 ``time_axis``); every other entry is a fixed size. The MLA export has per attention site
-``past_key_values.{i}.latent [B,T,C]`` and ``past_key_values.{i}.rope_key [B,Hkv,T,2r]``; the
-export of an unconverted model has ``past_key_values.{i}.key|value [B,Hkv,T,D]``: the runtime
+``past_key_values.{i}.latent [B,T,C]`` and ``past_key_values.{i}.rope_key [B,1,T,2S]`` (S rope
+slots shared by every head); the export of an unconverted model has ``past_key_values.{i}.key|value [B,Hkv,T,D]``: the runtime
 treats both alike. With ``cache_update="in_place"`` the past inputs are instead preallocated
 buffers (any length ≥ T+S) that the program updates at index T and returns as present (see the
 field). ``files`` holds the SHA-256 of every other file in the folder, so a corrupted

@@ -91,7 +91,7 @@ def test_manifest_describes_the_compressed_cache(mla_folder):
     assert first.input == "past_key_values.0.latent" and first.output == "present.0.latent"
     assert first.shape == ["batch", "past", mla.plans[0].latent_dim]
     rope = manifest.cache[1]
-    assert rope.shape == ["batch", 2, "past", 6] and rope.time_axis == 2
+    assert rope.shape == ["batch", 1, "past", 12] and rope.time_axis == 2
     assert manifest.kv_cache_bytes_per_token() == mla.kv_cache_bytes_per_token(dtype=torch.float32)
     assert manifest.mla_config["d_kv"] == 6
     session = _session(folder)

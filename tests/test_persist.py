@@ -172,3 +172,30 @@ def test_a_save_killed_at_any_step_leaves_one_whole_checkpoint(tmp_path, point, 
         want = dict(old.program.named_parameters())
         assert all(torch.equal(p, want[n]) for n, p in params.items())
     assert not [f.name for f in path.iterdir() if f.name.endswith(".pending")]
+
+
+def test_mixed_rope_slots_round_trip_bit_exact(tmp_path):
+    """The default with calibration mixes rotary pairs across kv heads: U (``rope_mix``) and the
+    query's slot weights are saved, and the loaded model is the same function."""
+    model = tiny_llama(n_kv=2)
+    calibration = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    mla = mla_pass.convert(model, mla_pass.MLAConfig(d_kv=6, rope_freqs=2), calibration=calibration, progress=False)
+    assert all(p.rope_mixed for p in mla.plans.values())
+    mla.save(tmp_path / "m")
+    mla2 = mla_pass.load(tmp_path / "m")
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(mla(ids), mla2(ids))
+    assert mla2.plans == mla.plans
+    assert torch.equal(mla2.program.get_submodule("mla.0").rope_mix, mla.program.get_submodule("mla.0").rope_mix)
+
+
+def test_a_checkpoint_in_the_retired_per_kv_head_layout_is_refused(saved, tmp_path):
+    path = _copy(saved[1], tmp_path / "old")
+    meta = json.loads((saved[1] / "mla_config.json").read_text())
+    for plan in meta["plans"]:          # what an earlier version wrote: rotated dims per kv head
+        plan["rope_dims"] = plan.pop("rope_pairs")[:plan["n_kv_heads"]]
+        del plan["rope_slots"], plan["rope_mixed"]
+    (path / "mla_config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="saved by an earlier mla-pass.*convert the source model again"):
+        mla_pass.load(path)

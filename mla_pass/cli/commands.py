@@ -38,7 +38,8 @@ def _config_from_args(args):
     from ..config import MLAConfig
     return MLAConfig(d_kv=args.d_kv, rope_freqs=args.rope_freqs, rope_strategy=args.rope_strategy,
                      svd=args.svd, activation_aware=args.activation_aware, best_effort=args.best_effort,
-                     kv_budget=args.kv_budget, refit=args.refit, nope_fit=args.nope_fit)
+                     kv_budget=args.kv_budget, refit=args.refit, nope_fit=args.nope_fit,
+                     rope_mix=args.rope_mix)
 
 
 def _calibration_tokens(tokenizer, cache_dir, windows: int = 8, length: int = 512):
@@ -230,7 +231,8 @@ def cmd_generate(args) -> int:
 
 def _add_mla_options(p):
     p.add_argument("--d-kv", type=int, default=None, help="latent width per kv head (default: full rank)")
-    p.add_argument("--rope-freqs", type=int, default=None, help="rotary pairs kept per head (default: all)")
+    p.add_argument("--rope-freqs", type=int, default=None, help="rotated cache part, in rotary pairs per kv head: "
+                   "each layer keeps n_kv_heads × this many rope slots (default: all)")
     p.add_argument("--rope-strategy", default="auto", choices=["auto", "high", "low", "uniform", "2-norm", "score-error"],
                    help="auto (default): score-error when the model folder has a tokenizer (calibration), else high")
     p.add_argument("--svd", default="joint", choices=["joint", "split"])
@@ -240,6 +242,9 @@ def _add_mla_options(p):
     p.add_argument("--best-effort", action="store_true", help="leave unsupported sites untouched instead of failing")
     p.add_argument("--kv-budget", type=float, default=None, help="fraction of the KV cache to keep, split per "
                    "layer between rotary pairs and latent width (instead of --d-kv)")
+    p.add_argument("--rope-mix", default="auto", choices=["auto", "pca", "none"],
+                   help="pca: mix each rotary pair across kv heads and keep the best slots anywhere (the default with "
+                   "calibration); none: pairs per kv head, as MHA2MLA")
     p.add_argument("--refit", action="store_true", help="least-squares refit of the up-projections on calibration "
                    "activations")
     p.add_argument("--nope-fit", default="auto", choices=["auto", "none", "uniform", "attention", "attention-centered"],

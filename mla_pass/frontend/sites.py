@@ -71,7 +71,9 @@ def report_row(site: AttentionSite, plan: SitePlan | None, note: str = "") -> Si
         head_dim=site.head_dim, rope_layout=site.rope.layout, rotary_pairs=site.rope.n_pairs,
         gqa_form=site.gqa_form, qkv_bias=site.weights.b_key is not None or site.weights.b_value is not None,
         fused_qkv=site.fused_qkv, original_values_per_token=site.n_kv_heads * (site.head_dim + site.value_dim),
-        converted_values_per_token=None if plan is None else plan.cached_values_per_token, note=note)
+        converted_values_per_token=None if plan is None else plan.cached_values_per_token,
+        rope_slots=None if plan is None else len(plan.rope_slots), rope_mixed=bool(plan and plan.rope_mixed),
+        latent_dim=None if plan is None else plan.latent_dim, note=note)
 
 
 def refusal_row(e: SiteError) -> SiteReport:
@@ -97,6 +99,9 @@ class SiteReport:
     original_values_per_token: int
     converted_values_per_token: int | None      # None: left untouched
     note: str = ""
+    rope_slots: int | None = None               # kept rope slots (2 cached values each); None: not converted
+    rope_mixed: bool = False                    # the slots mix each rotary pair across kv heads
+    latent_dim: int | None = None
 
 
 def kv_bytes_per_token(rows: list[SiteReport], dtype: torch.dtype = torch.float16, *, original: bool = False) -> int:

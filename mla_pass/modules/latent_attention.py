@@ -217,7 +217,6 @@ class LatentAttention(nn.Module):
     def forward(self, x_BSD, query_raw, query, key_rope_full, mask, *past):
         """Without ``past``: out [B,H,S,Dv]. With the cache tensors of ``plan.cache_kinds``
         (each holding T earlier tokens): (out, *present) with T+S tokens each."""
-        p = self.plan
         new, cached = self.cache_update_of(x_BSD, key_rope_full, past)
         if self.query_latent is not None:
             out = self.absorbed_projections(x_BSD, query, new, mask, cached)
