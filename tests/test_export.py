@@ -69,7 +69,10 @@ def llama():
 
 @pytest.fixture(scope="module")
 def mla_folder(llama, tmp_path_factory):
-    mla = mla_pass.convert(llama, MLAConfig(d_kv=6, rope_freqs=3), progress=False)
+    """The default conversion with calibration: rope slots mixed across the kv heads."""
+    calibration = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    mla = mla_pass.convert(llama, MLAConfig(d_kv=6, rope_freqs=3), calibration=calibration, progress=False)
+    assert all(p.rope_mixed for p in mla.plans.values())
     return mla, to_onnx(mla, tmp_path_factory.mktemp("mla") / "out", max_length=128)
 
 

@@ -631,3 +631,41 @@ def test_softcap_left_padded_batch_equals_each_row_alone(cfg):
     batch = mla.generate(ids, max_new_tokens=5, attention_mask=mask, eos_token_id=None)
     alone = mla.generate(ids[1:, 3:], max_new_tokens=5, eos_token_id=None)
     assert batch[1, 7:].tolist() == alone[0, 4:].tolist()
+
+
+MIXED_FAMILIES = [f for f in FAMILIES if f.rotary_pairs and f.n_kv_heads > 1]
+
+
+@pytest.mark.parametrize("fam", MIXED_FAMILIES, ids=[f.name for f in MIXED_FAMILIES])
+def test_family_mixed_rope_slots(fam, monkeypatch):
+    """Rotary pairs mixed across kv heads (``rope_mix="pca"``, the default with calibration): with
+    every slot kept and full rank the logits are the original's under any orthogonal mixing (forced
+    on here, random: RoPE commutes with U_k); at reduced rank the absorbed and decompressed forms
+    agree, and so does the cached decode with the full forward."""
+    from mla_pass.plan import build as plan_build
+
+    model = build_hf(fam)
+    calibration = prompt((4, 16), VOCAB, seed=21)
+    real = plan_build.rope_mixing
+
+    def random_orthogonal(site, stats, mixed=True):
+        g = torch.Generator().manual_seed(site.index)
+        a = torch.randn(site.rope.n_pairs, site.n_kv_heads, site.n_kv_heads, generator=g, dtype=torch.float64)
+        return torch.linalg.qr(a).Q
+    monkeypatch.setattr(plan_build, "rope_mixing", random_orthogonal)
+    exact = mla_pass.convert(model, progress=False)
+    monkeypatch.setattr(plan_build, "rope_mixing", real)
+    mix = latent_modules(exact)[0].rope_mix
+    assert not torch.allclose(mix, torch.eye(mix.shape[-1]).expand_as(mix)), "the mixing was not applied"
+    ids = prompt((2, 6), VOCAB, seed=3)
+    with torch.no_grad():
+        assert_close(exact(ids), hf_logits(model, ids), f"{fam.name}: mixed slots, all kept, full rank")
+    mla = mla_pass.convert(model, MLAConfig(d_kv=D_KV, rope_freqs=ROPE_FREQS), calibration=calibration, progress=False)
+    assert all(p.rope_mixed for p in mla.plans.values()), mla.config
+    follow = prompt((2, DECODE_STEPS), VOCAB, seed=8)
+    absorbed = cached_logits(mla, ids, follow, "absorbed")
+    decompressed = cached_logits(mla, ids, follow, "decompressed")
+    assert_close(absorbed, decompressed, f"{fam.name}: mixed slots, absorbed vs decompressed")
+    with torch.no_grad():
+        full = mla(torch.cat([ids, follow], dim=1))
+    assert_close(decompressed, full, f"{fam.name}: mixed slots, cached decode vs full forward")
