@@ -60,9 +60,11 @@ def main() -> None:
     calibration = calibration_windows(tok, args.calibration_windows, 512)
     captured = capture(model)
     sites, _ = find_sites(captured)
+    config = MLAConfig(kv_budget=args.kv_budget)
+    fit = config.resolved(True).nope_fit
     stats = collect(captured.gm, sites, calibration, captured.takes_positions, rope_norms=True, gram=True,
-                    score_error=True, nope_moments=("attention-centered",))     # what the defaults fit
-    mla = build(capture(model), MLAConfig(kv_budget=args.kv_budget), stats=stats, progress=False)
+                    score_error=True, nope_moments=(fit,) if fit != "none" else ())     # what the defaults fit
+    mla = build(capture(model), config, stats=stats, progress=False)
     info["convert"] = {"cpu_seconds": time.process_time() - cpu0, "wall_seconds": time.perf_counter() - wall0}
     info["training_free"] = measure(mla)
     print("training-free:", json.dumps(info["training_free"]), flush=True)

@@ -68,7 +68,8 @@ def latent_mqa(q_latent_BHSC, q_rope_BHSR, latent_BTC, k_rope_B1TR, mask=None, i
     r = k_rope_B1TR.shape[-1]
     rope = None
     if r:
-        rope = (q_rope_BHSR.reshape(b, h * s, r) @ k_rope_B1TR[:, 0].transpose(1, 2)).reshape(b, h, s, t)
+        # reshape, not [:, 0]: in ONNX a Gather would copy the whole rope cache every step
+        rope = (q_rope_BHSR.reshape(b, h * s, r) @ k_rope_B1TR.reshape(b, t, r).transpose(1, 2)).reshape(b, h, s, t)
     bias = mask_bias(mask, is_causal, s, t, q_latent_BHSC.dtype, q_latent_BHSC.device)
     if latent_scale_BT is not None:
         return integer_latent_attention(q_latent_BHSC, latent_BTC, latent_scale_BT, rope, bias)
