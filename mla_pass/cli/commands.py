@@ -248,8 +248,9 @@ def _add_mla_options(p):
     p.add_argument("--refit", action="store_true", help="least-squares refit of the up-projections on calibration "
                    "activations")
     p.add_argument("--nope-fit", default="auto", choices=["auto", "none", "uniform", "attention", "attention-centered"],
-                   help="what scores a dropped rotary pair: a 2×2 query map fitted on calibration text, or none (its "
-                   "raw q·k); auto (default): attention-centered when the model folder has a tokenizer, else none")
+                   help="what scores a dropped rotary pair (unmixed slots, --rope-mix none): a 2×2 query map fitted on "
+                   "calibration text, or none (its raw q·k); auto (default): attention-centered when the folder has a "
+                   "tokenizer and the slots are unmixed, else none")
 
 
 def main(argv=None) -> int:
