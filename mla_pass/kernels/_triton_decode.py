@@ -40,9 +40,9 @@ def _dot(a, b, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
 def _split_kernel(
         Q, QR, LAT, RK, KVMAP, START, END, MASK, QB, KS,
         ACC, MAX, SUM, OUT,
-        H, HKV, C, R, T, scale, softcap,
+        H, C, R, T, scale, softcap,
         s_qb, s_qh, s_qc, s_qrb, s_qrh, s_qrr,
-        s_lb, s_lt, s_lc, s_rb, s_rj, s_rt, s_rr,
+        s_lb, s_lt, s_lc, s_rb, s_rt, s_rr,
         s_mb, s_mt, s_qbb, s_qbh, s_kb, s_kj, s_kt,
         s_ab, s_as, s_ah, s_ac, s_ob, s_oh, s_oc,
         NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,

@@ -193,7 +193,6 @@ def _launch(K, cfg, p, q_latent_BHC, q_rope_BHR, latent_BTC, rope_key_B1TR, scal
             key_mask_BT, kv_heads, softcap, q_bias_BH, key_scale_BHkvT) -> torch.Tensor:
     b, h, c = q_latent_BHC.shape
     t, r = latent_BTC.shape[1], rope_key_B1TR.shape[3]
-    hkv = max(kv_heads) + 1
     device = latent_BTC.device
 
     start = start_B.to(torch.int32).contiguous() if start_B is not None else None
@@ -220,8 +219,9 @@ def _launch(K, cfg, p, q_latent_BHC, q_rope_BHR, latent_BTC, rope_key_B1TR, scal
         mask if mask is not None else dummy, q_bias_BH if q_bias_BH is not None else dummy,
         key_scale_BHkvT if key_scale_BHkvT is not None else dummy,
         acc, m_ws, l_ws, out,
-        h, hkv, c, r, t, float(scale), float(softcap or 1.0),
-        *q_latent_BHC.stride(), *q_rope_BHR.stride(), *latent_BTC.stride(), *rope_key_B1TR.stride(),
+        h, c, r, t, float(scale), float(softcap or 1.0),
+        *q_latent_BHC.stride(), *q_rope_BHR.stride(), *latent_BTC.stride(),
+        rope_key_B1TR.stride(0), *rope_key_B1TR.stride()[2:],         # one shared rope head: no head stride
         *stride(mask, 2), *stride(q_bias_BH, 2), *stride(key_scale_BHkvT, 3),
         *(acc.stride() if p.num_splits > 1 else (0,) * 4), *out.stride(),
         NUM_SPLITS=p.num_splits, BLOCK_H=p.block_h, BLOCK_T=p.block_t, C_CHUNK=p.c_chunk, N_CHUNKS=p.n_chunks,
