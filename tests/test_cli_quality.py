@@ -140,3 +140,25 @@ def test_recover_distils_on_generated_text(folders, tmp_path, capsys):
     assert len(list((cache / "selfgen").glob("*.safetensors"))) == 1
     assert main([*args, "--out", str(tmp_path / "b")]) == 0          # the samples come from the cache
     assert "(cached)" in capsys.readouterr().out
+
+
+def test_recover_on_two_processes_matches_one(folders, tmp_path, capsys):
+    """`--nproc 2`: sites shared out in rounds, distillation batches split; the same model as one process
+    (layer-wise fits are the same arithmetic; the averaged gradients differ by float32 rounding)."""
+    _, mla = folders
+    common = ["--steps", "3", "--distill-steps", "3", "--distill-batch", "2", "--distill-windows", "4",
+              "--distill-length", "64", "--windows", "1", "--length", "32", "--autocast", "none"]
+    assert main(["recover", str(mla), "--out", str(tmp_path / "one"), *common]) == 0
+    assert main(["recover", str(mla), "--out", str(tmp_path / "two"), *common, "--nproc", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "recovering on 2 processes" in out
+    one, two = _tensors(tmp_path / "one"), _tensors(tmp_path / "two")
+    assert one.keys() == two.keys()
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+    with pytest.raises(SystemExit, match="multiple of 2"):
+        main(["recover", str(mla), "--out", str(tmp_path / "x"), "--distill-batch", "3", "--nproc", "2"])
+    with pytest.raises(SystemExit, match="--sequential"):
+        main(["recover", str(mla), "--out", str(tmp_path / "x"), "--sequential", "--nproc", "2"])
+    with pytest.raises(SystemExit, match=r"recovery process \d of 2 stopped \(exit code 1\).*--resume"):
+        main(["recover", str(mla), "--out", str(tmp_path / "x"), *common, "--nproc", "2",
+              "--original", str(tmp_path / "missing")])

@@ -172,12 +172,12 @@ def cmd_demo(args) -> int:
         _step(f"4/4 recovering for about {args.recover_minutes:g} min: layer-wise on {calib.shape[0] // 2} × "
               f"{calib.shape[1]} tokens of alice29.txt, then distillation to the original's logits on other books")
         if args.recover_steps > 0:
-            # at most 40% of the budget: on a loaded machine the remaining sites keep their SVD start
+            # at most 40% of the budget (recording included): on a slow machine the sites left keep their SVD start
             recover(mla, model, calib[: calib.shape[0] // 2], RecoveryConfig(steps=args.recover_steps),
                     max_seconds=0.4 * 60 * args.recover_minutes)
         left = max(60 * args.recover_minutes - (time.perf_counter() - t0), 30.0)    # the rest goes to distillation
         distill(mla, model, training_windows(tok, None, 256, args.cache_dir),
-                DistillConfig(steps=None, lr=1e-3, batch_size=2, autocast="bfloat16"), max_seconds=left)
+                DistillConfig(steps=None, lr=1e-3, batch_size=2), max_seconds=left)    # autocast: what runs fast here
         minutes = (time.perf_counter() - t0) / 60
         rows.append((f"converted + {minutes:.1f} min recovery", mla.kv_cache_bytes_per_token(),
                      text_quality(mla, ids, reference=model), sample(mla)))
@@ -306,6 +306,7 @@ def main(argv=None) -> int:
     from .quality import add_commands
     add_commands(sub)                     # eval, recover
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)      # `recover --nproc` relaunches itself with them
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, _interrupt)     # like Ctrl-C: staging folders are cleaned up on the way out
     try:

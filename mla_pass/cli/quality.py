@@ -6,7 +6,10 @@ can be found, top-1 agreement and KL to it), optionally passkey retrieval at 1k 
 calibration text, checkpointing after every site (safetensors + JSON, no pickle), then distils
 the whole model to the original's logits on training text (``--distill-steps``), checkpointing
 every few steps, so that a run cut short by ``--minutes`` continues with ``--resume`` to the same
-result as an uninterrupted one.
+result as an uninterrupted one. ``--objective ce`` trains by next-token cross-entropy instead
+(``--recipe mha2mla``: the MHA2MLA paper's fine-tune). ``--nproc N`` runs it on N processes
+(torchrun's launcher, gloo on CPU, NCCL on CUDA): sites are shared out, distillation batches are
+split, rank 0 writes; a checkpoint resumes with any ``--nproc``.
 """
 from __future__ import annotations
 
@@ -37,7 +40,8 @@ def add_commands(sub) -> None:
                    "continue later with --resume")
     p.add_argument("--distill-steps", type=int, default=100, help="end-to-end distillation steps (0: none)")
     p.add_argument("--distill-lr", type=float, default=1e-3)
-    p.add_argument("--distill-batch", type=int, default=2, help="sequences per distillation step")
+    p.add_argument("--distill-batch", type=int, default=2, help="sequences per distillation step (all processes "
+                   "together: a multiple of --nproc)")
     p.add_argument("--distill-windows", type=int, default=None, help="training windows (default: all of "
                    "alice29.txt + asyoulik.txt + plrabn12.txt, never the evaluation text)")
     p.add_argument("--distill-length", type=int, default=512, help="tokens per training window")
@@ -49,8 +53,15 @@ def add_commands(sub) -> None:
     p.add_argument("--train", default="latent", choices=["latent", "latent+norms", "all"],
                    help="which weights distillation moves (default: the converted attention's)")
     p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
-    p.add_argument("--bf16", action="store_true", help="distil under bfloat16 autocast (faster on CPUs with bf16 "
-                   "instructions and on GPUs; weights stay float32)")
+    p.add_argument("--objective", default="kl", choices=["kl", "ce"], help="kl: distil the original's "
+                   "next-token distributions; ce: next-token cross-entropy on the text (the MHA2MLA fine-tune)")
+    p.add_argument("--recipe", default=None, choices=["mha2mla"], help="mha2mla: the paper's fine-tune (ce, all "
+                   "weights, lr 1e-4, betas 0.9/0.95, warm-up, 1-sqrt decay) over --distill-steps; overrides "
+                   "--objective, --train and --distill-lr")
+    p.add_argument("--autocast", default="auto", choices=["auto", "bfloat16", "float16", "none"],
+                   help="forward passes' dtype (weights stay float32); auto: bf16 on CUDA and on CPUs whose bf16 "
+                   "matmul measures faster, else float32")
+    p.add_argument("--nproc", type=int, default=1, help="processes to run on (data-parallel; on CUDA one GPU each)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when present")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
@@ -158,6 +169,7 @@ def cmd_recover(args) -> int:
     from ..pipeline import load
     from ..quality.distillation import CHECKPOINT_STATE as DISTILL_STATE
     from ..quality.distillation import CHECKPOINT_WEIGHTS as DISTILL_WEIGHTS
+    from ..quality import distributed
     from ..quality.distillation import DistillConfig, distill
     from ..quality.recovery import RecoveryConfig, recover
     from ..quality.windows import calibration_windows, training_windows
@@ -169,6 +181,14 @@ def cmd_recover(args) -> int:
                          f"model to its original; run `mla-pass convert MODEL --out DIR` first and recover DIR")
     if args.steps < 0 or args.distill_steps < 0:
         raise SystemExit("error: --steps and --distill-steps must be >= 0")
+    if args.nproc < 1:
+        raise SystemExit(f"error: --nproc must be >= 1, got {args.nproc}")
+    if args.nproc > 1 and args.sequential and args.steps:
+        raise SystemExit("error: --sequential feeds each site the sites before it and runs on one process: drop "
+                         "--sequential or --nproc")
+    if args.distill_steps and args.distill_batch % args.nproc:
+        raise SystemExit(f"error: --distill-batch {args.distill_batch} does not split over --nproc {args.nproc}: "
+                         f"make it a multiple of {args.nproc}")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda: no CUDA device is available; use --device cpu")
@@ -178,9 +198,14 @@ def cmd_recover(args) -> int:
                 "length": args.length, "sequential": args.sequential}
     distill_config = None
     if args.distill_steps:
-        distill_config = DistillConfig(steps=args.distill_steps, lr=args.distill_lr, batch_size=args.distill_batch,
-                                       temperature=args.temperature, train=args.train, seed=args.seed,
-                                       autocast="bfloat16" if args.bf16 else None)
+        autocast = None if args.autocast == "none" else args.autocast
+        if args.recipe == "mha2mla":
+            distill_config = DistillConfig.mha2mla(steps=args.distill_steps, batch_size=args.distill_batch,
+                                                   seed=args.seed, autocast=autocast)
+        else:
+            distill_config = DistillConfig(steps=args.distill_steps, lr=args.distill_lr, batch_size=args.distill_batch,
+                                           objective=args.objective, temperature=args.temperature, train=args.train,
+                                           seed=args.seed, autocast=autocast)
         settings.update(distill_steps=args.distill_steps, distill_windows=args.distill_windows,
                         distill_length=args.distill_length)     # the rest is checked by the distillation checkpoint
         if args.distill_text != "real":
@@ -212,6 +237,10 @@ def cmd_recover(args) -> int:
         raise SystemExit(f"error: {out} already holds a recovery checkpoint; pass --resume to continue it or choose "
                          "another --out")
     check_save_folder(out, own=(CHECKPOINT_STATE,))   # where the result goes, checked before any work
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch(args, out)
+    world = distributed.join(device)
+    main = world.main                     # only rank 0 prints and writes
     def windows(tok):             # checked before the models load when the folder has its tokenizer
         return (calibration_windows(tok, args.windows, args.length, args.cache_dir),
                 training_windows(tok, args.distill_windows, args.distill_length, args.cache_dir)
@@ -231,6 +260,8 @@ def cmd_recover(args) -> int:
         tok = original_tok
         tokens, train_tokens = windows(tok)
     state["tokens"] = int(tokens.numel())
+    if device == "cuda" and world.size > 1:
+        device = f"cuda:{torch.cuda.current_device()}"       # join() gave each rank its own GPU
     if args.resume and weights_path.is_file():
         saved = load_file(str(weights_path))
         params = mla.program.state_dict()
@@ -240,14 +271,16 @@ def cmd_recover(args) -> int:
         mla.program.load_state_dict(saved, strict=False)
     mla.to(device)
     original.to(device)
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     seconds_before = state["seconds"]
     budget = None if args.minutes is None else 60 * args.minutes
 
     def save_state():
         state["seconds"] = seconds_before + time.perf_counter() - t0
-        _atomic(state_path, lambda tmp: tmp.write_text(json.dumps(state, indent=2)))
+        if main:
+            _atomic(state_path, lambda tmp: tmp.write_text(json.dumps(state, indent=2)))
 
     def checkpoint(index, result):          # weights and state as one pair: never one without the other
         weights = {k: v.detach().contiguous().cpu() for k, v in mla.program.state_dict().items()
@@ -255,18 +288,22 @@ def cmd_recover(args) -> int:
         state["done"].append(index)
         state["losses"][str(index)] = [result.loss_before, result.loss_after]
         state["seconds"] = seconds_before + time.perf_counter() - t0
-        state["weights_sha256"] = write_pair(weights_path, weights, state_path,
-                                             {k: v for k, v in state.items() if k != "weights_sha256"})
+        if main:
+            state["weights_sha256"] = write_pair(weights_path, weights, state_path,
+                                                 {k: v for k, v in state.items() if k != "weights_sha256"})
 
     torch.manual_seed(args.seed)
     n_sites = len(mla.plans)
     if args.steps and len(state["done"]) < n_sites:
         config = RecoveryConfig(steps=args.steps, seed=args.seed, sequential=args.sequential)
         report = recover(mla, original, tokens, config, skip_sites=state["done"], max_seconds=budget,
-                         on_site_done=checkpoint)
+                         on_site_done=checkpoint, progress=main)
         if report.remaining:
-            print(f"stopped at the time limit after {len(state['done'])}/{n_sites} sites ({state['seconds']:.0f} s); "
-                  f"continue with: mla-pass recover {src} --out {out} --resume (same options)")
+            distributed.barrier(world)
+            if main:
+                    print(f"stopped at the time limit after {len(state['done'])}/{n_sites} sites "
+                      f"({state['seconds']:.0f} s); continue with: mla-pass recover {src} --out {out} --resume "
+                      "(same options)")
             return 0
     losses = state["losses"].values()
     before = sum(v[0] for v in losses) / max(len(losses), 1)
@@ -277,13 +314,20 @@ def cmd_recover(args) -> int:
         gen = None
         if args.distill_text != "real":             # sampled once, cached; a resumed run reads the cache
             from ..quality.selfgen import distillation_text
-            train_tokens, gen = distillation_text(args.distill_text, original, tok, length=args.distill_length,
-                                                  real_windows=args.distill_windows, generated=generated,
-                                                  cache_dir=args.cache_dir)
+            for turn in ("first", "then"):           # rank 0 samples and caches; the others read its cache
+                if (turn == "first") == main:
+                    train_tokens, gen = distillation_text(args.distill_text, original, tok,
+                                                          length=args.distill_length,
+                                                          real_windows=args.distill_windows, generated=generated,
+                                                          cache_dir=args.cache_dir)
+                distributed.barrier(world)
         left = None if budget is None else max(budget - (time.perf_counter() - t0), 0.0)   # 0: one step
-        d = distill(mla, original, train_tokens, distill_config, max_seconds=left, checkpoint=out)
+        d = distill(mla, original if distill_config.objective == "kl" else None, train_tokens, distill_config,
+                    max_seconds=left, checkpoint=out, progress=main)
         save_state()
         if not d.complete:
+            if not main:
+                return 0
             print(f"stopped at the time limit after {d.steps}/{d.total_steps} distillation steps "
                   f"({state['seconds']:.0f} s); continue with: mla-pass recover {src} --out {out} --resume "
                   "(same options)")
@@ -293,8 +337,14 @@ def cmd_recover(args) -> int:
             summary += (f"; generation: {gen.tokens.shape[0]} windows, {gen.sampled_tokens:,} tokens sampled from the "
                         f"original, {gen.cpu_seconds / 60:.1f} CPU-min" + ("" if gen.generated_now else " (cached)"))
         on = "" if args.distill_text == "real" else f" on {args.distill_text} text"
-        summary += (f"; distillation{on}: {d.steps} steps on {d.tokens:,} training tokens, KL "
-                    f"{first:.3f} → {last:.3f} (training text, first/last 10 steps), {d.cpu_seconds / 60:.1f} CPU-min")
+        what = "KL" if distill_config.objective == "kl" else "cross-entropy"
+        summary += (f"; {'distillation' if what == 'KL' else 'fine-tune'}{on}: {d.steps} steps on {d.tokens:,} "
+                    f"training tokens, {what} {first:.3f} → {last:.3f} (training text, first/last 10 steps), "
+                    f"{d.cpu_seconds / 60:.1f} CPU-min, autocast {d.autocast or 'float32'}"
+                    + (f", {d.processes} processes" if d.processes > 1 else ""))
+    if not main:
+        distributed.barrier(world)         # rank 0 saves
+        return 0
     save_model(mla.to("cpu"), out, own=(CHECKPOINT_STATE,))      # beside its own checkpoint
     tok.save_pretrained(str(out))
     state["complete"] = True
@@ -303,6 +353,30 @@ def cmd_recover(args) -> int:
         (out / name).unlink(missing_ok=True)
     print(f"recovered {n_sites} sites in {state['seconds']:.0f} s ({summary}; layer-wise on {state['tokens']:,} "
           f"tokens of alice29.txt); saved to {out}")
+    distributed.barrier(world)
+    return 0
+
+
+def _launch(args, out: Path) -> int:
+    """Run this same command on ``--nproc`` processes (torchrun's launcher); one line if a process fails."""
+    import sys
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=args.nproc, run_id=uuid.uuid4().hex,
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
+    print(f"recovering on {args.nproc} processes", flush=True)
+    try:
+        elastic_launch(config, sys.executable)("-m", "mla_pass.cli", *args.argv)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        how = f"killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+        resume = " --resume" if "--resume" not in args.argv else ""
+        raise SystemExit(f"error: recovery process {rank} of {args.nproc} stopped ({how}); the checkpoint in {out} "
+                         f"keeps the finished sites and steps: continue with `mla-pass {' '.join(args.argv)}{resume}` "
+                         "(any --nproc)") from None
     return 0
 
 

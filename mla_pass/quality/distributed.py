@@ -131,8 +131,7 @@ def parallel_module(module: torch.nn.Module, world: World, parallel: str):
     device = next(module.parameters()).device
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
-        yield DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
-                                      broadcast_buffers=False)
+        yield DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
         return
     from torch.distributed.fsdp import fully_shard
     cls = type(module)

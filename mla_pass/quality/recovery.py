@@ -10,11 +10,16 @@ copies of the original key's, so the recorded rotated keys are its output.
 
 With ``RecoveryConfig(distill=DistillConfig(...))`` the layer-wise stage is followed by
 end-to-end distillation to the original's logits (``mla_pass.distill``), usually on more text.
+
+Inside a ``torch.distributed`` process group the sites are shared out in rounds: in each round
+every rank fits one site, then each fitted site's weights are broadcast from the rank that fitted
+it, so every rank ends with the same model (``sequential`` needs the sites in order and refuses).
 """
 from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +31,9 @@ from ..graph import clone_graph_module, insert_observer, run_on_tokens
 from ..model import MLAModel, require_converted
 from ..modules.latent_attention import LatentAttention
 from ..plan.calibrate import as_token_batches
+from . import distributed
 from .distillation import DistillConfig, DistillReport, distill
+from .distributed import World
 
 logger = logging.getLogger(__name__)
 
@@ -130,8 +137,8 @@ def recover(mla: MLAModel, original: torch.nn.Module, tokens, config: RecoveryCo
         tokens: calibration token ids [N, L] (e.g. 8 × 512 tokens of text).
         config: a ``RecoveryConfig``.
         skip_sites: site indices already refitted (resuming from a checkpoint).
-        max_seconds: stop starting new sites after this long (the report lists what is left);
-            at least one site is fitted per call.
+        max_seconds: a site that would end past this many seconds is not started (the report
+            lists what is left); at least one site is fitted per call.
         on_site_done: called with (site index, its result) after each site, e.g. to checkpoint.
         distill_tokens: training windows for distillation (default: ``tokens``); more text than
             the layer-wise stage needs, e.g. ``quality.windows.training_windows(tok)``.
@@ -144,6 +151,7 @@ def recover(mla: MLAModel, original: torch.nn.Module, tokens, config: RecoveryCo
     """
     from tqdm.auto import tqdm
 
+    call_start = time.monotonic()                      # the budget counts the recording pass too
     config = config or RecoveryConfig()
     if not isinstance(config, RecoveryConfig):
         raise TypeError(f"config must be a RecoveryConfig, got {type(config).__name__}")
@@ -159,26 +167,57 @@ def recover(mla: MLAModel, original: torch.nn.Module, tokens, config: RecoveryCo
     if missing:
         raise ValueError(f"sites {missing} of the converted model are not in the original model: "
                          "pass the model it was converted from")
-    start = time.monotonic()
-    bar = tqdm(todo, desc="reconstructing", disable=not progress)
-    for n, index in enumerate(bar):
-        if n > 0 and max_seconds is not None and time.monotonic() - start > max_seconds:
-            report.remaining = todo[n:]
+    world = World.current()
+    if world.size > 1 and config.sequential and todo:
+        raise ValueError("sequential layer-wise recovery feeds each site the sites before it: it runs on one "
+                         "process (drop sequential, or run the layer-wise stage alone first)")
+    start, rounds = call_start, []
+    bar = tqdm(total=len(todo), desc="reconstructing", disable=not (progress and world.main))
+    for first in range(0, len(todo), world.size):       # one site per rank per round
+        # a round that would end past the budget is not started (its length: the median round so far)
+        late = rounds and max_seconds is not None and \
+            time.monotonic() - start + statistics.median(rounds) > max_seconds
+        if distributed.from_main(bool(late), world):
+            report.remaining = todo[first:]
             break
-        rec = records.pop(index)
-        if config.sequential:
-            rec.update(_converted_inputs(mla, modules[index], tokens))
-        else:
-            rec["key_rope_full"] = _replayed_rope_keys(modules[index], rec)
-        before, after = _fit_site(modules[index], rec, config)
-        report.sites.append(SiteRecovery(modules[index].plan.layer, before, after))
-        bar.set_postfix(loss=f"{before:.3f}→{after:.3f}")
-        if on_site_done is not None:
-            on_site_done(index, report.sites[-1])
+        round_start = time.monotonic()
+        batch = todo[first:first + world.size]
+        result = None
+        if world.rank < len(batch):
+            index = batch[world.rank]
+            rec = records.pop(index)
+            if config.sequential:
+                rec.update(_converted_inputs(mla, modules[index], tokens))
+            else:
+                rec["key_rope_full"] = _replayed_rope_keys(modules[index], rec)
+            result = _fit_site(modules[index], rec, config)
+        results = _share_round(modules, batch, result, world)
+        for index, (before, after) in zip(batch, results):
+            report.sites.append(SiteRecovery(modules[index].plan.layer, before, after))
+            bar.update(1)
+            bar.set_postfix(loss=f"{before:.3f}→{after:.3f}")
+            if on_site_done is not None:
+                on_site_done(index, report.sites[-1])
+        rounds.append(time.monotonic() - round_start)
+    bar.close()
     if config.distill is not None and not report.remaining:
         report.distill = distill(mla, original, tokens if distill_tokens is None else distill_tokens, config.distill,
                                  max_seconds=distill_seconds, checkpoint=checkpoint, progress=progress)
     return report
+
+
+def _share_round(modules: dict, batch: list[int], result, world: World) -> list[tuple[float, float]]:
+    """Each site of the round's weights from the rank that fitted it, and every site's (before, after) losses."""
+    if world.size == 1:
+        return [result]
+    import torch.distributed as dist
+    results = [None] * world.size
+    dist.all_gather_object(results, result)
+    with torch.no_grad():
+        for owner, index in enumerate(batch):
+            for p in modules[index].parameters():
+                dist.broadcast(p.data, src=owner)
+    return results[:len(batch)]
 
 
 class _Stop(Exception):
