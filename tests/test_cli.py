@@ -117,6 +117,21 @@ def test_sigterm_during_export_leaves_nothing_behind(tmp_path):
     (["demo", "--tokens", "0"], "--tokens must be >= 2"),
     (["demo", "--recover-minutes", "-1"], "--recover-minutes must be >= 0"),
     (["generate", "{out}", "--prompt", "x"], "is not a folder"),
+    (["generate", "{out}", "--prompt", "x", "--top-p", "2"], r"--top-p must be in \(0, 1\], got 2.0"),
+    (["generate", "{out}", "--prompt", "x", "--top-p", "0"], r"--top-p must be in \(0, 1\]"),
+    (["generate", "{out}", "--prompt", "x", "--threads", "0"], "--threads must be >= 1, got 0"),
+    (["generate", "{out}", "--prompt", "x", "--top-k", "0"], "--top-k must be >= 1"),
+    (["generate", "{out}", "--prompt", "x", "--temperature", "-1"], "--temperature must be >= 0"),
+    (["generate", "{out}", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["eval", "{hf}", "--windows", "0"], "--windows must be >= 1"),
+    (["eval", "{hf}", "--length", "1"], "--length must be >= 2"),
+    (["recover", "{hf}", "--out", "{out}", "--nproc", "0"], "--nproc must be >= 1"),
+    (["recover", "{hf}", "--out", "{out}", "--minutes", "-2"], "--minutes must be >= 0"),
+    (["recover", "{hf}", "--out", "{out}", "--distill-lr", "0"], "--distill-lr must be > 0"),
+    (["recover", "{hf}", "--out", "{out}", "--temperature", "0"], "--temperature must be > 0"),
+    (["recover", "{hf}", "--out", "{out}", "--distill-batch", "0"], "--distill-batch must be >= 1"),
+    (["recover", "{hf}", "--out", "{out}", "--distill-length", "1"], "--distill-length must be >= 2"),
+    (["recover", "{hf}", "--out", "{out}", "--windows", "0"], "--windows must be >= 1"),
 ])
 def test_bad_options_are_one_line_before_any_work(tmp_path, capsys, argv, message):
     """Every option is checked before the model is loaded or converted: one line, exit 2, nothing

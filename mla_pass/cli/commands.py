@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from ..export.staging import request_stop
-from .common import DEFAULT_MODEL, load_source
+from .common import DEFAULT_MODEL, check_range, load_source
 
 
 def cmd_inspect(args) -> int:
@@ -131,8 +131,7 @@ def cmd_demo(args) -> int:
 
     for flag, value, least in (("--tokens", args.tokens, 2), ("--recover-minutes", args.recover_minutes, 0),
                                ("--recover-steps", args.recover_steps, 0)):
-        if value < least:
-            raise ValueError(f"{flag} must be >= {least}, got {value}")
+        check_range(flag, value, least)
     config = _config_from_args(args)                 # checked before the download
     t_start = time.perf_counter()
     print(f"fetching {DEFAULT_MODEL} and text into {args.cache_dir or assets.default_cache_dir()} (once)")
@@ -211,6 +210,11 @@ def cmd_generate(args) -> int:
     """Stream a generation from an exported folder with the torch-free runtime (no torch import)."""
     from ..runtime import OnnxEngine
 
+    check_range("--max-new-tokens", args.max_new_tokens, 1)
+    check_range("--temperature", args.temperature, 0)
+    check_range("--top-k", args.top_k, 1)
+    check_range("--top-p", args.top_p, 0, 1, above=True)
+    check_range("--threads", args.threads, 1)
     engine = OnnxEngine(args.folder, providers=[args.provider] if args.provider else None, threads=args.threads)
 
     def on_token(row, token, piece):

@@ -1,4 +1,4 @@
-"""What the CLI's verbs share: loading the model a command names."""
+"""What the CLI's verbs share: loading the model a command names, checking numeric options."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,3 +29,15 @@ def load_source(spec: str, cache_dir: str | None):
     except Exception:  # a model folder without tokenizer files is still inspectable
         tok = None
     return model, tok
+
+
+def check_range(flag: str, value, low=None, high=None, *, above: bool = False) -> None:
+    """A numeric option (None: not given) within [low, high] (``above``: strictly above ``low``),
+    else a ``ValueError`` naming the flag: checked before any work, reported as one line."""
+    if value is None:
+        return
+    too_low = low is not None and (value <= low if above else value < low)
+    if too_low or (high is not None and value > high):
+        lower = f"> {low}" if above else f">= {low}"
+        want = lower if high is None else f"in {'(' if above else '['}{low}, {high}]"
+        raise ValueError(f"{flag} must be {want}, got {value}")

@@ -18,6 +18,8 @@ import os
 import time
 from pathlib import Path
 
+from .common import check_range
+
 CHECKPOINT_WEIGHTS = "recovery.safetensors"
 CHECKPOINT_STATE = "recovery.json"
 
@@ -125,6 +127,8 @@ def cmd_eval(args) -> int:
     from ..quality.passkey import PasskeyConfig, passkey
     from ..quality.windows import held_out_windows
 
+    check_range("--windows", args.windows, 1)
+    check_range("--length", args.length, 2)
     model, tok, original = _load_pair(args.model, args.original, args.cache_dir)
     converted = isinstance(model, MLAModel)
     if converted and original is None:
@@ -175,14 +179,18 @@ def cmd_recover(args) -> int:
     from ..quality.windows import calibration_windows, training_windows
     from ..rewrite import MODULES
 
+    for flag, value, low in (("--nproc", args.nproc, 1), ("--windows", args.windows, 1), ("--length", args.length, 2),
+                             ("--minutes", args.minutes, 0), ("--distill-batch", args.distill_batch, 1),
+                             ("--distill-windows", args.distill_windows, 1), ("--distill-length", args.distill_length, 2)):
+        check_range(flag, value, low)
+    check_range("--distill-lr", args.distill_lr, 0, above=True)
+    check_range("--temperature", args.temperature, 0, above=True)
     src = Path(args.mla_dir)
     if not _is_converted(src):
         raise SystemExit(f"error: {src} is not a converted model (no mla_config.json): recovery refits a converted "
                          f"model to its original; run `mla-pass convert MODEL --out DIR` first and recover DIR")
     if args.steps < 0 or args.distill_steps < 0:
         raise SystemExit("error: --steps and --distill-steps must be >= 0")
-    if args.nproc < 1:
-        raise SystemExit(f"error: --nproc must be >= 1, got {args.nproc}")
     if args.nproc > 1 and args.sequential and args.steps:
         raise SystemExit("error: --sequential feeds each site the sites before it and runs on one process: drop "
                          "--sequential or --nproc")
