@@ -162,3 +162,36 @@ def test_recover_on_two_processes_matches_one(folders, tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"recovery process \d of 2 stopped \(exit code 1\).*--resume"):
         main(["recover", str(mla), "--out", str(tmp_path / "x"), *common, "--nproc", "2",
               "--original", str(tmp_path / "missing")])
+
+
+def test_recover_killed_mid_layer_wise_resumes_to_the_same_result(folders, tmp_path):
+    """SIGKILL after the first site's checkpoint (no handler runs): the checkpoint pair is whole
+    and `--resume` ends with the weights of an uninterrupted run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    _, mla = folders
+    common = ["--steps", "600", "--windows", "2", "--length", "32", "--distill-steps", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def recover(out, *extra):
+        return subprocess.Popen([sys.executable, "-m", "mla_pass.cli", "recover", str(mla), "--out", str(out),
+                                 *common, *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    whole = recover(tmp_path / "whole")
+    assert whole.wait(timeout=600) == 0, whole.stderr.read()[-2000:]
+    proc, state = recover(tmp_path / "cut"), tmp_path / "cut" / "recovery.json"
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline and not state.is_file():
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    done = json.loads(state.read_text())["done"]
+    assert 1 <= len(done) < 3, done
+    again = recover(tmp_path / "cut", "--resume")
+    assert again.wait(timeout=600) == 0, again.stderr.read()[-2000:]
+    a, b = _tensors(tmp_path / "whole"), _tensors(tmp_path / "cut")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
