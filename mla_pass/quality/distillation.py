@@ -370,7 +370,7 @@ def _collective_failure(error: BaseException) -> bool:
     if isinstance(error, torch.distributed.DistError):
         return True
     text = str(error).lower()
-    return any(k in text for k in ("gloo", "nccl", "connection", "timed out", "peer"))
+    return any(k in text for k in ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "pair closure"))
 
 
 def _autocast(device: torch.device, dtype: str | None):

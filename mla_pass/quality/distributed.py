@@ -131,7 +131,9 @@ def parallel_module(module: torch.nn.Module, world: World, parallel: str):
     device = next(module.parameters()).device
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
-        yield DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+        # buffers (rotary tables) are equal on every rank: synced once at init, not before every forward
+        yield DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                      forward_sync_buffers=False)
         return
     from torch.distributed.fsdp import fully_shard
     cls = type(module)
