@@ -8,7 +8,7 @@ table compares them (losses as the largest relative difference to the one-proces
 2-core CPU two processes cannot beat one process with two threads by much: this measures that
 the engine works at full size and what it costs, not a speed-up.
 
-Run: ``python benchmarks/distributed_recovery.py --start DIR [--steps 6] [--batch 4]``
+Run: ``python benchmarks/distributed_recovery.py --start-dir DIR [--steps 6] [--batch 4]``
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def worker(args) -> None:
 def launch(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    me = [str(Path(__file__).resolve()), "--worker", "--start", args.start, "--steps", str(args.steps),
+    me = [str(Path(__file__).resolve()), "--worker", "--start-dir", args.start, "--steps", str(args.steps),
           "--batch", str(args.batch), "--out", str(out)]
     runs = [[sys.executable, *me, "--threads", "2"]]
     for parallel in ("ddp", "fsdp"):
@@ -79,7 +79,7 @@ def launch(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--start", required=True)
+    parser.add_argument("--start-dir", dest="start", required=True)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)

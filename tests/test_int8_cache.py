@@ -14,6 +14,16 @@ import pytest
 import torch
 from helpers import tiny_llama
 
+from mla_pass.quality.precision import cpu_flags
+
+# onnxruntime's AVX2 u8s8 MatMulInteger kernel (no VNNI) adds byte products pairwise into int16 with
+# saturation (vpmaddubsw): on such CPUs its products are wrong (measured: 95 of 370 entries off on a
+# 2-core AVX2 machine), so comparisons with it only mean something where VNNI/AVX-512 is present
+_FLAGS = cpu_flags() or set()
+ORT_INT8_EXACT = pytest.mark.skipif(
+    not _FLAGS & {"avx512bw", "avx512_vnni", "avx_vnni"},
+    reason="this CPU has no AVX-512/VNNI: onnxruntime's AVX2 MatMulInteger saturates int16 sums (wrong products)")
+
 import mla_pass
 from mla_pass import MLAConfig
 from mla_pass.lowering.int8_latent import to_int8_latent
@@ -46,6 +56,7 @@ def test_per_token_quantization_error_is_half_a_step():
 
 @pytest.mark.parametrize("a_type,b_type,zps", [(torch.uint8, torch.int8, (128, 0)), (torch.uint8, torch.uint8, (0, 128)),
                                                (torch.int8, torch.int8, (0, 0))])
+@ORT_INT8_EXACT
 def test_matmul_integer_is_exact_in_pytorch_and_onnxruntime(a_type, b_type, zps, tmp_path):
     """The op and its ONNX translation (MatMulInteger): batched, with zero points, exact."""
     ort = pytest.importorskip("onnxruntime")
@@ -115,6 +126,7 @@ def test_manifest_and_bytes_per_token(converted, int8_folder):
     assert manifest.kv_cache_bytes_per_token() < converted.kv_cache_bytes_per_token(dtype=torch.float32)
 
 
+@ORT_INT8_EXACT
 def test_onnxruntime_agrees_with_the_int8_program_over_32_decode_steps(converted, int8_folder):
     """The runtime (in-place buffers, IO binding) next to the PyTorch int8 program (concat), both
     in the absorbed form the exporter writes (prompts too: the integer attention is not the
