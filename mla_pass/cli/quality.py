@@ -179,9 +179,10 @@ def cmd_recover(args) -> int:
     from ..quality.windows import calibration_windows, training_windows
     from ..rewrite import MODULES
 
-    for flag, value, low in (("--nproc", args.nproc, 1), ("--windows", args.windows, 1), ("--length", args.length, 2),
-                             ("--minutes", args.minutes, 0), ("--distill-batch", args.distill_batch, 1),
-                             ("--distill-windows", args.distill_windows, 1), ("--distill-length", args.distill_length, 2)):
+    for flag, value, low in (("--nproc", args.nproc, 1), ("--windows", args.windows, 1),
+                             ("--length", args.length, 2), ("--minutes", args.minutes, 0),
+                             ("--distill-batch", args.distill_batch, 1), ("--distill-windows", args.distill_windows, 1),
+                             ("--distill-length", args.distill_length, 2)):
         check_range(flag, value, low)
     check_range("--distill-lr", args.distill_lr, 0, above=True)
     check_range("--temperature", args.temperature, 0, above=True)
@@ -322,12 +323,12 @@ def cmd_recover(args) -> int:
         gen = None
         if args.distill_text != "real":             # sampled once, cached; a resumed run reads the cache
             from ..quality.selfgen import distillation_text
-            for turn in ("first", "then"):           # rank 0 samples and caches; the others read its cache
-                if (turn == "first") == main:
-                    train_tokens, gen = distillation_text(args.distill_text, original, tok,
-                                                          length=args.distill_length,
-                                                          real_windows=args.distill_windows, generated=generated,
-                                                          cache_dir=args.cache_dir)
+            if not main:
+                distributed.barrier(world)           # rank 0 samples and caches first; the others read its cache
+            train_tokens, gen = distillation_text(args.distill_text, original, tok, length=args.distill_length,
+                                                  real_windows=args.distill_windows, generated=generated,
+                                                  cache_dir=args.cache_dir)
+            if main:
                 distributed.barrier(world)
         left = None if budget is None else max(budget - (time.perf_counter() - t0), 0.0)   # 0: one step
         d = distill(mla, original if distill_config.objective == "kl" else None, train_tokens, distill_config,
@@ -345,9 +346,9 @@ def cmd_recover(args) -> int:
             summary += (f"; generation: {gen.tokens.shape[0]} windows, {gen.sampled_tokens:,} tokens sampled from the "
                         f"original, {gen.cpu_seconds / 60:.1f} CPU-min" + ("" if gen.generated_now else " (cached)"))
         on = "" if args.distill_text == "real" else f" on {args.distill_text} text"
-        what = "KL" if distill_config.objective == "kl" else "cross-entropy"
-        summary += (f"; {'distillation' if what == 'KL' else 'fine-tune'}{on}: {d.steps} steps on {d.tokens:,} "
-                    f"training tokens, {what} {first:.3f} → {last:.3f} (training text, first/last 10 steps), "
+        stage, loss = ("distillation", "KL") if distill_config.objective == "kl" else ("fine-tune", "cross-entropy")
+        summary += (f"; {stage}{on}: {d.steps} steps on {d.tokens:,} "
+                    f"training tokens, {loss} {first:.3f} → {last:.3f} (training text, first/last 10 steps), "
                     f"{d.cpu_seconds / 60:.1f} CPU-min, autocast {d.autocast or 'float32'}"
                     + (f", {d.processes} processes" if d.processes > 1 else ""))
     if not main:

@@ -244,7 +244,8 @@ def distill(mla: MLAModel, original: torch.nn.Module | None, tokens, config: Dis
     if config.batch_size % world.size:
         raise ValueError(f"batch_size {config.batch_size} does not split over {world.size} processes: "
                          f"make it a multiple of {world.size}")
-    if not trainable_parameters(mla, config.train):
+    chosen = set(trainable_parameters(mla, config.train))
+    if not chosen:
         raise ValueError("the model has no latent attention weights to train: was it converted?")
 
     device = next(mla.program.parameters()).device
@@ -266,10 +267,8 @@ def distill(mla: MLAModel, original: torch.nn.Module | None, tokens, config: Dis
 
     forms = _set_form(mla, "decompressed")            # training uses the prompt form; restored below
     requires = {n: p.requires_grad for n, p in mla.program.named_parameters()}
-    chosen = set(trainable_parameters(mla, config.train))
-    latent_names = {n for n, p in mla.program.named_parameters()
-                    if id(p) in {id(q) for m in mla.program.modules() if isinstance(m, LatentAttention)
-                                 for q in m.parameters()}}
+    latent_ids = {id(p) for m in mla.program.modules() if isinstance(m, LatentAttention) for p in m.parameters()}
+    latent_names = {n for n, p in mla.program.named_parameters() if id(p) in latent_ids}
     for name, p in mla.program.named_parameters():
         p.requires_grad_(name in chosen)
     teacher_device = next(iter(original.parameters())).device if original is not None else device

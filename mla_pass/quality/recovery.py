@@ -151,7 +151,7 @@ def recover(mla: MLAModel, original: torch.nn.Module, tokens, config: RecoveryCo
     """
     from tqdm.auto import tqdm
 
-    call_start = time.monotonic()                      # the budget counts the recording pass too
+    start = time.monotonic()                           # the budget counts the recording pass too
     config = config or RecoveryConfig()
     if not isinstance(config, RecoveryConfig):
         raise TypeError(f"config must be a RecoveryConfig, got {type(config).__name__}")
@@ -171,7 +171,7 @@ def recover(mla: MLAModel, original: torch.nn.Module, tokens, config: RecoveryCo
     if world.size > 1 and config.sequential and todo:
         raise ValueError("sequential layer-wise recovery feeds each site the sites before it: it runs on one "
                          "process (drop sequential, or run the layer-wise stage alone first)")
-    start, rounds = call_start, []
+    rounds = []
     bar = tqdm(total=len(todo), desc="reconstructing", disable=not (progress and world.main))
     for first in range(0, len(todo), world.size):       # one site per rank per round
         # a round that would end past the budget is not started (its length: the median round so far)
