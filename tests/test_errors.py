@@ -207,3 +207,29 @@ def test_a_stop_whose_keyboardinterrupt_was_swallowed_still_publishes_nothing(tm
             (folder / "model.onnx").write_text("whole")
             staging.request_stop()                 # what the CLI's handler records before it raises
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_interrupt_during_an_import_is_raised_when_the_import_has_finished(tmp_path, monkeypatch):
+    """Raised inside an import, KeyboardInterrupt can reach a C extension's init and abort the
+    process (SIGABRT, seen with onnx's pybind11 enums): the CLI's handler lets the import finish."""
+    import signal
+    import sys
+    import time
+
+    from mla_pass.cli import commands
+    from mla_pass.export import staging
+
+    monkeypatch.setattr(staging, "_stop", type(staging._stop)())
+    (tmp_path / "module_signalled_while_importing.py").write_text(
+        "import os, signal, time\nos.kill(os.getpid(), signal.SIGTERM)\n"
+        "for _ in range(30):\n    time.sleep(0.01)\nFINISHED = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    previous = signal.signal(signal.SIGTERM, commands._interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            import module_signalled_while_importing  # noqa: F401
+            time.sleep(10)                           # the re-sent signal lands here
+        assert sys.modules["module_signalled_while_importing"].FINISHED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        sys.modules.pop("module_signalled_while_importing", None)

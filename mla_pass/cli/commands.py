@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -197,8 +199,24 @@ def cmd_demo(args) -> int:
 
 
 def _interrupt(signum, frame):
+    """SIGTERM / Ctrl-C → ``KeyboardInterrupt`` at the next safe point (the CLI prints one line, exit 130).
+
+    Raised inside an import, the exception can reach a C extension's module init (onnx's pybind11
+    enums), which aborts the process (SIGABRT) before any clean-up. So while an import is running the
+    signal is re-sent to this process shortly, until it lands outside one."""
     request_stop()          # if this raise is swallowed (it can land in a weakref callback), the next check raises it
+    if _importing(frame):
+        threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+        return
     raise KeyboardInterrupt
+
+
+def _importing(frame) -> bool:
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _step(message: str) -> None:
@@ -312,7 +330,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)      # `recover --nproc` relaunches itself with them
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    signal.signal(signal.SIGTERM, _interrupt)     # like Ctrl-C: staging folders are cleaned up on the way out
+    for signum in (signal.SIGTERM, signal.SIGINT):    # staging folders are cleaned up on the way out
+        signal.signal(signum, _interrupt)
     try:
         return args.func(args)
     except KeyboardInterrupt:
