@@ -1,15 +1,17 @@
-"""What int8 weights and the int8 latent cache cost in quality, and what they save (a benchmark).
+"""What int8 / int4 weights and the int8 latent cache cost in quality, and what they save (a benchmark).
 
 SmolLM2-135M, original and converted with the project default (calibrated on alice29, d_kv and
 r = 4), each exported by ``mla_pass.export.to_onnx`` as: fp32; int8 latent cache
-(``latent_cache="int8"``); int8 weights (``quantize="int8"``: MatMulNBits, 8 bits, blocks
-of 32, symmetric, the tied lm_head included, as onnxruntime-genai's int8 build); both. Every folder is run by ``mla_pass.runtime.OnnxEngine`` (onnxruntime CPU)
+(``latent_cache="int8"``); int8 or int4 weights (``quantize="int8" | "int4"``: MatMulNBits, 8
+or 4 bits, blocks of 32, symmetric, the tied lm_head included, as onnxruntime-genai's int8 / int4
+builds); weights and cache together. Every folder is run by ``mla_pass.runtime.OnnxEngine`` (onnxruntime CPU)
 as one prefill per held-out window of ``lcet10.txt`` — through the cache: the int8 latent is
 quantized as it is written, and the attention reads it back from the cache — and compared with
 the original PyTorch model on the same windows: perplexity, top-1 agreement, KL(original ‖
 variant). Also: KV-cache bytes per token and the folder's size on disk.
 
     python benchmarks/quantized.py --windows 4 --d-kv 32        # table → benchmarks/results/quantized.md
+    python benchmarks/quantized.py --original --d-kv 8 32 --variants fp32 "int4 weights" --out DIR
 """
 from __future__ import annotations
 
@@ -37,6 +39,8 @@ VARIANTS = {            # name: (quantize, latent_cache)
     "int8 latent cache": (None, "int8"),
     "int8 weights": ("int8", "float"),
     "int8 weights + int8 latent cache": ("int8", "int8"),
+    "int4 weights": ("int4", "float"),
+    "int4 weights + int8 latent cache": ("int4", "int8"),
 }
 
 
@@ -85,7 +89,7 @@ def main() -> None:
     p.add_argument("--length", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--original", action="store_true", help="also the original with int8 weights")
+    p.add_argument("--original", action="store_true", help="also the original (its variants without a latent cache)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     a = p.parse_args()
     torch.set_num_threads(a.threads)

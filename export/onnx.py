@@ -36,7 +36,7 @@ from torch import nn
 
 from mla_pass.export import verify as checks  # a module: to_onnx's own ``verify`` is its flag
 from mla_pass.export.common import ExportError, quiet  # noqa: F401  (ExportError: part of to_onnx's API)
-from mla_pass.export.quantize import INT8_BLOCK, to_int8_weights
+from mla_pass.export.quantize import WEIGHT_BITS, WEIGHT_BLOCK, quantize_weights
 from mla_pass.export.staging import check_destination, check_stop, staged_folder
 from mla_pass.frontend.capture import non_finite
 from mla_pass.lowering import LoweringSettings, StepProgram, lower
@@ -76,9 +76,10 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
         cache_update: ``"in_place"`` (past inputs are preallocated buffers that the program
             updates with TensorScatter and returns as present: bound to one buffer, a decode step
             copies nothing) or ``"concat"`` (present = past + new, a copy of the cache per step).
-        quantize: ``"int8"`` stores the weights of every MatMul as int8, one scale per 32 input
-            channels (onnxruntime's ``MatMulNBits``, as onnxruntime-genai's int8 build; activations
-            stay float). A tied lm_head gets its own int8 copy; the embedding stays fp32.
+        quantize: ``"int8"`` or ``"int4"`` stores the weights of every MatMul in that many bits,
+            one symmetric scale per 32 input channels (onnxruntime's ``MatMulNBits``, as
+            onnxruntime-genai's int8 / int4 builds; activations stay float). A tied lm_head gets its
+            own quantized copy; the embedding stays fp32.
         latent_cache: ``"int8"`` (converted models only) caches the latent as 8-bit codes with
             one scale per token (``past_key_values.{i}.latent_scale``; stored as uint8 = code + 128),
             read by integer attention (``math/absorbed_mqa.integer_latent_attention``, onnxruntime's
@@ -93,10 +94,11 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
     from mla_pass.model import MLAModel
 
     settings = LoweringSettings(cache_update=cache_update, latent_cache=latent_cache)     # validates both
-    if quantize not in (None, "int8"):
-        raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+    if quantize is not None and quantize not in WEIGHT_BITS:
+        raise ValueError(f"quantize must be None, 'int8' or 'int4', got {quantize!r}")
     if quantize and dtype != "float32":
-        raise ValueError("int8 weights are quantized from a float32 export: use dtype='float32' with quantize='int8'")
+        raise ValueError(f"{quantize} weights are quantized from a float32 export: use dtype='float32' with "
+                         f"quantize={quantize!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if latent_cache == "int8" and not isinstance(model, MLAModel):
@@ -130,7 +132,8 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
                          "the exported graph itself")
     stage = _Stages(["lowering passes", "torch.onnx.export", *(["fusing"] * fuse),
                      *(["float16"] * (dtype == "float16")),
-                     *(["checking before int8"] * bool(verify and quantize)), *(["int8 weights"] * bool(quantize)),
+                     *(["checking before quantizing"] * bool(verify and quantize)),
+                     *([f"{quantize} weights"] * bool(quantize)),
                      *(["checking in onnxruntime"] * verify), "writing"], progress)
     try:
         stage("lowering passes")
@@ -166,25 +169,25 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
                 mla_config=mla_config, source={k: v for k, v in source.items() if k != "config"},
                 cache_update=cache_update,
                 notes={"exporter": f"torch.onnx.export(dynamo=True, opset {opset})", "torch": torch.__version__,
-                       "weights": f"int8 (MatMulNBits, symmetric, blocks of {INT8_BLOCK}, accuracy level 4; "
+                       "weights": f"{quantize} (MatMulNBits, symmetric, blocks of {WEIGHT_BLOCK}, accuracy level 4; "
                                   "embedding fp32)" if quantize else dtype,
                        "latent_cache": "8-bit (uint8 = code + 128), one scale per token; integer attention "
                                        "(MatMulInteger)" if latent_cache == "int8" else dtype})
             manifest.notes.update(program.notes)        # what the lowering passes report
             if fused is not None:
                 manifest.notes["fused"] = fused
-            # int8 programs are checked over the model's own text and cache (``verify.self_filled_inputs``): on
+            # quantized programs are checked over the model's own text and cache (``verify.self_filled_inputs``): on
             # random ones a deep model is chaotic at some tokens, which says nothing about the export
             checked = checks.self_filled_inputs(wrapper, args, spec, vocab, cache_update) \
                 if verify and (quantize or latent_cache == "int8") else args
-            if stage("checking before int8"):
+            if stage("checking before quantizing"):
                 # the graph as written is held to the float tolerance before onnxruntime's quantizer
                 # touches its weights; what the quantizer changes gets the approximate check below
                 exact = checks.check_export(staging, manifest, wrapper, checked, dtype)
-                manifest.notes.update({k.replace("verify_", "verify_before_int8_weights_"): v
+                manifest.notes.update({k.replace("verify_", f"verify_before_{quantize}_weights_"): v
                                        for k, v in exact.items()})
-            if stage("int8 weights"):
-                manifest.notes["quantized"] = to_int8_weights(staging / MODEL_FILE)
+            if stage(f"{quantize} weights"):
+                manifest.notes["quantized"] = quantize_weights(staging / MODEL_FILE, quantize)
             if stage("checking in onnxruntime"):
                 manifest.notes.update(checks.check_export(staging, manifest, wrapper, checked, dtype,
                                                           quantized=bool(quantize)))

@@ -1,7 +1,10 @@
-"""int8 weights as onnxruntime-genai's int8 build quantizes them: MatMulNBits, 8 bits, symmetric, blocks of 32.
+"""Weight-only int8 / int4 as onnxruntime-genai's ``-p int8`` / ``-p int4`` builds quantize:
+MatMulNBits, symmetric, blocks of 32 input channels, accuracy level 4 (int8 dot products on CPU).
 
-A tied lm_head (traced as MatMul(h, Transpose(E)), which onnxruntime's quantizer skips) gets its
-own int8 copy; the embedding stays fp32."""
+Those are genai 0.18's defaults for the CPU execution provider (``QuantConfig.from_extra_options``:
+block_size 32, is_symmetric True, accuracy_level 4 on cpu/webgpu, round-to-nearest, MatMul only,
+``shared_embeddings`` off). A tied lm_head (traced as MatMul(h, Transpose(E)), which onnxruntime's
+quantizer skips) gets its own quantized copy; the embedding stays fp32, as in genai's builds."""
 from __future__ import annotations
 
 import logging
@@ -9,29 +12,33 @@ from pathlib import Path
 
 from mla_pass.export.common import quiet
 
-INT8_BLOCK = 32                     # input channels per int8 weight scale
+WEIGHT_BLOCK = 32                   # input channels per weight scale
+WEIGHT_BITS = {"int8": 8, "int4": 4}
 
 
-def to_int8_weights(path: Path) -> dict[str, int]:
-    """Weight-only int8 (onnxruntime's ``MatMulNBits``, 8 bits, symmetric, one scale per block of
-    32 input channels; accuracy level 4 = int8 dot products on CPU), as onnxruntime-genai's
-    ``-p int8`` build quantizes (same bits, block, symmetry, accuracy level; its lm_head too, its
-    embedding stays fp32). Activations stay float: onnxruntime's dynamic quantization (per-tensor
-    uint8 activations) measured top-1 agreement of 42% with the fp32 SmolLM2 on random tokens,
-    this 94%. Returns how many weights were quantized and how many tied ones got their own copy."""
+def quantize_weights(path: Path, precision: str) -> dict[str, int]:
+    """Weight-only ``precision`` ("int8" or "int4") for every MatMul of the model at ``path``, in place:
+    onnxruntime's ``MatMulNBits`` with one symmetric scale per block of 32 input channels and
+    accuracy level 4, as onnxruntime-genai's build of that precision (its lm_head too, its
+    embedding fp32). Activations stay float: onnxruntime's dynamic quantization (per-tensor uint8
+    activations) measured top-1 agreement of 42% with the fp32 SmolLM2 on random tokens, int8
+    weights 94%. Returns how many weights were quantized and how many tied ones got their own copy."""
     import onnx
 
+    if precision not in WEIGHT_BITS:
+        raise ValueError(f"weights are quantized to one of {sorted(WEIGHT_BITS)}, got {precision!r}")
     MatMulNBitsQuantizer = import_quantizer()
     model = onnx.load(str(path))
     untied = untie_transposed_weights(model.graph)
     with quiet("root"), quiet("onnxruntime.quantization.matmul_nbits_quantizer"):
-        quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=INT8_BLOCK, is_symmetric=True, accuracy_level=4)
+        quantizer = MatMulNBitsQuantizer(model, bits=WEIGHT_BITS[precision], block_size=WEIGHT_BLOCK,
+                                         is_symmetric=True, accuracy_level=4)
         quantizer.process()
     for f in (path, path.with_name(path.name + ".data")):
         f.unlink(missing_ok=True)
     quantizer.model.save_model_to_file(str(path), use_external_data_format=True)
     quantized = sum(n.op_type == "MatMulNBits" for n in quantizer.model.model.graph.node)
-    return {"int8_matmuls": quantized, "untied": untied}
+    return {f"{precision}_matmuls": quantized, "untied": untied}
 
 
 def import_quantizer():

@@ -193,11 +193,16 @@ def test_int8_weights_shrink_the_folder_and_still_run(mla_folder, tmp_path):
     assert max(errors) < 0.25 * 4, errors      # close to fp32, not equal: int8 weights change the logits
     with pytest.raises(ValueError, match="int8"):
         to_onnx(mla, tmp_path / "bad", quantize="int8", dtype="float16")
+    with pytest.raises(ValueError, match="'int8' or 'int4', got 'int2'"):
+        to_onnx(mla, tmp_path / "bad", quantize="int2")
 
 
-def test_int8_weights_quantize_a_tied_lm_head_as_onnxruntime_genai_does(tmp_path):
-    """A tied lm_head is traced as h · Transpose(embedding): it gets its own int8 copy (as in
-    onnxruntime-genai's int8 build), the token Gather keeps reading the fp32 embedding."""
+@pytest.mark.parametrize("precision,bits", [("int8", 8), ("int4", 4)])
+def test_quantized_weights_take_a_tied_lm_head_as_onnxruntime_genai_does(tmp_path, precision, bits):
+    """Every weight MatMul becomes MatMulNBits with genai's CPU settings for that precision
+    (symmetric, blocks of 32, accuracy level 4). A tied lm_head is traced as h · Transpose(embedding):
+    it gets its own quantized copy (as in genai's builds), the token Gather keeps reading the fp32
+    embedding."""
     import onnx
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -210,7 +215,7 @@ def test_int8_weights_quantize_a_tied_lm_head_as_onnxruntime_genai_does(tmp_path
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
     tied = AutoModelForCausalLM.from_config(cfg).eval()
     assert tied.lm_head.weight is tied.model.embed_tokens.weight
-    folder = to_onnx(tied, tmp_path / "int8", quantize="int8")
+    folder = to_onnx(tied, tmp_path / precision, quantize=precision)
     graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
     inits = {i.name: i for i in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
@@ -218,7 +223,9 @@ def test_int8_weights_quantize_a_tied_lm_head_as_onnxruntime_genai_does(tmp_path
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in head.attribute}
     assert head.op_type == "MatMulNBits", head.op_type
     quantized = (attrs["bits"], attrs["block_size"], attrs["accuracy_level"], attrs["N"])
-    assert quantized == (8, 32, 4, tied.config.vocab_size), quantized
+    assert quantized == (bits, 32, 4, tied.config.vocab_size), quantized
+    assert {onnx.helper.get_attribute_value(a) for n in graph.node if n.op_type == "MatMulNBits"
+            for a in n.attribute if a.name == "bits"} == {bits}
     assert len(head.input) == 3, "symmetric: no zero points"
     # every MatMul left in float reads no weight (constant or transposed constant)
     weights = [n for n in graph.node if n.op_type == "MatMul" and any(
@@ -229,6 +236,7 @@ def test_int8_weights_quantize_a_tied_lm_head_as_onnxruntime_genai_does(tmp_path
     assert len(embedding) == 1 and inits[embedding[0].input[0]].data_type == onnx.TensorProto.FLOAT
     manifest = Manifest.read(folder)
     assert manifest.notes["quantized"]["untied"] == 1, "the lm_head was not traced as Transpose(embedding)"
+    assert manifest.notes["weights"].startswith(f"{precision} (MatMulNBits"), manifest.notes["weights"]
     program = kv_step_program(tied)
     ids = torch.randint(0, tied.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(3))
     errors, _, _ = _drive(folder, program.step, program.empty_cache, ids, steps=4)

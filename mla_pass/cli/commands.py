@@ -305,8 +305,9 @@ def main(argv=None) -> int:
                    "the baseline for comparisons")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     p.add_argument("--cache-update", default="in_place", choices=["in_place", "concat"])
-    p.add_argument("--quantize", default=None, choices=["int8"], help="int8 weights: onnxruntime's MatMulNBits, 8 bits, symmetric, one scale per "
-                   "32 input channels (as onnxruntime-genai's int8 build); activations stay float")
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"], help="int8 / int4 weights: onnxruntime's "
+                   "MatMulNBits, symmetric, one scale per 32 input channels (as onnxruntime-genai's int8 / int4 "
+                   "builds); activations stay float")
     p.add_argument("--latent-cache", default="float", choices=["float", "int8"],
                    help="int8: cache the latent as int8 with one scale per token (converted models)")
     p.add_argument("--max-length", type=int, default=None, help="prompt + new tokens (default: the model's)")
