@@ -12,13 +12,16 @@ use the training-free ``MLAConfig(d_kv, rope_freqs=4)``.
     python benchmarks/decode.py --past 512 --batch 1 --steps 5      # a quick look
     python benchmarks/decode.py --genai DIR          # + onnxruntime-genai's build of the original
     python benchmarks/decode.py --genai DIR --genai-int8 DIR8 --models original "original int8 weights"
+    python benchmarks/decode.py --genai-int4 DIR4 --past 8192 --batch 1 --repeats 3 \
+        --models "original int4 weights" "mla d_kv=8 int4 weights" "mla d_kv=32 int4 weights"
     python benchmarks/decode.py --models original "mla d_kv=8 int8 cache" --extra "NAME=DIR" --repeats 3
 
 Yardsticks: ``--genai`` is onnxruntime-genai's fp32 build of the original (``-p fp32``),
-``--genai-int8`` its int8 build (``-p int8``: MatMulNBits, 8 bits, blocks of 32, symmetric,
-accuracy level 4, lm_head int8, embedding fp32 — what ``to_onnx(quantize="int8")`` does). Each
-row's "vs genai" compares equal weight precision: rows whose name says "int8 weights" against
-the int8 build, the others against the fp32 build.
+``--genai-int8`` / ``--genai-int4`` its int8 / int4 builds (``-p int8`` / ``-p int4``: MatMulNBits,
+8 or 4 bits, blocks of 32, symmetric, accuracy level 4, lm_head quantized, embedding fp32 — what
+``to_onnx(quantize="int8" | "int4")`` does). Each row's "vs genai" compares equal weight precision:
+rows whose name says "int8 weights" / "int4 weights" against that build, the others against the
+fp32 build.
 
 Exports are cached under ``~/.cache/mla-pass/exports/<source fingerprint>/``: a change to the
 code that shapes the exported program exports afresh.
@@ -46,28 +49,35 @@ VARIANTS = {            # name: (d_kv or None for the original, latent cache dty
     "mla d_kv=8 int8 weights+cache": (8, "int8", "int8"),
     "mla d_kv=32 int8 weights": (32, "float", "int8"),
     "mla d_kv=32 int8 weights+cache": (32, "int8", "int8"),
+    "original int4 weights": (None, "float", "int4"),
+    "mla d_kv=8 int4 weights": (8, "float", "int4"),
+    "mla d_kv=32 int4 weights": (32, "float", "int4"),
 }
 DEFAULT_MODELS = ["original", "mla d_kv=32", "mla d_kv=8"]
 GENAI = "onnxruntime-genai (original)"
 GENAI_INT8 = "onnxruntime-genai int8 weights (original)"
+GENAI_INT4 = "onnxruntime-genai int4 weights (original)"
 ROPE_FREQS = 4
+PROMPT_NEW_TOKENS = 16         # streamed after a long prompt (--prompt-tokens)
 
 
 def weight_precision(name: str) -> str:
     """The weights a row's model runs on, by its name: its yardstick is genai's build of the same."""
-    return "int8" if "int8 weights" in name else "fp32"
+    return next((bits for bits in ("int8", "int4") if f"{bits} weights" in name), "fp32")
 
 
-def export_all(cache_dir: Path, variants: dict) -> dict[str, Path]:
-    """Export each variant once into ``cache_dir`` (reused on later runs of the same source)."""
+def export_all(cache_dir: Path, variants: dict, max_length: int | None = None) -> dict[str, Path]:
+    """Export each variant once into ``cache_dir`` (reused on later runs of the same source);
+    ``max_length`` above the model's own (8,192) for long prompts."""
     import torch
 
     import mla_pass
     from mla_pass import assets
     from mla_pass.export.onnx import to_onnx
 
-    folders = {name: cache_dir / source_fingerprint() / name.replace(" ", "_").replace("=", "").replace("+", "_and_")
-               for name in variants}
+    suffix = "" if max_length is None else f"_len{max_length}"
+    folders = {name: cache_dir / source_fingerprint() /
+               (name.replace(" ", "_").replace("=", "").replace("+", "_and_") + suffix) for name in variants}
     missing = [n for n, f in folders.items() if not (f / "manifest.json").is_file()]
     if missing:
         torch.set_num_threads(os.cpu_count() or 1)
@@ -76,14 +86,17 @@ def export_all(cache_dir: Path, variants: dict) -> dict[str, Path]:
             t0 = time.perf_counter()
             d_kv, latent_cache, quantize = variants[name]
             src = model if d_kv is None else mla_pass.convert(model, mla_pass.MLAConfig(d_kv=d_kv, rope_freqs=ROPE_FREQS))
-            to_onnx(src, folders[name], tokenizer=tok, latent_cache=latent_cache, quantize=quantize)
+            to_onnx(src, folders[name], tokenizer=tok, latent_cache=latent_cache, quantize=quantize,
+                    max_length=max_length)
             print(f"exported {name} in {time.perf_counter() - t0:.0f} s → {folders[name]}", file=sys.stderr)
     return folders
 
 
 # parts of the package that cannot change an exported program (training, evaluation, the command
-# line, torch.compile, the model download): subpackages by folder, modules by file name
-NOT_EXPORTED = {"folders": ("quality", "cli", "dynamo"), "files": ("__init__.py", "assets.py")}
+# line, torch.compile, the model download; of the runtime, all but the manifest the export writes):
+# subpackages by folder, modules by file name
+NOT_EXPORTED = {"folders": ("quality", "cli", "dynamo"), "files": ("__init__.py", "assets.py"),
+                "runtime": ("manifest.py",)}
 
 
 def source_fingerprint() -> str:
@@ -95,6 +108,8 @@ def source_fingerprint() -> str:
         root = Path(importlib.import_module(m).__file__).parent
         for f in sorted(root.rglob("*.py")):
             rel = f.relative_to(root)
+            if m == "mla_pass.runtime" and f.name not in NOT_EXPORTED["runtime"]:
+                continue
             if f.name not in NOT_EXPORTED["files"] and not (m == "mla_pass" and rel.parts[0] in NOT_EXPORTED["folders"]):
                 h.update(f.read_bytes())
     return h.hexdigest()[:10]
@@ -133,22 +148,26 @@ def worker(folder: str, batch: int, past: int, steps: int, threads: int) -> dict
             "peak_rss_mb": peak_rss_mb()}
 
 
+def _genai_threads(folder: str, threads: int) -> str:
+    """genai runs on one thread unless its config says otherwise: the same threads as ours."""
+    config_path = Path(folder) / "genai_config.json"
+    config = json.loads(config_path.read_text())
+    config["model"]["decoder"].setdefault("session_options", {}).update(intra_op_num_threads=threads,
+                                                                       inter_op_num_threads=1)
+    config_path.write_text(json.dumps(config, indent=2))
+    return folder
+
+
 def genai_worker(folder: str, batch: int, past: int, steps: int, threads: int) -> dict:
     """A yardstick: onnxruntime-genai's own build of the original model (its model builder,
     GroupQueryAttention, cache shared between past and present; fp32 cache in its fp32 and int8
     builds alike), batch 1, same threads."""
-    import json as _json
-
     import numpy as np
     import onnxruntime_genai as og
 
     if batch != 1:
         raise SystemExit("the genai yardstick is measured at batch 1")
-    config_path = Path(folder) / "genai_config.json"
-    config = _json.loads(config_path.read_text())
-    config["model"]["decoder"].setdefault("session_options", {}).update(intra_op_num_threads=threads,
-                                                                       inter_op_num_threads=1)
-    config_path.write_text(_json.dumps(config, indent=2))
+    config = json.loads((Path(_genai_threads(folder, threads)) / "genai_config.json").read_text())
     # genai caps the context at max_position_embeddings: stay just inside it at the longest past
     past = min(past, config["model"]["context_length"] - steps - 3)
     model = og.Model(folder)
@@ -272,32 +291,46 @@ def main() -> None:
     parser.add_argument("--genai-int8", type=Path, default=None, help="onnxruntime-genai's int8 build of the "
                         "original (the same builder with -p int8): timed at batch 1, the yardstick of the rows "
                         "whose name says 'int8 weights'")
+    parser.add_argument("--genai-int4", type=Path, default=None, help="onnxruntime-genai's int4 build of the "
+                        "original (-p int4): the yardstick of the rows whose name says 'int4 weights'")
     parser.add_argument("--extra", nargs="+", default=[], metavar="NAME=DIR",
                         help="also time these exported folders (e.g. from benchmarks/quantized.py)")
     parser.add_argument("--repeats", type=int, default=1, help="measure every row this many times, interleaved "
                         "(a shared machine drifts), and report the median")
+    parser.add_argument("--prompt-tokens", type=int, default=None, help="instead of decode steps over a random "
+                        "cache: an N-token held-out prompt (lcet10.txt) through generate, then 16 new tokens: "
+                        "prefill seconds and peak RSS")
+    parser.add_argument("--prefill-chunk", type=int, nargs="+", default=None, help="with --prompt-tokens: prompt "
+                        "tokens per prefill step, one row per value (0 = the whole prompt in one step; default: "
+                        "the runtime's PREFILL_CHUNK)")
     args = parser.parse_args()
     from mla_pass import assets
     cache = args.exports or Path(assets.default_cache_dir()) / "exports"
-    folders = export_all(cache, {k: VARIANTS[k] for k in args.models})
+    max_length = None if args.prompt_tokens is None else args.prompt_tokens + PROMPT_NEW_TOKENS + 1
+    folders = export_all(cache, {k: VARIANTS[k] for k in args.models}, max_length)
     for spec in args.extra:
         name, _, folder = spec.rpartition("=")
         if not (Path(folder) / "manifest.json").is_file():
             parser.error(f"--extra {spec}: expected NAME=DIR with an exported folder (manifest.json) at DIR")
         folders[name] = Path(folder)
+    if args.prompt_tokens is not None:          # benchmarks/prefill.py
+        from prefill import long_prompts
+        return long_prompts(args, folders)
 
     rows = []
     print(f"SmolLM2-135M decode step, onnxruntime CPU, {args.threads} threads, median of {args.steps} steps "
-          f"(median of {args.repeats} interleaved runs), fp32 unless the name says int8, cache updated in place")
-    yardsticks = {"fp32": GENAI if args.genai else None, "int8": GENAI_INT8 if args.genai_int8 else None}
+          f"(median of {args.repeats} interleaved runs), fp32 unless the name says int8 / int4, cache updated in place")
+    yardsticks = {"fp32": GENAI if args.genai else None, "int8": GENAI_INT8 if args.genai_int8 else None,
+                  "int4": GENAI_INT4 if args.genai_int4 else None}
     print("| model | batch | past | ms/step | tokens/s | speedup vs original | vs genai of the same weights "
-          "(fp32 rows: genai fp32; int8-weight rows: genai int8) | KV bytes/token | peak RSS MB |")
+          "(fp32 rows: genai fp32; int8 / int4-weight rows: genai int8 / int4) | KV bytes/token | peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for batch in args.batch:
         for past in args.past:
             runs = [(name, folder, False) for name, folder in folders.items()]
             if batch == 1:
-                runs[:0] = [(n, d, True) for n, d in ((GENAI, args.genai), (GENAI_INT8, args.genai_int8)) if d]
+                runs[:0] = [(n, d, True) for n, d in ((GENAI, args.genai), (GENAI_INT8, args.genai_int8),
+                                                      (GENAI_INT4, args.genai_int4)) if d]
             measured: dict[str, list[dict]] = {}
             for _ in range(args.repeats):
                 for name, folder, genai in runs:

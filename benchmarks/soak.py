@@ -11,7 +11,10 @@ samples its resident set (``VmRSS``) every ``--every`` tokens:
   concatenated latent cache grows by its own bytes per token (fp32), and nothing else should.
 
 The table gives, per engine, RSS after the first sample and at the end, and the slope of RSS over
-the second half of the run (least squares, MB per 1,000 tokens) beside the cache's own growth.
+the second half of the run (least squares, MB per 1,000 tokens) beside the cache's own growth, and
+the slopes of glibc's heap in use and held free (``mallinfo2``): they told the runtime's residual
+growth apart (in use, +3.3 MB per 1,000 tokens: onnxruntime's memory patterns, one kept per input
+shape; the runtime now turns them off).
 
     python benchmarks/soak.py                          # 10,000 tokens, table + benchmarks/results/soak/soak.png
     python benchmarks/soak.py --tokens 2000 --every 100 --out /tmp/soak
@@ -37,6 +40,27 @@ def rss_mb() -> float:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
+def malloc_mb() -> tuple[float, float]:
+    """glibc's view of the heap (every arena): (bytes handed out and not freed, bytes freed but kept), in MB.
+    Growth in the second while RSS grows is fragmentation, not a leak. (nan, nan) off glibc."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in
+                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = MallInfo2
+    except (OSError, AttributeError):
+        return float("nan"), float("nan")
+    m = libc.mallinfo2()
+    return (m.uordblks + m.hblkhd) / 2**20, m.fordblks / 2**20
+
+
+def sample(n: int) -> tuple:
+    return (n, rss_mb(), *malloc_mb())
+
+
 def run_runtime(folder: str, tokens: int, every: int, threads: int) -> dict:
     from mla_pass.runtime import OnnxEngine
 
@@ -48,7 +72,7 @@ def run_runtime(folder: str, tokens: int, every: int, threads: int) -> dict:
     def on_token(row, token, piece):
         generated[0] += 1
         if generated[0] % every == 0:
-            samples.append((generated[0], rss_mb()))
+            samples.append(sample(generated[0]))
 
     engine.generate(PROMPT, max_new_tokens=tokens, on_token=on_token)
     return {"samples": samples, "seconds": time.perf_counter() - t0,
@@ -76,14 +100,15 @@ def run_pytorch(d_kv: int, tokens: int, every: int, threads: int) -> dict:
             mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
             logits, *cache = mla.step_with_cache(nxt, mask, cache)
             if n % every == 0:
-                samples.append((n, rss_mb()))
+                samples.append(sample(n))
     return {"samples": samples, "seconds": time.perf_counter() - t0,
             "cache_bytes_per_token": mla.kv_cache_bytes_per_token(torch.float32)}
 
 
-def slope_mb_per_1k(samples) -> float:
+def slope_mb_per_1k(samples, column: int = 1) -> float:
+    """Least-squares slope of ``column`` (1 RSS, 2 malloc in use, 3 malloc held free) over the second half."""
     half = samples[len(samples) // 2:]
-    xs, ys = [s[0] for s in half], [s[1] for s in half]
+    xs, ys = [s[0] for s in half], [s[column] for s in half]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     var = sum((x - mx) ** 2 for x in xs)
     return 1000 * sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0
@@ -136,17 +161,20 @@ def main() -> int:
             raise SystemExit(f"{engine} failed:\n{done.stderr[-3000:]}")
         results[engine] = json.loads(done.stdout.strip().splitlines()[-1])
     rows = ["| engine | tokens | RSS at first sample MB | RSS at end MB | slope, 2nd half (MB / 1k tokens) | "
-            "cache growth (MB / 1k tokens) | s |", "|---|---|---|---|---|---|---|"]
+            "cache growth (MB / 1k tokens) | malloc in use, slope | malloc held free, slope | s |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for engine, r in results.items():
         s = r["samples"]
         growth = r["cache_bytes_per_token"] * 1000 / 2**20
         rows.append(f"| {engine} | {args.tokens:,} | {s[0][1]:.1f} | {s[-1][1]:.1f} | {slope_mb_per_1k(s):.2f} | "
-                    f"{growth:.2f} | {r['seconds']:.0f} |")
+                    f"{growth:.2f} | {slope_mb_per_1k(s, 2):.2f} | {slope_mb_per_1k(s, 3):.2f} | {r['seconds']:.0f} |")
     table = "\n".join(rows)
     head = (f"SmolLM2-135M, MLAConfig(d_kv={args.d_kv}, rope_freqs=4), one prompt, greedy, {args.threads} threads. "
             "Cache growth is the cache's own bytes per token: the runtime's in-place buffer is allocated once for "
             "prompt + tokens but its pages become resident as tokens are written; PyTorch concatenates an fp32 "
-            "latent cache each step. A slope at the cache growth means nothing else grows.")
+            "latent cache each step. A slope at the cache growth means nothing else grows. The malloc columns are "
+            "glibc's heap over every arena (mallinfo2): bytes in use (the cache buffer counts whole from its "
+            "allocation) and bytes freed but kept; in use growing is something held, kept growing is fragmentation.")
     print(head + "\n\n" + table)
     (out / "soak.md").write_text(head + "\n\n" + table + "\n")
     (out / "soak.json").write_text(json.dumps(results))

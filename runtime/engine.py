@@ -13,7 +13,10 @@ done (their tokens are discarded). ``prompt + max_new_tokens`` must fit ``manife
 a request that cannot be completed is refused up front rather than cut short.
 
 Decoding runs on a ``KVCache`` (``cache.py``): buffers preallocated to the longest prompt +
-``max_new_tokens`` and bound with IO binding. The execution provider is CUDA when this
+``max_new_tokens`` and bound with IO binding. Prompts are fed through that cache in chunks of
+``prefill_chunk`` tokens: the program is causal, so the logits are those of one step over the
+whole prompt, but an attention's scores take chunk × (past + chunk) values instead of S × S
+(an 8,192-token prompt through a converted model's absorbed attention: 14 GB in one step). The execution provider is CUDA when this
 onnxruntime offers it, else CPU, unless ``providers`` names them.
 """
 from __future__ import annotations
@@ -38,6 +41,15 @@ logger = logging.getLogger(__name__)
 ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int8": "tensor(int8)",
              "uint8": "tensor(uint8)", "int64": "tensor(int64)"}
 PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+PREFILL_CHUNK = 512       # prompt tokens per prefill step (benchmarks/results/prefill)
+
+
+def _check_chunk(chunk):
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"prefill_chunk must be an integer >= 1 (prompt tokens per step) or None, got {chunk!r}")
+    return chunk
 
 
 class EngineError(RuntimeError):
@@ -71,10 +83,14 @@ class OnnxEngine:
         providers: execution providers (names or "cpu"/"cuda"); default CUDA if available, else CPU.
         threads: onnxruntime intra-op threads (default: onnxruntime's choice).
         verify: check the SHA-256 of every file against the manifest first.
+        prefill_chunk: prompt tokens per step in ``generate`` (``PREFILL_CHUNK``, chosen by
+            ``benchmarks/decode.py --prompt-tokens``); None feeds a prompt in one step.
     """
 
-    def __init__(self, folder, providers=None, threads: int | None = None, verify: bool = True):
+    def __init__(self, folder, providers=None, threads: int | None = None, verify: bool = True,
+                 prefill_chunk: int | None = PREFILL_CHUNK):
         self.folder = Path(folder)
+        self.prefill_chunk = _check_chunk(prefill_chunk)
         if not self.folder.is_dir():
             raise ManifestError(f"{self.folder} is not a folder: give the folder written by mla_pass.export.to_onnx")
         self.manifest = Manifest.read(self.folder, verify=verify)
@@ -103,6 +119,10 @@ class OnnxEngine:
     def _session(self, threads) -> ort.InferenceSession:
         options = ort.SessionOptions()
         options.log_severity_level = 3          # errors only: ORT's warnings are not the user's problem
+        # a memory pattern is planned and kept for every new set of input shapes, and a decode step's
+        # attention_mask is one token longer each time: ~3.3 KB more per generated token, never freed
+        # (benchmarks/results/soak). Without it a step costs 0-5% more (SmolLM2 d_kv=8, past 512-4096).
+        options.enable_mem_pattern = False
         if threads is not None:
             if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
                 raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
@@ -197,6 +217,23 @@ class OnnxEngine:
         out = self.session.run(["logits"] + [e.output for e in entries], feeds)
         return StepOutput(out[0], out[1:])
 
+    def prefill(self, input_ids, attention_mask, cache: KVCache, chunk: int | None = None) -> np.ndarray:
+        """Feed new tokens [B, S] into ``cache`` (which holds the T tokens ``attention_mask`` [B, T+S]
+        covers before them) ``chunk`` tokens per step (default: the engine's ``prefill_chunk``);
+        returns the logits of the last position [B, V], those of one step over all S tokens."""
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"prefill writes into a KVCache (engine.new_cache), got {type(cache).__name__}")
+        chunk = self.prefill_chunk if chunk is None else _check_chunk(chunk)
+        ids, mask = self._ints("input_ids", input_ids), self._ints("attention_mask", attention_mask)
+        new, past = ids.shape[1], mask.shape[1] - ids.shape[1]
+        pos = positions(mask)[:, past:]
+        step = new if chunk is None else chunk
+        with self._lock:                        # one prompt's chunks are not interleaved with another call
+            for start in range(0, new, step):
+                end = min(start + step, new)
+                logits = self.step(ids[:, start:end], mask[:, :past + end], pos[:, start:end], cache).logits
+        return logits[:, -1]
+
     def _bound_step(self, ids, mask, pos, cache: KVCache) -> np.ndarray:
         batch, new = ids.shape
         if cache.batch != batch:
@@ -285,7 +322,7 @@ class OnnxEngine:
         done = np.zeros(batch, dtype=bool)
 
         t0 = time.perf_counter()
-        logits = self.step(ids, mask, pos, cache).logits[:, -1]
+        logits = self.prefill(ids, mask, cache)
         result.prefill_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
         for n in range(max_new_tokens):

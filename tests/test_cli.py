@@ -120,6 +120,7 @@ def test_sigterm_during_export_leaves_nothing_behind(tmp_path):
     (["generate", "{out}", "--prompt", "x", "--top-p", "2"], r"--top-p must be in \(0, 1\], got 2.0"),
     (["generate", "{out}", "--prompt", "x", "--top-p", "0"], r"--top-p must be in \(0, 1\]"),
     (["generate", "{out}", "--prompt", "x", "--threads", "0"], "--threads must be >= 1, got 0"),
+    (["generate", "{out}", "--prompt", "x", "--prefill-chunk", "0"], "--prefill-chunk must be >= 1, got 0"),
     (["generate", "{out}", "--prompt", "x", "--top-k", "0"], "--top-k must be >= 1"),
     (["generate", "{out}", "--prompt", "x", "--temperature", "-1"], "--temperature must be >= 0"),
     (["generate", "{out}", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),

@@ -97,6 +97,38 @@ def test_prefill_and_decode_logits(folders, kind, update):
 
 
 @pytest.mark.parametrize("kind,update", VARIANTS)
+def test_chunked_prefill_gives_the_logits_of_one_step(folders, tokenizer, kind, update):
+    """Left-padded prompts fed through the cache 1, 3 or 5 tokens per step: the last logits and the
+    cache equal those of one step over the whole prompt (≤ 1e-5), and generations are unchanged."""
+    folder, spec = folders[kind, update]
+    engine = OnnxEngine(folder, threads=1, prefill_chunk=None)
+    rows = [tokenizer.encode(p).ids for p in PROMPTS]
+    width = max(map(len, rows))
+    ids, mask = np.zeros((len(rows), width), np.int64), np.zeros((len(rows), width), np.int64)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+    whole = engine.new_cache(len(rows), width)
+    want = engine.prefill(ids, mask, whole)
+    assert want.shape == (len(rows), spec.vocab)
+    for chunk in (1, 3, 5):
+        kv = engine.new_cache(len(rows), width)
+        err = np.abs(engine.prefill(ids, mask, kv, chunk=chunk) - want).max()
+        assert err <= 1e-5, f"chunk {chunk}: last logits differ by {err:.2e} (allowed 1e-5)"
+        assert kv.length == width
+        for e, a, b in zip(engine.manifest.cache, kv.arrays(), whole.arrays()):   # real tokens (pads: unspecified)
+            for row in range(len(rows)):
+                real = np.flatnonzero(mask[row])
+                np.testing.assert_allclose(a[row].take(real, e.time_axis - 1), b[row].take(real, e.time_axis - 1),
+                                           atol=1e-5)
+    chunked = OnnxEngine(folder, threads=1, prefill_chunk=2).generate(PROMPTS, max_new_tokens=6)
+    assert chunked.token_ids == engine.generate(PROMPTS, max_new_tokens=6).token_ids
+    with pytest.raises(ValueError, match="prefill_chunk must be an integer >= 1"):
+        OnnxEngine(folder, prefill_chunk=0)
+    with pytest.raises(TypeError, match="KVCache"):
+        engine.prefill(ids, mask, [])
+
+
+@pytest.mark.parametrize("kind,update", VARIANTS)
 def test_batch_equals_one_at_a_time(folders, kind, update):
     folder, spec = folders[kind, update]
     engine = OnnxEngine(folder, threads=1)

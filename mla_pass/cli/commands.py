@@ -233,7 +233,9 @@ def cmd_generate(args) -> int:
     check_range("--top-k", args.top_k, 1)
     check_range("--top-p", args.top_p, 0, 1, above=True)
     check_range("--threads", args.threads, 1)
-    engine = OnnxEngine(args.folder, providers=[args.provider] if args.provider else None, threads=args.threads)
+    check_range("--prefill-chunk", args.prefill_chunk, 1)
+    engine = OnnxEngine(args.folder, providers=[args.provider] if args.provider else None, threads=args.threads,
+                        **({"prefill_chunk": args.prefill_chunk} if args.prefill_chunk else {}))
 
     def on_token(row, token, piece):
         sys.stdout.write(piece)
@@ -323,6 +325,8 @@ def main(argv=None) -> int:
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    p.add_argument("--prefill-chunk", type=int, default=None, help="prompt tokens per prefill step (default: "
+                   "the runtime's PREFILL_CHUNK; memory grows with chunk × prompt length)")
     p.add_argument("--provider", default=None, help="cpu, cuda or an onnxruntime provider name "
                    "(default: CUDA if available, else CPU)")
     p.set_defaults(func=cmd_generate)
