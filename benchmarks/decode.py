@@ -59,6 +59,7 @@ GENAI_INT8 = "onnxruntime-genai int8 weights (original)"
 GENAI_INT4 = "onnxruntime-genai int4 weights (original)"
 ROPE_FREQS = 4
 PROMPT_NEW_TOKENS = 16         # streamed after a long prompt (--prompt-tokens)
+MODEL_CONTEXT = 8192           # SmolLM2-135M's max_position_embeddings: the exports' default max_length
 
 
 def weight_precision(name: str) -> str:
@@ -306,7 +307,9 @@ def main() -> None:
     args = parser.parse_args()
     from mla_pass import assets
     cache = args.exports or Path(assets.default_cache_dir()) / "exports"
-    max_length = None if args.prompt_tokens is None else args.prompt_tokens + PROMPT_NEW_TOKENS + 1
+    # a prompt that fits the model's own context (and genai's cap) shares the decode rows' exports
+    fits = args.prompt_tokens is None or args.prompt_tokens + PROMPT_NEW_TOKENS + 1 <= MODEL_CONTEXT
+    max_length = None if fits else args.prompt_tokens + PROMPT_NEW_TOKENS + 1
     folders = export_all(cache, {k: VARIANTS[k] for k in args.models}, max_length)
     for spec in args.extra:
         name, _, folder = spec.rpartition("=")

@@ -190,7 +190,7 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
                 manifest.notes["quantized"] = quantize_weights(staging / MODEL_FILE, quantize)
             if stage("checking in onnxruntime"):
                 manifest.notes.update(checks.check_export(staging, manifest, wrapper, checked, dtype,
-                                                          quantized=bool(quantize)))
+                                                          quantized=quantize))
             stage("writing")
             manifest.write(staging)
     except BaseException:         # the line shows where it stopped; nothing is left on disk

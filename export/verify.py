@@ -56,10 +56,11 @@ def prefill(wrapper: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, past: 
 
 
 def check_export(folder: Path, manifest: Manifest, wrapper: nn.Module, args: tuple, dtype: str,
-            quantized: bool = False) -> dict[str, float | str]:
+            quantized: str | None = None) -> dict[str, float | str]:
     """Run the written model in onnxruntime on the example step; refuse the export on mismatch.
     Returns the figures for the manifest's notes: the largest |Δ| of the logits and, for an
-    approximate (int8) program, its worst output's relative RMS error."""
+    approximate program (``quantized`` weights "int8" / "int4", or an int8 latent cache), its
+    worst output's relative RMS error."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -80,10 +81,12 @@ def check_export(folder: Path, manifest: Manifest, wrapper: nn.Module, args: tup
     # change later layers carry. Those are judged by the RMS error relative to the output's
     # spread (its std, so a shared offset such as the logits' mean cannot hide an error), ≤ 0.5,
     # where an unrelated output is ≈ √2; exactness of the int8 program is tests/test_int8_cache.py's
-    # job (≤ 1e-4, tiny model). An int8 latent is compared as the values it stands for.
+    # job (≤ 1e-4, tiny model). An int8 latent is compared as the values it stands for. int4 weights
+    # (round to nearest, as genai's int4 build) move the logits further: SmolLM2's measured 0.76 of
+    # their spread on this text, so they get 1.0, still below an unrelated output's √2.
     int8_outputs = {e.output for e in manifest.cache if e.dtype in ("int8", "uint8")}
-    approximate = quantized or bool(int8_outputs)
-    tol = 0.5 if approximate else 1e-3 if dtype == "float32" else 2e-2
+    approximate = bool(quantized) or bool(int8_outputs)
+    tol = (1.0 if quantized == "int4" else 0.5) if approximate else 1e-3 if dtype == "float32" else 2e-2
     names = ["logits"] + [e.output for e in manifest.cache]
     got, want = dict(zip(names, got)), dict(zip(names, want))
     for name in int8_outputs:                   # its scales are the output named <latent>_scale
