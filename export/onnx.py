@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 DTYPES = ("float32", "float16")     # float16: the exported fp32 graph is converted
+TARGETS = ("onnxruntime", "tensorrt")    # tensorrt: standard ONNX only (export/tensorrt.py)
 DEFAULT_MAX_LENGTH = 2048
 
 
@@ -64,7 +65,8 @@ class _OnnxStep(nn.Module):
 
 def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", tokenizer=None,
             max_length: int | None = None, cache_update: str = "in_place", quantize: str | None = None,
-            latent_cache: str = "float", fuse: bool = True, verify: bool = True, progress: bool = True) -> Path:
+            latent_cache: str = "float", fuse: bool = True, target: str = "onnxruntime", verify: bool = True,
+            progress: bool = True) -> Path:
     """Write ``model`` (an ``MLAModel`` or an unconverted decoder) to ``out_dir`` for the runtime.
 
     Args:
@@ -87,13 +89,26 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
         fuse: replace RMSNorm, residual add + RMSNorm, RoPE, layout round trips and sibling
             projections by onnxruntime's fused kernels (``export/fusion.py``; found from the
             graph, exact up to fp32 round-off). ``False`` keeps the graph as traced.
+        target: ``"onnxruntime"``, or ``"tensorrt"``: standard ONNX only, as TensorRT's parser
+            takes it (``export/tensorrt.py``: no com.microsoft op, opset 24, every cache 4-D with
+            its tokens on axis −2; checked node by node). It needs the in-place cache and float
+            weights and cache.
         verify: run the written model once in onnxruntime against PyTorch.
         progress: show the stage being run (an export of a 135M model takes minutes on 2 cores).
     Returns the folder.
     """
     from mla_pass.model import MLAModel
 
-    settings = LoweringSettings(cache_update=cache_update, latent_cache=latent_cache)     # validates both
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    tensorrt = target == "tensorrt"
+    if tensorrt and (quantize or latent_cache != "float" or cache_update != "in_place"):
+        raise ValueError("target='tensorrt' exports float weights and a float in-place cache: onnxruntime's "
+                         "quantized ops (MatMulNBits, MatMulInteger) and a growing cache are not TensorRT's; "
+                         "drop quantize / latent_cache / cache_update (TensorRT quantizes at engine build)")
+    # GroupQueryAttention is com.microsoft: the baseline keeps masked SDPA (ONNX Attention, no past inputs)
+    settings = LoweringSettings(cache_update=cache_update, latent_cache=latent_cache,     # validates both
+                                group_query_attention=not tensorrt)
     if quantize is not None and quantize not in WEIGHT_BITS:
         raise ValueError(f"quantize must be None, 'int8' or 'int4', got {quantize!r}")
     if quantize and dtype != "float32":
@@ -131,7 +146,7 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
         raise ValueError("export from a float32 model (load or convert it in float32); dtype='float16' converts "
                          "the exported graph itself")
     stage = _Stages(["lowering passes", "torch.onnx.export", *(["fusing"] * fuse),
-                     *(["float16"] * (dtype == "float16")),
+                     *(["float16"] * (dtype == "float16")), *(["TensorRT's restrictions"] * tensorrt),
                      *(["checking before quantizing"] * bool(verify and quantize)),
                      *([f"{quantize} weights"] * bool(quantize)),
                      *(["checking in onnxruntime"] * verify), "writing"], progress)
@@ -154,11 +169,18 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
                 except Exception as e:
                     raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {e}") from e
                 onnx_program.save(str(staging / MODEL_FILE), external_data=True)
-            fused = _fuse(staging / MODEL_FILE) if stage("fusing") else None
+            fused = _fuse(staging / MODEL_FILE, standard=tensorrt) if stage("fusing") else None
+            four_d = _caches_for_tensorrt(staging / MODEL_FILE, names) if tensorrt else set()
             if stage("float16"):
                 _to_float16(staging / MODEL_FILE)
+            if stage("TensorRT's restrictions"):
+                import onnx
+
+                from mla_pass.export import tensorrt as trt_profile
+                trt_profile.check(onnx.load(str(staging / MODEL_FILE), load_external_data=False))
             has_tokenizer = _write_tokenizer(tokenizer, staging / TOKENIZER_FILE)
-            entries = [_cache_entry(t, plans[t.site], "uint8" if _is_int8(t, latent_cache) else dtype) for t in spec]
+            entries = [_cache_entry(t, plans[t.site], "uint8" if _is_int8(t, latent_cache) else dtype,
+                                    unit_axis=t.name in four_d) for t in spec]
             eos = generation.get("eos_token_id")
             manifest = Manifest(
                 kind=kind, dtype=dtype, vocab_size=vocab, max_length=max_length or _max_length(source),
@@ -169,6 +191,8 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
                 mla_config=mla_config, source={k: v for k, v in source.items() if k != "config"},
                 cache_update=cache_update,
                 notes={"exporter": f"torch.onnx.export(dynamo=True, opset {opset})", "torch": torch.__version__,
+                       "target": "tensorrt (standard ONNX; every cache 4-D, tokens on axis -2; checked against "
+                                 "TensorRT's ONNX restrictions)" if tensorrt else "onnxruntime",
                        "weights": f"{quantize} (MatMulNBits, symmetric, blocks of {WEIGHT_BLOCK}, accuracy level 4; "
                                   "embedding fp32)" if quantize else dtype,
                        "latent_cache": "8-bit (uint8 = code + 128), one scale per token; integer attention "
@@ -239,17 +263,32 @@ def _absorbed_step(mla) -> nn.Module:
     return step
 
 
-def _fuse(path: Path) -> dict[str, int]:
-    """Fuse the fp32 graph in place (before any float16 / int8 conversion, which keep the fused ops)."""
+def _fuse(path: Path, standard: bool = False) -> dict[str, int]:
+    """Fuse the fp32 graph in place (before any float16 / int8 conversion, which keep the fused ops);
+    ``standard``: standard ONNX ops only (the TensorRT target)."""
     import onnx
 
-    from mla_pass.export.fusion import fuse
+    from mla_pass.export.fusion import FUSIONS, STANDARD_FUSIONS, fuse
 
-    model, counts = fuse(onnx.load(str(path)))
+    model, counts = fuse(onnx.load(str(path)), STANDARD_FUSIONS if standard else FUSIONS, standard=standard)
     data = path.with_name(path.name + ".data")
     data.unlink(missing_ok=True)
     onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
     return counts
+
+
+def _caches_for_tensorrt(path: Path, names: dict) -> set[str]:
+    """Every in-place cache 4-D with its tokens on axis −2 (``export/tensorrt.caches_for_tensorrt``);
+    only the graph changes, the weights file is kept → the cache inputs made 4-D."""
+    import onnx
+
+    from mla_pass.export.tensorrt import caches_for_tensorrt
+
+    model = onnx.load(str(path), load_external_data=False)
+    pairs = list(zip(names["inputs"][3:], names["outputs"][1:]))
+    changed = caches_for_tensorrt(model, pairs)
+    onnx.save(model, str(path))
+    return set(changed)
 
 
 def _to_float16(path: Path) -> None:
@@ -342,8 +381,11 @@ def _present_name(past_name: str) -> str:
     return past_name.replace("past_key_values.", "present.", 1)
 
 
-def _cache_entry(spec, plan, dtype: str) -> CacheEntry:
+def _cache_entry(spec, plan, dtype: str, unit_axis: bool = False) -> CacheEntry:
+    """``unit_axis``: the export laid this [B, T, C] cache out as [B, 1, T, C] (the TensorRT target)."""
     shape = list(plan.cache_shape(spec.kind, -1, -2))
+    if unit_axis:
+        shape.insert(1, 1)
     shape = ["batch" if d == -1 else "past" if d == -2 else int(d) for d in shape]
     return CacheEntry(input=spec.name, output=_present_name(spec.name), shape=shape, dtype=dtype,
                       time_axis=shape.index("past"))

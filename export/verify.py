@@ -68,11 +68,15 @@ def check_export(folder: Path, manifest: Manifest, wrapper: nn.Module, args: tup
     session = ort.InferenceSession(str(folder / manifest.model_file), options, providers=["CPUExecutionProvider"])
     names = ["input_ids", "attention_mask", "position_ids"] + [e.input for e in manifest.cache]
     feeds = {n: a.detach().cpu().numpy() for n, a in zip(names, args)}
+    layout = {e.input: e for e in manifest.cache} | {e.output: e for e in manifest.cache}
+    for name in feeds.keys() & layout.keys():       # the folder's layout (the TensorRT target: [B, 1, T, C])
+        feeds[name] = _as_laid_out(feeds[name], layout[name])
     if dtype == "float16":
         feeds.update({e.input: feeds[e.input].astype(np.float16) for e in manifest.cache if e.dtype == "float16"})
     got = session.run(None, feeds)
     with torch.no_grad():
         want = [t.float().cpu().numpy() for t in wrapper(*args)]
+    want = [want[0]] + [_as_laid_out(w, e) for w, e in zip(want[1:], manifest.cache)]
     # float programs: max |Δ| relative to the largest value (fp32: 1e-3, since round-off grows
     # over a real model's depth — SmolLM2's 30 layers reach ~3e-4 on the cache — while a wrong
     # program is off by O(1)). int8 weights or an int8 latent cache: int8 weights move logits and
@@ -116,3 +120,12 @@ def check_export(folder: Path, manifest: Manifest, wrapper: nn.Module, args: tup
             raise ExportError(f"onnxruntime disagrees with PyTorch on output {name}: shape {g.shape} vs {w.shape}, "
                               f"{what} {err:.2e} (allowed {allowed:.1e}); the export is not usable")
     return figures
+
+
+def _as_laid_out(a: np.ndarray, entry) -> np.ndarray:
+    """A PyTorch cache tensor in the folder's layout for ``entry`` (unit axes added where the
+    export added them; the values are the same)."""
+    if a.ndim == len(entry.shape):
+        return a
+    batch = a.shape[0]
+    return a.reshape(entry.concrete_shape(batch, a.size // max(batch * entry.values_per_token(), 1)))

@@ -8,7 +8,8 @@ that computes the same function:
   ``Reciprocal``/``Mul``/``Mul``, as ``torch.onnx`` writes ``x * torch.rsqrt(...)``; also
   ``Div(x, Sqrt)`` and ``Mul(x, x)``) → ``SimplifiedLayerNormalization`` (onnxruntime's kernel;
   its schema sits in the default domain). onnxruntime's own fuser does not see the pattern: it
-  expects ``Div``, and ``torch.onnx`` writes ``Reciprocal`` + ``Mul``.
+  expects ``Div``, and ``torch.onnx`` writes ``Reciprocal`` + ``Mul``. With ``standard=True``
+  it becomes ONNX's own ``RMSNormalization`` (opset 23) instead.
 - **Residual add + RMSNorm** ``n = RMSNorm(a + b)`` with the sum also used downstream →
   com.microsoft ``SkipSimplifiedLayerNormalization`` (the sum is its fourth output).
 - **RoPE, "half" layout** ``x·cos + rotate_half(x)·sin`` with ``cos, sin = Cos/Sin(Concat(f,
@@ -38,26 +39,35 @@ import onnx
 from .graph import MS, Graph, import_domain
 from .layout import drop_round_trips
 from .matmuls import pack_matmuls
-from .norms import fuse_rms_norms, fuse_skip_adds
+from .norms import NORM_OPS, fuse_rms_norms, fuse_skip_adds
 from .rotary import ROTARY_OPSET, fuse_rotaries
 
 FUSIONS = ("rms_norm", "skip_rms_norm", "rotary", "layout", "packed_matmul")
+# standard ONNX only (TensorRT): RMSNorm as ONNX's RMSNormalization; no com.microsoft Skip*, and no
+# RotaryEmbedding, which TensorRT takes on [B, N, S, H] only while the fusion rotates [B, S, H·D]
+STANDARD_FUSIONS = ("rms_norm", "layout", "packed_matmul")
 
 
-def fuse(model: onnx.ModelProto, only: tuple[str, ...] = FUSIONS) -> tuple[onnx.ModelProto, dict[str, int]]:
+def fuse(model: onnx.ModelProto, only: tuple[str, ...] = FUSIONS,
+         standard: bool = False) -> tuple[onnx.ModelProto, dict[str, int]]:
     """A copy of ``model`` with the patterns above fused; ``counts[name]`` = sites fused.
 
     ``only`` picks a subset of ``FUSIONS`` (``skip_rms_norm`` works on the ``rms_norm`` result).
+    ``standard``: emit standard ONNX ops only (``only`` ⊆ ``STANDARD_FUSIONS``; the norm becomes
+    ``RMSNormalization``).
     """
     unknown = set(only) - set(FUSIONS)
     if unknown:
         raise ValueError(f"unknown fusions {sorted(unknown)}: choose from {FUSIONS}")
+    if standard and set(only) - set(STANDARD_FUSIONS):
+        raise ValueError(f"fusions {sorted(set(only) - set(STANDARD_FUSIONS))} emit non-standard ops: with "
+                         f"standard=True choose from {STANDARD_FUSIONS}")
     out = onnx.ModelProto()
     out.CopyFrom(model)
     counts = dict.fromkeys(FUSIONS, 0)
     graph = Graph(out.graph)
     if "rms_norm" in only:
-        counts["rms_norm"] = fuse_rms_norms(graph)
+        counts["rms_norm"] = fuse_rms_norms(graph, NORM_OPS[1] if standard else NORM_OPS[0])
     if "skip_rms_norm" in only:
         counts["skip_rms_norm"] = fuse_skip_adds(graph)
     if "rotary" in only:

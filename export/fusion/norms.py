@@ -1,4 +1,5 @@
-"""RMSNorm → SimplifiedLayerNormalization; residual add + RMSNorm → SkipSimplifiedLayerNormalization."""
+"""RMSNorm → SimplifiedLayerNormalization (or ONNX's RMSNormalization); residual add + RMSNorm →
+SkipSimplifiedLayerNormalization."""
 from __future__ import annotations
 
 import onnx
@@ -7,14 +8,21 @@ from onnx import helper
 from .graph import MS, Graph, other_input, single_use
 
 
-def fuse_rms_norms(g: Graph) -> int:
+NORM_OPS = ("SimplifiedLayerNormalization", "RMSNormalization")    # onnxruntime's kernel | ONNX's (opset 23)
+
+
+def fuse_rms_norms(g: Graph, op: str = NORM_OPS[0]) -> int:
+    """``op``: onnxruntime's kernel (its schema in the default domain, not in the ONNX standard),
+    or the standard ``RMSNormalization`` for runtimes that take only standard ops (TensorRT)."""
+    if op not in NORM_OPS:
+        raise ValueError(f"op must be one of {NORM_OPS}, got {op!r}")
     fused = 0
     for mean in [n for n in g.nodes if n is not None and n.op_type == "ReduceMean" and n.domain == ""]:
         match = _match_rms_norm(g, mean) if g.live(mean) else None
         if match is None:
             continue
         x, scale, eps, out_node, chain = match
-        node = helper.make_node("SimplifiedLayerNormalization", [x, scale], list(out_node.output),
+        node = helper.make_node(op, [x, scale], list(out_node.output),
                                 name=g.fresh("rms_norm"), axis=-1, epsilon=eps, stash_type=1)
         g.replace(out_node, node, chain)
         fused += 1

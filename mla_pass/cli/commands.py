@@ -107,7 +107,7 @@ def cmd_export(args) -> int:
         what = f"converted ({program.config})"          # the config that ran, automatic choices made
     out = to_onnx(program, args.out, dtype=args.dtype, tokenizer=tok, max_length=args.max_length,
                   cache_update=args.cache_update, quantize=args.quantize,
-                  latent_cache=args.latent_cache)
+                  latent_cache=args.latent_cache, target=args.target)
     from ..runtime.manifest import Manifest
     manifest = Manifest.read(out)
     print(f"exported {what} in {time.perf_counter() - t0:.0f} s to {out}: {len(manifest.cache)} cache tensors, "
@@ -312,6 +312,9 @@ def main(argv=None) -> int:
                    "builds); activations stay float")
     p.add_argument("--latent-cache", default="float", choices=["float", "int8"],
                    help="int8: cache the latent as int8 with one scale per token (converted models)")
+    p.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
+                   help="tensorrt: standard ONNX only (no com.microsoft op, 4-D caches with tokens on axis -2), "
+                   "checked against TensorRT's ONNX restrictions")
     p.add_argument("--max-length", type=int, default=None, help="prompt + new tokens (default: the model's)")
     _add_mla_options(p)
     p.set_defaults(func=cmd_export)
