@@ -13,16 +13,23 @@ Rows per (shape, B, T):
                   dispatcher's choice (the Triton kernel where it measured faster, see
                   ``kernels/dispatch.py``; ``--force-kernel``: in every layer, as the README's runs did)
   MLA, PyTorch    the same model with ``LatentAttention.decode_kernel = False`` (the fallback math)
+  ..., static     the same program over a static cache (``mla_pass.decode.StaticCacheDecoder``:
+                  buffers allocated once, written in place; the original runs as the unconverted
+                  baseline program, ``mla_pass.baseline.kv_step_program``)
+  ..., CUDA graph the static decode step replayed as a CUDA graph (``--graphs``: dynamo's
+                  "cudagraphs" backend, or mode="reduce-overhead" with inductor's kernels)
 
-Both caches start as random tensors of T tokens (no prefill is timed) and grow by concatenation,
-the way each program runs. Time = median over ``--steps`` steps (CUDA-synchronised wall clock,
+Every cache starts as random tensors of T tokens (no prefill is timed); the growing ones grow by
+concatenation, the way each program runs. Time = median over ``--steps`` steps (CUDA-synchronised wall clock,
 after warm-up). Also: KV bytes per token (bf16) and peak GPU memory of the step. Before timing,
 each shape is checked at full rank (d_kv = None, all rotary pairs) in fp32: the converted model's
 decode-step logits equal the original's (≤ 1e-3, TF32 off). Prints a markdown table and writes a
 PNG plot.
 
 Run: ``python benchmarks/gpu_model_decode.py [--lengths 4096 16384 65536] [--batches 1 16]
-[--plot gpu_model_decode.png] [--json out.json]``. Without CUDA it says so and exits 0.
+[--plot gpu_model_decode.png] [--json out.json] [--no-static]``. Without CUDA it says so and exits 0.
+Also checked on the GPU before timing: static-cache decode gives the growing cache's greedy tokens
+(fp32, 2 layers, with and without the CUDA graph).
 """
 from __future__ import annotations
 
@@ -100,6 +107,29 @@ def random_latent_cache(mla, batch: int, t: int):
             for s in mla.cache_spec]
 
 
+def static_check(shape: str, device) -> dict:
+    """fp32, 2 layers, converted at d_kv 8: greedy tokens of ``generate`` over the growing cache,
+    the static cache, and the static cache under CUDA graphs → whether each matches."""
+    import mla_pass
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**{**SHAPES[shape], "num_hidden_layers": 2}, attn_implementation="sdpa")
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).eval()
+    mla = mla_pass.convert(model, mla_pass.MLAConfig(d_kv=8, rope_freqs=4), progress=False)
+    ids = torch.randint(0, cfg.vocab_size, (2, 12), device=device, generator=torch.Generator(device).manual_seed(1))
+    from mla_pass.decode import COMPILES
+    with torch.no_grad():
+        want = mla.generate(ids, max_new_tokens=16, eos_token_id=None, static_cache=False)
+        static = mla.generate(ids, max_new_tokens=16, eos_token_id=None, static_cache=True)
+        checks = {"static_tokens_equal": bool(torch.equal(static, want))}
+        for mode in COMPILES:
+            graphs = mla.generate(ids, max_new_tokens=16, eos_token_id=None, static_cache=True, compile=mode)
+            checks[f"{mode}_tokens_equal"] = bool(torch.equal(graphs, want))
+            torch._dynamo.reset()
+    return checks
+
+
 def time_steps(step, steps: int, warmup: int = 3) -> tuple[float, int]:
     """Median seconds of ``step()`` (each call synchronised) and the peak memory it allocated."""
     for _ in range(warmup):
@@ -148,6 +178,27 @@ def measure_mla(mla, batch: int, t: int, steps: int, kernel: bool) -> dict:
     return {"sec": sec, "peak": peak}
 
 
+@torch.no_grad()
+def measure_static(step, cache_spec, plans, batch: int, t: int, steps: int, graphs: str | None,
+                   warmup: int = 3) -> dict:
+    """One decode step over a static cache already holding T random tokens (``graphs``: the
+    decode step compiled that way, ``decode.COMPILES``: CUDA graphs; compiled during the warm-up)."""
+    from mla_pass.decode import StaticCacheDecoder
+    decoder = StaticCacheDecoder(step, cache_spec, plans, batch, t + warmup + steps + 1, compile=graphs)
+    for c in decoder.caches:
+        c.normal_()
+    decoder.slots[:, :t] = 1
+    decoder.length = t
+    tok = torch.zeros(batch, 1, dtype=torch.long, device="cuda")
+
+    def one():
+        decoder(tok, torch.ones(batch, decoder.length + 1, dtype=torch.long, device="cuda"))
+
+    sec, peak = time_steps(one, steps, warmup)
+    torch._dynamo.reset()
+    return {"sec": sec, "peak": peak}
+
+
 def plot(rows: list[dict], path: str, device_name: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -183,6 +234,9 @@ def main(argv=None) -> int:
                     help="use the Triton kernel in every layer, not only where the dispatcher expects it to pay")
     ap.add_argument("--plot", default="gpu_model_decode.png")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--no-static", action="store_true", help="skip the static-cache and CUDA-graph rows")
+    ap.add_argument("--graphs", default="cudagraphs", choices=["cudagraphs", "reduce-overhead"],
+                    help="how the static decode step is captured (reduce-overhead: inductor, minutes per compile)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device: this benchmark measures GPU decode and prints nothing else without one")
@@ -192,25 +246,38 @@ def main(argv=None) -> int:
         dispatch.KERNEL_MAX_LATENT, dispatch.KERNEL_MIN_CACHE_BYTES = 1 << 30, 0
     device_name = torch.cuda.get_device_name()
     print(f"device: {device_name}, torch {torch.__version__}")
-    rows = []
+    rows, checks = [], {}
     for shape in args.shapes:
+        checks[shape] = {"full_rank_max_abs_logit_error": exactness_check(shape, "cuda")}
         print(f"{shape}: full-rank exactness (fp32, 2 layers, 8 decode steps): "
-              f"max |Δlogits| = {exactness_check(shape, 'cuda'):.2e}", flush=True)
+              f"max |Δlogits| = {checks[shape]['full_rank_max_abs_logit_error']:.2e}", flush=True)
+        if not args.no_static:
+            checks[shape].update(static_check(shape, "cuda"))
+            print(f"{shape}: static cache / CUDA graph give the growing cache's tokens: {checks[shape]}", flush=True)
         model = build(shape, torch.bfloat16, "cuda")
         t0 = time.perf_counter()
         mlas = {d: convert(model, d, 4) for d in D_KV[shape]}     # in bf16: the program keeps its dtype
         print(f"{shape}: converted at d_kv {D_KV[shape]} in {time.perf_counter() - t0:.1f} s", flush=True)
         orig_bytes = next(iter(mlas.values())).original_kv_cache_bytes_per_token(torch.bfloat16)
+        from mla_pass.baseline import kv_step_program
+        baseline = kv_step_program(model)
         for b in args.batches:
             for t in args.lengths:
                 if orig_bytes * b * t > args.max_cache_gib * 2**30:
                     print(f"skip {shape} B={b} T={t}: original cache {orig_bytes * b * t / 2**30:.1f} GiB")
                     continue
                 variants = [("original", orig_bytes, lambda: measure_original(model, b, t, args.steps))]
+                programs = [("original", orig_bytes, baseline.step, baseline.cache_spec, baseline.plans)]
                 for d, mla in mlas.items():
                     nbytes = mla.kv_cache_bytes_per_token(torch.bfloat16)
                     variants += [(f"MLA d_kv={d}, kernel", nbytes, lambda m=mla: measure_mla(m, b, t, args.steps, True)),
                                  (f"MLA d_kv={d}, PyTorch", nbytes, lambda m=mla: measure_mla(m, b, t, args.steps, False))]
+                    programs.append((f"MLA d_kv={d}", nbytes, mla.step, mla.cache_spec, mla.plans))
+                for name, nbytes, step, spec, plans in ([] if args.no_static else programs):
+                    for graphs in (None, args.graphs):
+                        label = f"{name}, static" + (f", CUDA graph ({graphs})" if graphs else "")
+                        run = lambda a=(step, spec, plans), g=graphs: measure_static(*a, b, t, args.steps, g)  # noqa
+                        variants.append((label, nbytes, run))
                 base = None
                 for name, nbytes, run in variants:
                     r = run()
@@ -230,7 +297,7 @@ def main(argv=None) -> int:
               f"{1e3 * r['sec']:.2f} | {r['batch'] / r['sec']:,.0f} | {r['speedup']:.2f}× | {r['peak'] / 2**30:.2f} GiB |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": device_name, "torch": torch.__version__, "rows": rows}, f, indent=1)
+            json.dump({"device": device_name, "torch": torch.__version__, "checks": checks, "rows": rows}, f, indent=1)
     if rows and args.plot:
         plot(rows, args.plot, device_name)
         print(f"\nplot: {args.plot}")

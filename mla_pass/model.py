@@ -135,13 +135,20 @@ class MLAModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, attention_mask: torch.Tensor | None = None,
-                 eos_token_id: int | list[int] | None = "default", pad_token_id: int | None = None) -> torch.Tensor:
+                 eos_token_id: int | list[int] | None = "default", pad_token_id: int | None = None,
+                 static_cache: bool | None = None, compile: bool | str = False) -> torch.Tensor:
         """Greedy decoding over the latent cache → [B, S + n] with n ≤ ``max_new_tokens``.
 
         Like Hugging Face ``generate(do_sample=False)``: stops when every row has produced an
         end token (default: the source model's ``eos_token_id``; ``None`` never stops early),
         finished rows are filled with ``pad_token_id`` (default: the first end token). Batches
         of different lengths are left-padded with ``attention_mask`` marking real tokens.
+
+        ``static_cache`` (default: on CUDA): decode over buffers allocated once for prompt +
+        ``max_new_tokens`` and written in place (``mla_pass.decode.StaticCacheDecoder``), the same
+        tokens as the growing cache; ``compile=True`` (static cache only) captures the decode step
+        with ``torch.compile(mode="reduce-overhead")`` (CUDA graphs on CUDA), ``compile="cudagraphs"``
+        replays the eager kernels as a CUDA graph (seconds to compile; ``decode.COMPILES``).
         """
         input_ids = self._check_ids(input_ids)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -171,12 +178,30 @@ class MLAModel(nn.Module):
             zero_one = bool(((attention_mask == 0) | (attention_mask == 1)).all())
             if not zero_one or not bool(attention_mask.bool().any(-1).all()):
                 raise ValueError("attention_mask must hold 0/1 with at least one real token (1) in every row")
+        if static_cache is None:
+            static_cache = input_ids.device.type == "cuda" and self.can_cache
+        from .decode import COMPILES
+        if not isinstance(static_cache, bool) or not (isinstance(compile, bool) or compile in COMPILES):
+            raise ValueError(f"static_cache must be True or False and compile True, False or one of "
+                             f"{sorted(COMPILES)}, got {static_cache!r}, {compile!r}")
+        if static_cache and not self.can_cache:
+            raise ValueError("static_cache=True needs the cached program, which this model cannot use (no "
+                             "position_ids input, or sites left untouched)")
+        if compile and not static_cache:
+            raise ValueError("compile=True compiles the static-cache decode step: pass static_cache=True too")
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device).long()
         tokens = input_ids
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         if max_new_tokens == 0:
             return tokens
-        if self.can_cache:
+        decoder = None
+        if static_cache:
+            from .decode import StaticCacheDecoder
+            decoder = StaticCacheDecoder(self.step, self.cache_spec, self.plans, input_ids.shape[0],
+                                         input_ids.shape[1] + max_new_tokens,
+                                         compile="reduce-overhead" if compile is True else compile or None)
+            logits = decoder(input_ids, mask)
+        elif self.can_cache:
             logits, *cache = self.step_with_cache(input_ids, mask, self.empty_cache(input_ids.shape[0]))
         else:
             if attention_mask is not None and not bool(attention_mask.bool().all()):
@@ -197,7 +222,9 @@ class MLAModel(nn.Module):
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             if i + 1 == max_new_tokens or bool(done.all()):
                 break
-            if self.can_cache:
+            if decoder is not None:
+                logits = decoder(nxt[:, None], mask)
+            elif self.can_cache:
                 logits, *cache = self.step_with_cache(nxt[:, None], mask, cache)
             else:
                 logits = self.forward(tokens)

@@ -7,8 +7,8 @@ from ..ops.cache_write import cache_write
 
 
 def split_cache_args(past: tuple, cache_update: str):
-    """(cache tensors, write index or None): in-place programs pass the write index last."""
-    if cache_update == "in_place":
+    """(cache tensors, write index or None): in-place and static programs pass the write index last."""
+    if cache_update in ("in_place", "static"):
         return past[:-1], past[-1]
     return past, None
 
@@ -19,9 +19,13 @@ def cache_time_axis(kind: str) -> int:
     return 1 if kind in ("latent", "latent_scale") else 2
 
 
-def update_cache(old, new, axis: int, write_index=None):
+def update_cache(old, new, axis: int, write_index=None, static: bool = False):
     """Concatenate ``new`` after ``old`` along ``axis``, or write it into the preallocated ``old``
-    at ``write_index`` (one ``cache_write`` op, exported as TensorScatter)."""
+    at ``write_index`` (one ``cache_write`` op, exported as TensorScatter). ``static``: ``old`` is
+    a buffer that is written in place at the positions ``write_index`` [S] (the same for every row:
+    prompts are left-padded), as gpt-fast's static cache; no copy, no host sync."""
     if write_index is None:
         return torch.cat([old, new], dim=axis)
+    if static:
+        return old.index_copy_(axis, write_index, new)
     return cache_write(old, new, write_index, axis)

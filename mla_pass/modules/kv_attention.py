@@ -24,7 +24,7 @@ from torch import nn
 from ..math.attention import attention_probs_apply, expand_kv, in_repeat_kv_order
 from ..ops.group_query_attention import group_query_attention
 from .cache import split_cache_args, update_cache
-from .modes import CACHE_UPDATES, Mode
+from .modes import MODULE_CACHE_UPDATES, Mode
 
 
 @dataclass
@@ -69,7 +69,8 @@ class KVCacheAttention(nn.Module):
     With ``op = "group_query_attention"`` (in-place programs only) ``mask`` is instead the tuple
     ``(attention_bias, seqlens_k, total_sequence_length, query_seqlens)`` of
     ``lowering.group_query.GroupQueryCacheInputs`` and no write index follows the buffers."""
-    cache_update = Mode(CACHE_UPDATES, "concat", "in_place: past are preallocated buffers (lowering.in_place)")
+    cache_update = Mode(MODULE_CACHE_UPDATES, "concat", "in_place: past are preallocated buffers (lowering.in_place); "
+                        "static: buffers written in place (lowering.static_cache)")
     op = Mode(("sdpa", "group_query_attention"), "sdpa", "group_query_attention: one op per site "
               "(lowering.group_query)")
 
@@ -83,8 +84,9 @@ class KVCacheAttention(nn.Module):
         if self.op == "group_query_attention":
             return self._group_query_attention(query, key, value, mask, *past)
         (past_key, past_value), write_index = split_cache_args(past, self.cache_update)
-        key = update_cache(past_key, key, 2, write_index)
-        value = update_cache(past_value, value, 2, write_index)
+        static = self.cache_update == "static"
+        key = update_cache(past_key, key, 2, write_index, static)
+        value = update_cache(past_value, value, 2, write_index, static)
         p = self.plan
         if p.softcap is None:
             g = p.n_heads // p.n_kv_heads

@@ -21,7 +21,7 @@ from ..math.absorbed_mqa import latent_mqa
 from ..math.attention import decompressed_attention
 from ..math.int8_cache import dequantize_per_token, quantize_per_token
 from .cache import cache_time_axis, split_cache_args, update_cache
-from .modes import CACHE_UPDATES, FORMS, LATENT_CACHES, Mode
+from .modes import FORMS, LATENT_CACHES, MODULE_CACHE_UPDATES, Mode
 from .site_plan import SitePlan
 
 
@@ -58,7 +58,8 @@ class RopeKeyProjection(RopeProjection):
 
 class LatentAttention(nn.Module):
     form = Mode(FORMS, "auto", "auto: decompressed for prompts, absorbed for one-token steps")
-    cache_update = Mode(CACHE_UPDATES, "concat", "in_place: past are preallocated buffers (lowering.in_place)")
+    cache_update = Mode(MODULE_CACHE_UPDATES, "concat", "in_place: past are preallocated buffers (lowering.in_place); "
+                        "static: buffers written in place (lowering.static_cache)")
     latent_cache = Mode(LATENT_CACHES, "float", "int8: 8-bit codes (uint8 + 128) + a per-token scale "
                         "(lowering.int8_latent)")
 
@@ -192,8 +193,9 @@ class LatentAttention(nn.Module):
                 raise ValueError(f"{p.layer}: expected cache tensors {kinds}, got {len(past)}")
             if "latent_scale" in kinds:
                 new["latent"], new["latent_scale"] = quantize_per_token(new["latent"])
+            static = self.cache_update == "static"
             for kind, old in zip(kinds, past):
-                new[kind] = update_cache(old, new[kind], cache_time_axis(kind), write_index)
+                new[kind] = update_cache(old, new[kind], cache_time_axis(kind), write_index, static)
         if "rope_key" not in p.cache_kinds:            # no rope keys: zero-width over all keys
             latent = new["latent"]
             new["rope_key"] = latent.new_zeros(latent.shape[0], 1, latent.shape[1], 0)

@@ -31,4 +31,7 @@ class Mode:
 
 
 FORMS = ("auto", "absorbed", "decompressed")
+# how a module writes its cache: the runtime's two (exported programs), and "static": preallocated
+# buffers written in place at the given positions (``lowering.static_cache``, CUDA graphs)
+MODULE_CACHE_UPDATES = (*CACHE_UPDATES, "static")
 LATENT_CACHES = ("float", "int8")
