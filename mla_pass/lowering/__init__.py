@@ -14,6 +14,9 @@ The order matters: GroupQueryAttention reads in-place buffers, and the absorbed 
 program with the cache layout the earlier passes left. Each module also keeps its graph-level
 function (``to_in_place``, ``use_group_query_attention``, ``to_int8_latent``,
 ``absorb_projections``) for callers that hold a bare ``GraphModule``.
+
+Not a pass of the export: ``static_cache.to_static_cache`` makes the PyTorch decode program over
+buffers written in place (``mla_pass.decode.StaticCacheDecoder``, CUDA graphs).
 """
 from .absorb import lower_absorbed
 from .group_query import lower_group_query
