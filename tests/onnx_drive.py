@@ -1,6 +1,8 @@
 """Drive an exported folder with plain onnxruntime next to the PyTorch step program it came from."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -11,11 +13,18 @@ ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
 DECODE_STEPS = 32
 
 
-def session(folder):
+def session(source):
+    """An onnxruntime CPU session (1 thread) for an exported folder, a model file or an onnx.ModelProto."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = 1
-    return ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    if hasattr(source, "SerializeToString"):
+        source = source.SerializeToString()
+    elif Path(source).is_dir():
+        source = str(Path(source) / "model.onnx")
+    else:
+        source = str(source)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 def drive(folder, torch_step, empty_cache, ids: torch.Tensor, steps: int = DECODE_STEPS):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import tiny_llama
+from onnx_drive import session as _session
 
 onnx = pytest.importorskip("onnx", reason="the ONNX exporter needs onnx")
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
@@ -22,14 +23,6 @@ from mla_pass.export.fusion import fuse, op_counts  # noqa: E402
 from mla_pass.runtime.manifest import Manifest  # noqa: E402
 
 STEPS = 6
-
-
-def _session(model_or_path):
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = 1
-    source = model_or_path.SerializeToString() if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 def _drive(folder, step, empty_cache, ids, steps=STEPS):
