@@ -52,6 +52,10 @@ VARIANTS = {            # name: (d_kv or None for the original, latent cache dty
     "original int4 weights": (None, "float", "int4"),
     "mla d_kv=8 int4 weights": (8, "float", "int4"),
     "mla d_kv=32 int4 weights": (32, "float", "int4"),
+    "mla d_kv=8 int4 cache": (8, "int4", None),
+    "mla d_kv=32 int4 cache": (32, "int4", None),
+    "mla d_kv=8 int4 weights+cache": (8, "int4", "int4"),
+    "mla d_kv=32 int4 weights+cache": (32, "int4", "int4"),
 }
 DEFAULT_MODELS = ["original", "mla d_kv=32", "mla d_kv=8"]
 GENAI = "onnxruntime-genai (original)"

@@ -1,8 +1,8 @@
 """What int8 / int4 weights and the int8 latent cache cost in quality, and what they save (a benchmark).
 
 SmolLM2-135M, original and converted with the project default (calibrated on alice29, d_kv and
-r = 4), each exported by ``mla_pass.export.to_onnx`` as: fp32; int8 latent cache
-(``latent_cache="int8"``); int8 or int4 weights (``quantize="int8" | "int4"``: MatMulNBits, 8
+r = 4), each exported by ``mla_pass.export.to_onnx`` as: fp32; int8 or int4 latent cache
+(``latent_cache="int8" | "int4"``); int8 or int4 weights (``quantize="int8" | "int4"``: MatMulNBits, 8
 or 4 bits, blocks of 32, symmetric, the tied lm_head included, as onnxruntime-genai's int8 / int4
 builds); weights and cache together. Every folder is run by ``mla_pass.runtime.OnnxEngine`` (onnxruntime CPU)
 as one prefill per held-out window of ``lcet10.txt`` — through the cache: the int8 latent is
@@ -12,6 +12,11 @@ variant). Also: KV-cache bytes per token and the folder's size on disk.
 
     python benchmarks/quantized.py --windows 4 --d-kv 32        # table → benchmarks/results/quantized.md
     python benchmarks/quantized.py --original --d-kv 8 32 --variants fp32 "int4 weights" --out DIR
+    python benchmarks/quantized.py ... --genai-int4 DIR4     # + onnxruntime-genai's int4 build, side by side
+
+``--genai-int4`` / ``--genai-int8`` add onnxruntime-genai's own build of the original (its model
+builder's ``-p int4`` / ``-p int8``): its ``model.onnx`` is run by onnxruntime with an empty past
+(one prefill per window, as ours), the same held-out windows and reference.
 """
 from __future__ import annotations
 
@@ -41,6 +46,8 @@ VARIANTS = {            # name: (quantize, latent_cache)
     "int8 weights + int8 latent cache": ("int8", "int8"),
     "int4 weights": ("int4", "float"),
     "int4 weights + int8 latent cache": ("int4", "int8"),
+    "int4 latent cache": (None, "int4"),
+    "int4 weights + int4 latent cache": ("int4", "int4"),
 }
 
 
@@ -56,6 +63,35 @@ class EngineLogits(nn.Module):
         ids = ids.cpu().numpy()
         out = self.engine.step(ids, np.ones_like(ids))
         return torch.from_numpy(np.asarray(out.logits, dtype=np.float32))
+
+
+class GenaiLogits(nn.Module):
+    """onnxruntime-genai's build of the original as a logits function: its model.onnx (GroupQueryAttention
+    over past_key_values.{i}.key|value) run by onnxruntime from an empty past."""
+
+    def __init__(self, folder: Path, threads: int):
+        super().__init__()
+        import json
+
+        import onnxruntime as ort
+        decoder = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        self.pasts = [i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+        self.cache_dtype = np.float16 if "float16" in self.session.get_inputs()[2].type else np.float32
+        self.kv_heads, self.head_size = int(decoder["num_key_value_heads"]), int(decoder["head_size"])
+        # K and V of every layer, in the cache's dtype
+        self.kv_bytes_per_token = len(self.pasts) * self.kv_heads * self.head_size * np.dtype(self.cache_dtype).itemsize
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        ids = ids.cpu().numpy().astype(np.int64)
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        feeds.update({n: np.zeros((ids.shape[0], self.kv_heads, 0, self.head_size), self.cache_dtype)
+                      for n in self.pasts})
+        logits = self.session.run(["logits"], feeds)[0]
+        return torch.from_numpy(np.asarray(logits, dtype=np.float32))
 
 
 def export_variants(model, tok, d_kv: int | None, cache: Path, names) -> dict[str, Path]:
@@ -91,12 +127,22 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--original", action="store_true", help="also the original (its variants without a latent cache)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--genai-int4", type=Path, default=None, help="onnxruntime-genai's -p int4 build of the original")
+    p.add_argument("--genai-int8", type=Path, default=None, help="onnxruntime-genai's -p int8 build of the original")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     model, tok = assets.load_smollm2()
     cache = Path(assets.default_cache_dir()) / "exports" / f"quantized-{source_fingerprint()}"
     windows = held_out_windows(tok, a.windows, a.length)
     rows = []
+    for name, folder in (("int8 weights (onnxruntime-genai's build)", a.genai_int8),
+                         ("int4 weights (onnxruntime-genai's build)", a.genai_int4)):
+        if folder is None:
+            continue
+        genai = GenaiLogits(folder, a.threads)
+        q = text_quality(genai, windows, reference=model, progress=False)
+        rows.append(("original (genai)", name, genai.kv_bytes_per_token, folder_mb(folder), q))
+        print(f"genai {name}: ppl {q.perplexity:.2f} top-1 {q.agreement:.1%} KL {q.kl:.4f}", flush=True)
     models = ([None] if a.original else []) + a.d_kv
     for d_kv in models:
         folders = export_variants(model, tok, d_kv, cache, a.variants)

@@ -83,7 +83,9 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
             onnxruntime-genai's int8 / int4 builds; activations stay float). A tied lm_head gets its
             own quantized copy; the embedding stays fp32.
         latent_cache: ``"int8"`` (converted models only) caches the latent as 8-bit codes with
-            one scale per token (``past_key_values.{i}.latent_scale``; stored as uint8 = code + 128),
+            one scale per token (``past_key_values.{i}.latent_scale``; stored as uint8 = code + 128);
+            ``"int4"`` as 4-bit codes packed two a byte ([B, T, ⌈C/2⌉] uint8, code + 8 per nibble,
+            even channels low) with the same scales, unpacked for the same integer attention;
             read by integer attention (``math/absorbed_mqa.integer_latent_attention``, onnxruntime's
             ``MatMulInteger``); rope keys stay float.
         fuse: replace RMSNorm, residual add + RMSNorm, RoPE, layout round trips and sibling
@@ -116,8 +118,9 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
                          f"quantize={quantize!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if latent_cache == "int8" and not isinstance(model, MLAModel):
-        raise ValueError("latent_cache='int8' needs a converted model (mla_pass.convert): the original has no latent")
+    if latent_cache != "float" and not isinstance(model, MLAModel):
+        raise ValueError(f"latent_cache={latent_cache!r} needs a converted model (mla_pass.convert): the original "
+                         "has no latent")
     if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2):
         raise ValueError(f"max_length must be an integer >= 2 (prompt + generated tokens), got {max_length!r}")
     out = Path(out_dir)
@@ -153,7 +156,7 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
     try:
         stage("lowering passes")
         lower(program, settings)
-        step, spec, plans, vocab, kind = program.gm, program.cache_spec, program.plans, program.vocab_size, program.kind
+        step, spec, vocab, kind = program.gm, program.cache_spec, program.vocab_size, program.kind
         args, names, shapes = _example(program)
         wrapper = _OnnxStep(step).eval()
         opset = 24 if cache_update == "in_place" else 23          # TensorScatter is opset 24
@@ -179,7 +182,7 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
                 from mla_pass.export import tensorrt as trt_profile
                 trt_profile.check(onnx.load(str(staging / MODEL_FILE), load_external_data=False))
             has_tokenizer = _write_tokenizer(tokenizer, staging / TOKENIZER_FILE)
-            entries = [_cache_entry(t, plans[t.site], "uint8" if _is_int8(t, latent_cache) else dtype,
+            entries = [_cache_entry(t, program.cache_shape(t, -1, -2), "uint8" if _is_int8(t, latent_cache) else dtype,
                                     unit_axis=t.name in four_d) for t in spec]
             eos = generation.get("eos_token_id")
             manifest = Manifest(
@@ -195,15 +198,14 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
                                  "TensorRT's ONNX restrictions)" if tensorrt else "onnxruntime",
                        "weights": f"{quantize} (MatMulNBits, symmetric, blocks of {WEIGHT_BLOCK}, accuracy level 4; "
                                   "embedding fp32)" if quantize else dtype,
-                       "latent_cache": "8-bit (uint8 = code + 128), one scale per token; integer attention "
-                                       "(MatMulInteger)" if latent_cache == "int8" else dtype})
+                       "latent_cache": LATENT_CACHE_NOTES.get(latent_cache, dtype)})
             manifest.notes.update(program.notes)        # what the lowering passes report
             if fused is not None:
                 manifest.notes["fused"] = fused
             # quantized programs are checked over the model's own text and cache (``verify.self_filled_inputs``): on
             # random ones a deep model is chaotic at some tokens, which says nothing about the export
             checked = checks.self_filled_inputs(wrapper, args, spec, vocab, cache_update) \
-                if verify and (quantize or latent_cache == "int8") else args
+                if verify and (quantize or latent_cache != "float") else args
             if stage("checking before quantizing"):
                 # the graph as written is held to the float tolerance before onnxruntime's quantizer
                 # touches its weights; what the quantizer changes gets the approximate check below
@@ -373,17 +375,27 @@ def _example(program: StepProgram):
     return (ids, mask, pos, *past), names, shapes
 
 
+LATENT_CACHE_NOTES = {
+    "int8": "8-bit (uint8 = code + 128), one scale per token; integer attention (MatMulInteger)",
+    "int4": "4-bit, packed two a byte (uint8 [.., ceil(C/2)]: channel 2i in the low nibble, 2i+1 in the high one, "
+            "each code + 8; an odd width padded with code 0), one scale per token; unpacked to the 8-bit layout for "
+            "the integer attention (MatMulInteger)",
+}
+
+
 def _is_int8(spec, latent_cache: str) -> bool:
-    return latent_cache == "int8" and spec.kind == "latent"
+    """A quantized latent: its codes are stored as uint8 (8-bit, or two 4-bit codes a byte)."""
+    return latent_cache != "float" and spec.kind == "latent"
 
 
 def _present_name(past_name: str) -> str:
     return past_name.replace("past_key_values.", "present.", 1)
 
 
-def _cache_entry(spec, plan, dtype: str, unit_axis: bool = False) -> CacheEntry:
-    """``unit_axis``: the export laid this [B, T, C] cache out as [B, 1, T, C] (the TensorRT target)."""
-    shape = list(plan.cache_shape(spec.kind, -1, -2))
+def _cache_entry(spec, stored_shape, dtype: str, unit_axis: bool = False) -> CacheEntry:
+    """``stored_shape``: the program's (-1 = batch, -2 = past); ``unit_axis``: the export laid this
+    [B, T, C] cache out as [B, 1, T, C] (the TensorRT target)."""
+    shape = list(stored_shape)
     if unit_axis:
         shape.insert(1, 1)
     shape = ["batch" if d == -1 else "past" if d == -2 else int(d) for d in shape]

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from mla_pass.export.common import ExportError
-from mla_pass.math.int8_cache import dequantize_per_token
+from mla_pass.math.int8_cache import dequantize_per_token, unpack_int4
 from mla_pass.modules.cache import cache_time_axis
 from mla_pass.runtime.manifest import Manifest
 
@@ -93,9 +93,12 @@ def check_export(folder: Path, manifest: Manifest, wrapper: nn.Module, args: tup
     tol = (1.0 if quantized == "int4" else 0.5) if approximate else 1e-3 if dtype == "float32" else 2e-2
     names = ["logits"] + [e.output for e in manifest.cache]
     got, want = dict(zip(names, got)), dict(zip(names, want))
+    four_bit = str(manifest.notes.get("latent_cache", "")).startswith("4-bit")
     for name in int8_outputs:                   # its scales are the output named <latent>_scale
         codes, scales = (got[name], want[name]), (got[name + "_scale"], want[name + "_scale"])
         if codes[0].shape == codes[1].shape and scales[0].shape == scales[1].shape:   # else: a shape error below
+            if four_bit:                        # both unpacked alike (an odd width's padding code is 0 in both)
+                codes = tuple(unpack_int4(torch.from_numpy(c.astype(np.uint8)), 2 * c.shape[-1]).numpy() for c in codes)
             got[name], want[name] = (dequantize_per_token(torch.from_numpy(c), torch.from_numpy(sc).float()).numpy()
                                      for c, sc in zip(codes, scales))
     figures: dict[str, float | str] = {}

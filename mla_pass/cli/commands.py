@@ -310,8 +310,9 @@ def main(argv=None) -> int:
     p.add_argument("--quantize", default=None, choices=["int8", "int4"], help="int8 / int4 weights: onnxruntime's "
                    "MatMulNBits, symmetric, one scale per 32 input channels (as onnxruntime-genai's int8 / int4 "
                    "builds); activations stay float")
-    p.add_argument("--latent-cache", default="float", choices=["float", "int8"],
-                   help="int8: cache the latent as int8 with one scale per token (converted models)")
+    p.add_argument("--latent-cache", default="float", choices=["float", "int8", "int4"],
+                   help="int8 / int4: cache the latent as 8-bit codes, or 4-bit ones packed two a byte, with one "
+                   "scale per token (converted models)")
     p.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
                    help="tensorrt: standard ONNX only (no com.microsoft op, 4-D caches with tokens on axis -2), "
                    "checked against TensorRT's ONNX restrictions")

@@ -35,7 +35,7 @@ import torch
 from ..math.absorbed_mqa import absorbed_attention_mqa
 from ..math.absorbed_mqa import eligible as mqa_eligible
 from ..math.attention import absorbed_attention, key_bias_score, latent_output, latent_query
-from ..math.int8_cache import dequantize_per_token
+from ..math.int8_cache import ZERO_POINT, dequantize_per_token
 
 log = logging.getLogger(__name__)
 _logged: set[str] = set()
@@ -121,17 +121,18 @@ def fused_absorbed(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_B1TR, up_key_Hkv
 def absorbed_decode(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_B1TR, up_key_HkvNC, up_value_HkvVC,
                     b_value_HkvV, kv_head_of_query, scale: float, mask=None, is_causal=False, softcap=None,
                     b_key_HkvN=None, key_scale_BHkvT=None, *, kv_heads: Sequence[int], use_kernel: bool = True,
-                    latent_scale_BT=None):
+                    latent_scale_BT=None, latent_zero_point: int = ZERO_POINT):
     """``absorbed_attention`` with the fused kernel where its preconditions hold (module docstring).
-    ``latent_scale_BT``: the latent is an int8 cache (``math/int8_cache.py``); the multi-query form
-    folds the scales in, every other path dequantizes first."""
+    ``latent_scale_BT``: the latent is an 8-bit cache (``math/int8_cache.py``; zero point 128, or 8
+    for the unpacked 4-bit one); the multi-query form folds the scales in, every other path
+    dequantizes first."""
     mqa = mqa_eligible(softcap, key_scale_BHkvT, kv_heads, up_key_HkvNC.shape[0])
     if latent_scale_BT is not None:
         if mqa:
             return absorbed_attention_mqa(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_B1TR, up_key_HkvNC,
                                           up_value_HkvVC, b_value_HkvV, kv_head_of_query, scale, mask, is_causal,
-                                          latent_scale_BT)
-        latent_BTC = dequantize_per_token(latent_BTC, latent_scale_BT)
+                                          latent_scale_BT, latent_zero_point)
+        latent_BTC = dequantize_per_token(latent_BTC, latent_scale_BT, latent_zero_point)
     reason = "disabled" if not use_kernel else kernel_refusal(
         q_nope_BHSN, latent_BTC, mask, is_causal, q_rope_BHSR, k_rope_B1TR, up_key_HkvNC, up_value_HkvVC,
         b_value_HkvV, b_key_HkvN, key_scale_BHkvT)

@@ -23,7 +23,8 @@ class LoweringSettings:
     """Args:
         cache_update: "in_place" (past inputs are preallocated buffers written with TensorScatter,
             bound once by the runtime) or "concat" (present = past + new, a copy per step).
-        latent_cache: "float", or "int8" (converted models: 8-bit latent codes + a scale per token).
+        latent_cache: "float", "int8" or "int4" (converted models: 8-bit latent codes, or 4-bit ones
+            packed two a byte, + a scale per token).
         group_query_attention: run the unconverted baseline's sites as one GroupQueryAttention op
             each (in place only), as onnxruntime-genai exports the same model.
         absorb: fold W_uk and W_uv into the query and output projections (converted models).
@@ -48,6 +49,7 @@ class StepProgram:
     vocab_size: int
     kind: str                           # "mla" | "original"
     cache_update: str = "concat"        # what the program does now (lower_in_place changes it)
+    latent_cache: str = "float"         # lower_int8_latent sets "int8" / "int4"
     notes: dict = field(default_factory=dict)     # what each pass reports, for the export's manifest
 
     def example_inputs(self, dtype: torch.dtype = torch.float32) -> tuple:
@@ -62,14 +64,22 @@ class StepProgram:
         mask[1, :2] = 0                                              # one left-padded row
         pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -s:]
         int8_sites = {c.site for c in self.cache_spec if c.kind == "latent_scale"}
-        past = [_example_cache(self.plans[c.site].cache_shape(c.kind, b, buffer), c.kind, c.site in int8_sites,
-                               gen, device, dtype) for c in self.cache_spec]
+        past = [_example_cache(self.cache_shape(c, b, buffer), c.kind, c.site in int8_sites, gen, device, dtype)
+                for c in self.cache_spec]
         return ids, mask, pos, past
+
+
+    def cache_shape(self, spec: CacheTensor, batch: int, length: int) -> tuple[int, ...]:
+        """The stored shape of one cache tensor (a 4-bit latent holds ⌈C/2⌉ bytes per token)."""
+        shape = self.plans[spec.site].cache_shape(spec.kind, batch, length)
+        if spec.kind == "latent" and self.latent_cache == "int4":
+            return (*shape[:-1], (shape[-1] + 1) // 2)
+        return shape
 
 
 def _example_cache(shape, kind: str, int8_latent: bool, gen, device, dtype) -> torch.Tensor:
     if kind == "latent_scale":       # an int8 latent's per-token scales: positive
         return (torch.rand(shape, generator=gen) * 0.02 + 0.005).to(device, dtype)
-    if kind == "latent" and int8_latent:        # 8-bit codes + 128
+    if kind == "latent" and int8_latent:        # 8-bit codes + 128 (or two 4-bit codes + 8)
         return torch.randint(1, 256, shape, generator=gen, dtype=torch.uint8).to(device)
     return (torch.randn(shape, generator=gen) * 0.5).to(device, dtype)

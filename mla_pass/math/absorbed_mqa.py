@@ -46,13 +46,14 @@ def mask_bias(mask, is_causal: bool, s: int, t: int, dtype, device):
 
 def absorbed_attention_mqa(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_B1TR, up_key_HkvNC, up_value_HkvVC,
                            b_value_HkvV, kv_head_of_query, scale: float, mask=None, is_causal=False,
-                           latent_scale_BT=None):
+                           latent_scale_BT=None, latent_zero_point: int = ZERO_POINT):
     """``latent_scale_BT``: the latent is the 8-bit cache of ``math/int8_cache.py`` (uint8 codes +
-    128, one scale per token), read by ``integer_latent_attention``."""
+    ``latent_zero_point``: 128, or 8 for the unpacked 4-bit cache; one scale per token), read by
+    ``integer_latent_attention``."""
     q_latent_BHSC = (q_nope_BHSN * scale) @ up_key_HkvNC.index_select(0, kv_head_of_query)     # [B,H,S,N]@[H,N,C]
     q_rope_BHSR = q_rope_BHSR * scale if q_rope_BHSR.shape[-1] else q_rope_BHSR
     out_latent = latent_mqa(q_latent_BHSC, q_rope_BHSR, latent_BTC, k_rope_B1TR, mask, is_causal,
-                            latent_scale_BT)
+                            latent_scale_BT, latent_zero_point)
     out = out_latent @ up_value_HkvVC.index_select(0, kv_head_of_query).transpose(-1, -2)     # [B,H,S,V]
     if b_value_HkvV is not None:
         out = out + b_value_HkvV.index_select(0, kv_head_of_query)[None, :, None, :]
@@ -60,7 +61,7 @@ def absorbed_attention_mqa(q_nope_BHSN, q_rope_BHSR, latent_BTC, k_rope_B1TR, up
 
 
 def latent_mqa(q_latent_BHSC, q_rope_BHSR, latent_BTC, k_rope_B1TR, mask=None, is_causal=False,
-               latent_scale_BT=None):
+               latent_scale_BT=None, latent_zero_point: int = ZERO_POINT):
     """softmax(q_latent·c_t + q_rope·k_rope_t + mask) · c_t → the heads' latent outputs [B,H,S,C]
     (queries already scaled)."""
     b, h, s, c = q_latent_BHSC.shape
@@ -72,7 +73,7 @@ def latent_mqa(q_latent_BHSC, q_rope_BHSR, latent_BTC, k_rope_B1TR, mask=None, i
         rope = (q_rope_BHSR.reshape(b, h * s, r) @ k_rope_B1TR.reshape(b, t, r).transpose(1, 2)).reshape(b, h, s, t)
     bias = mask_bias(mask, is_causal, s, t, q_latent_BHSC.dtype, q_latent_BHSC.device)
     if latent_scale_BT is not None:
-        return integer_latent_attention(q_latent_BHSC, latent_BTC, latent_scale_BT, rope, bias)
+        return integer_latent_attention(q_latent_BHSC, latent_BTC, latent_scale_BT, rope, bias, latent_zero_point)
     scores = (q_latent_BHSC.reshape(b, h * s, c) @ latent_BTC.transpose(1, 2)).reshape(b, h, s, t)
     weights = torch.softmax(_plus(scores, rope, bias), dim=-1)
     return (weights.reshape(b, h * s, t) @ latent_BTC).reshape(b, h, s, c)                   # [B,H,S,C]
@@ -85,12 +86,13 @@ def _plus(scores, *terms):
     return scores
 
 
-def integer_latent_attention(q_latent_BHSC, codes_BTC, latent_scale_BT, rope_BHST=None, bias=None):
+def integer_latent_attention(q_latent_BHSC, codes_BTC, latent_scale_BT, rope_BHST=None, bias=None,
+                             zero_point: int = ZERO_POINT):
     """softmax(q·c_t + rope + bias) · c_t over the 8-bit latent cache, both products in integers.
 
     scores: each query row is quantized to int8 (one scale per row), and ``codes · q_codesᵀ`` is
     one integer GEMM with the cache as its left operand, read as stored ([B,T,C] uint8, zero
-    point 128; no transpose of the cache), → [B,T,R] int32, × query scale × token scale.
+    point 128, or 8 for the unpacked 4-bit cache; no transpose of the cache), → [B,T,R] int32, × query scale × token scale.
     output: the weights × token scales are quantized per row to uint8 (scale rowmax/255) and
     ``w_codes · codes`` is the second integer GEMM, × the row scale. The latent is never cast
     to float. Exported as onnxruntime's ``MatMulInteger`` (``mla_pass.ops.matmul_integer``)."""
@@ -100,10 +102,10 @@ def integer_latent_attention(q_latent_BHSC, codes_BTC, latent_scale_BT, rope_BHS
     t = codes_BTC.shape[1]
     dtype = q_latent_BHSC.dtype
     q_codes, q_scale = quantize_rows_int8(q_latent_BHSC.reshape(b, h * s, c))                 # [B,R,C], [B,R,1]
-    scores = matmul_integer(codes_BTC, q_codes.transpose(1, 2), ZERO_POINT, 0)                # [B,T,R] int32
+    scores = matmul_integer(codes_BTC, q_codes.transpose(1, 2), zero_point, 0)                # [B,T,R] int32
     scores = scores.transpose(1, 2).to(dtype) * q_scale * latent_scale_BT[:, None, :]         # [B,R,T]
     weights = torch.softmax(_plus(scores.reshape(b, h, s, t), rope_BHST, bias), dim=-1)
     weights = weights.reshape(b, h * s, t) * latent_scale_BT[:, None, :]
     w_codes, w_scale = quantize_rows_uint8(weights)                                            # [B,R,T], [B,R,1]
-    out = matmul_integer(w_codes, codes_BTC, 0, ZERO_POINT).to(dtype) * w_scale               # [B,R,C]
+    out = matmul_integer(w_codes, codes_BTC, 0, zero_point).to(dtype) * w_scale               # [B,R,C]
     return out.reshape(b, h, s, c)

@@ -19,7 +19,8 @@ from torch import nn
 from ..kernels.dispatch import absorbed_decode
 from ..math.absorbed_mqa import latent_mqa
 from ..math.attention import decompressed_attention
-from ..math.int8_cache import dequantize_per_token, quantize_per_token
+from ..math.int8_cache import (ZERO_POINT, ZERO_POINT_4BIT, dequantize_per_token, quantize_per_token,
+                               quantize_per_token_int4, unpack_int4)
 from .cache import cache_time_axis, split_cache_args, update_cache
 from .modes import FORMS, LATENT_CACHES, MODULE_CACHE_UPDATES, Mode
 from .site_plan import SitePlan
@@ -60,8 +61,8 @@ class LatentAttention(nn.Module):
     form = Mode(FORMS, "auto", "auto: decompressed for prompts, absorbed for one-token steps")
     cache_update = Mode(MODULE_CACHE_UPDATES, "concat", "in_place: past are preallocated buffers (lowering.in_place); "
                         "static: buffers written in place (lowering.static_cache)")
-    latent_cache = Mode(LATENT_CACHES, "float", "int8: 8-bit codes (uint8 + 128) + a per-token scale "
-                        "(lowering.int8_latent)")
+    latent_cache = Mode(LATENT_CACHES, "float", "int8: 8-bit codes (uint8 + 128) + a per-token scale; int4: "
+                        "4-bit codes packed two a byte + a per-token scale (lowering.int8_latent)")
 
     def __init__(self, plan: SitePlan):
         super().__init__()
@@ -109,9 +110,14 @@ class LatentAttention(nn.Module):
         self.output_projection: nn.Linear | None = None
 
     @property
+    def latent_zero_point(self) -> int:
+        """The zero point of the latent codes attention reads (8-bit: 128; unpacked 4-bit: 8)."""
+        return ZERO_POINT_4BIT if self.latent_cache == "int4" else ZERO_POINT
+
+    @property
     def cache_kinds(self) -> list[str]:
         """This module's cache tensors in call order: the plan's, then the int8 latent's scales."""
-        return self.plan.cache_kinds + (["latent_scale"] if self.latent_cache == "int8" else [])
+        return self.plan.cache_kinds + (["latent_scale"] if self.latent_cache != "float" else [])
 
     # -- pieces -------------------------------------------------------------------------------
     def split_query(self, query_raw, query):
@@ -192,10 +198,13 @@ class LatentAttention(nn.Module):
             if len(past) != len(kinds):
                 raise ValueError(f"{p.layer}: expected cache tensors {kinds}, got {len(past)}")
             if "latent_scale" in kinds:
-                new["latent"], new["latent_scale"] = quantize_per_token(new["latent"])
+                quantize = quantize_per_token_int4 if self.latent_cache == "int4" else quantize_per_token
+                new["latent"], new["latent_scale"] = quantize(new["latent"])
             static = self.cache_update == "static"
             for kind, old in zip(kinds, past):
                 new[kind] = update_cache(old, new[kind], cache_time_axis(kind), write_index, static)
+            if self.latent_cache == "int4":      # attention reads one code a byte; the cache stays packed
+                new["latent_codes"] = unpack_int4(new["latent"], p.latent_dim)
         if "rope_key" not in p.cache_kinds:            # no rope keys: zero-width over all keys
             latent = new["latent"]
             new["rope_key"] = latent.new_zeros(latent.shape[0], 1, latent.shape[1], 0)
@@ -211,8 +220,8 @@ class LatentAttention(nn.Module):
             q_rope = self.rope_query_of(query_rope_full)
         else:
             q_rope = q_latent.new_zeros(b, p.n_heads, s, 0)
-        out_latent = latent_mqa(q_latent, q_rope, new["latent"], new["rope_key"], mask, p.is_causal and not cached,
-                                new.get("latent_scale"))
+        out_latent = latent_mqa(q_latent, q_rope, new.get("latent_codes", new["latent"]), new["rope_key"], mask,
+                                p.is_causal and not cached, new.get("latent_scale"), self.latent_zero_point)
         return self.output_projection(out_latent.transpose(1, 2).reshape(b, s, -1))
 
     # -- the call the graph makes --------------------------------------------------------------
@@ -232,7 +241,7 @@ class LatentAttention(nn.Module):
         """The model's own query against the cache tensors ``new``, in ``form`` → out [B,H,S,Dv]."""
         p = self.plan
         q_nope, q_rope = self.split_query(query_raw, query)
-        latent, latent_scale = new["latent"], new.get("latent_scale")
+        latent, latent_scale = new.get("latent_codes", new["latent"]), new.get("latent_scale")
         key_scale = None
         if p.key_norm:
             key_scale = new["key_scale"].expand(-1, p.n_kv_heads, -1)                  # [B, Hkv, T]
@@ -242,10 +251,10 @@ class LatentAttention(nn.Module):
             out = absorbed_decode(q_nope, q_rope, latent, new["rope_key"], self.up_key, self.up_value,
                                   self.value_bias, self.kv_head_of_query, p.scale, mask, is_causal, p.softcap,
                                   self.key_bias, key_scale, kv_heads=p.kv_head_of_query, use_kernel=self.decode_kernel,
-                                  latent_scale_BT=latent_scale)
+                                  latent_scale_BT=latent_scale, latent_zero_point=self.latent_zero_point)
         else:
             if latent_scale is not None:
-                latent = dequantize_per_token(latent, latent_scale)
+                latent = dequantize_per_token(latent, latent_scale, self.latent_zero_point)
             k_nope, v = self.decompress(latent)
             if key_scale is not None:
                 k_nope = k_nope * key_scale[..., None]

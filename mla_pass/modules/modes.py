@@ -34,4 +34,4 @@ FORMS = ("auto", "absorbed", "decompressed")
 # how a module writes its cache: the runtime's two (exported programs), and "static": preallocated
 # buffers written in place at the given positions (``lowering.static_cache``, CUDA graphs)
 MODULE_CACHE_UPDATES = (*CACHE_UPDATES, "static")
-LATENT_CACHES = ("float", "int8")
+LATENT_CACHES = ("float", "int8", "int4")
