@@ -52,11 +52,6 @@ class StaticCacheDecoder(nn.Module):
         logits, *_ = self.program(input_ids, position_ids, slots, *self.caches, cache_position)
         return logits
 
-    def reset(self) -> None:
-        """Forget every cached token (the buffers are kept: their stale values are masked)."""
-        self.slots.zero_()
-        self.length = 0
-
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``input_ids`` [B, S] after the ``length`` cached tokens; ``attention_mask`` [B, length + S]."""
         batch, new = input_ids.shape

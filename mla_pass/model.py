@@ -180,7 +180,7 @@ class MLAModel(nn.Module):
                 raise ValueError("attention_mask must hold 0/1 with at least one real token (1) in every row")
         if static_cache is None:
             static_cache = input_ids.device.type == "cuda" and self.can_cache
-        from .decode import COMPILES
+        from .decode import COMPILES, StaticCacheDecoder
         if not isinstance(static_cache, bool) or not (isinstance(compile, bool) or compile in COMPILES):
             raise ValueError(f"static_cache must be True or False and compile True, False or one of "
                              f"{sorted(COMPILES)}, got {static_cache!r}, {compile!r}")
@@ -196,7 +196,6 @@ class MLAModel(nn.Module):
             return tokens
         decoder = None
         if static_cache:
-            from .decode import StaticCacheDecoder
             decoder = StaticCacheDecoder(self.step, self.cache_spec, self.plans, input_ids.shape[0],
                                          input_ids.shape[1] + max_new_tokens,
                                          compile="reduce-overhead" if compile is True else compile or None)

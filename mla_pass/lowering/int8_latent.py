@@ -4,8 +4,8 @@
 with_cache=True)``, concat or in place) and gives every latent attention site one more cache
 tensor, ``past_key_values.{i}.latent_scale [B, T]``, right after the site's other cache tensors;
 the site's ``latent`` cache becomes 8-bit (int8 codes stored as uint8 = code + 128) or, with
-``bits="int4"``, 4-bit (two codes a byte, [B, T, ⌈C/2⌉], unpacked to the 8-bit layout for the
-same attention). New tokens
+``bits="int4"``, 4-bit (two codes a byte, [B, T, ⌈C/2⌉], unpacked to one code + 8 a byte for the
+same attention with zero point 8). New tokens
 are quantized per token as they are written (``math/int8_cache.py``); the absorbed form reads the
 codes with integer GEMMs, the scales folded into scores and weights
 (``math/absorbed_mqa.integer_latent_attention``). Rope keys (and Qwen3/OLMo2 key scales) stay in the float dtype: they are
