@@ -65,10 +65,13 @@ class MLAConfig:
             and the strategy resolves to ``"score-error"``, else ``"none"``.
         best_effort: leave sites that cannot be rewritten exactly untouched (with a warning and
             a line in the report) instead of raising.
+        max_rope_width: with ``kv_budget``, at most this many rotated values per token at any site
+            (2 per rope slot): a serving target's limit, e.g. 64 for vLLM's CPU_MLA and FlashMLA
+            kernels (head size 576 = latent 512 + rope 64). ``None``: no limit.
 
     Example:
         >>> MLAConfig(d_kv=16, rope_freqs=4, rope_strategy="high")
-        MLAConfig(d_kv=16, rope_freqs=4, rope_strategy='high', svd='joint', activation_aware=None, damping=0.01, best_effort=False, kv_budget=None, refit=False, nope_fit='auto', nope_map='rotation', rope_mix='auto')
+        MLAConfig(d_kv=16, rope_freqs=4, rope_strategy='high', svd='joint', activation_aware=None, damping=0.01, best_effort=False, kv_budget=None, refit=False, nope_fit='auto', nope_map='rotation', rope_mix='auto', max_rope_width=None)
     """
     d_kv: int | None = None
     rope_freqs: int | None = None
@@ -82,6 +85,7 @@ class MLAConfig:
     nope_fit: str = "auto"
     nope_map: str = "rotation"
     rope_mix: str = "auto"
+    max_rope_width: int | None = None
 
     def __post_init__(self):
         if self.d_kv is not None and (not isinstance(self.d_kv, int) or isinstance(self.d_kv, bool) or self.d_kv <= 0):
@@ -107,6 +111,14 @@ class MLAConfig:
         if self.rope_mix == "pca" and self.nope_fit not in ("auto", "none"):
             raise ValueError(f"nope_fit={self.nope_fit!r} fits a map per kv head's dropped pair, which mixed slots "
                              "do not have: use rope_mix='none' with it, or nope_fit='none'")
+        if self.max_rope_width is not None:
+            if isinstance(self.max_rope_width, bool) or not isinstance(self.max_rope_width, int) \
+                    or self.max_rope_width < 2 or self.max_rope_width % 2:
+                raise ValueError(f"max_rope_width is a number of rotated values per token (2 per rope slot): an even "
+                                 f"integer >= 2, got {self.max_rope_width!r}")
+            if self.kv_budget is None:
+                raise ValueError("max_rope_width limits what kv_budget allocates: give kv_budget too (with a fixed "
+                                 "rope_freqs the width is rope_freqs * 2 * n_kv_heads)")
         if self.svd not in SVD_MODES:
             raise ValueError(f"svd must be one of {SVD_MODES}, got {self.svd!r}")
         if self.kv_budget is not None:

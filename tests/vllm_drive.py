@@ -1,8 +1,9 @@
 """Run an exported folder on vLLM (offline ``LLM``) and print what the tests compare, as JSON.
 
 Run by the vLLM venv's Python (``scripts/setup_vllm.sh``): ``vllm_drive.py FOLDER REQUEST.json``
-where the request holds ``prompts`` (lists of token ids), ``max_tokens`` and ``dtype``. Prints one
-JSON line: the greedy tokens, the attention backend, and the KV cache vLLM allocated per token.
+where the request holds ``prompts`` (lists of token ids) or ``texts`` (tokenized by vLLM with the
+folder's tokenizer), ``max_tokens`` and ``dtype``. Prints one JSON line: the prompt ids, the greedy
+tokens, the attention backend, and the KV cache vLLM allocated per token.
 """
 import json
 import os
@@ -29,17 +30,20 @@ def main(folder: str, request_path: str) -> None:
     from vllm.inputs import TokensPrompt
 
     request = json.loads(open(request_path).read())
-    llm = LLM(model=folder, dtype=request.get("dtype", "float32"), skip_tokenizer_init=True,
+    texts = request.get("texts")
+    llm = LLM(model=folder, dtype=request.get("dtype", "float32"), skip_tokenizer_init=texts is None,
               max_model_len=request.get("max_model_len", 256), enforce_eager=True, seed=0)
     params = SamplingParams(temperature=0.0, max_tokens=request["max_tokens"], ignore_eos=True)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in request["prompts"]], params, use_tqdm=False)
+    prompts = texts if texts is not None else [TokensPrompt(prompt_token_ids=p) for p in request["prompts"]]
+    outs = llm.generate(prompts, params, use_tqdm=False)
     backend = None
     try:
         runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
         backend = sorted({g.backend.get_name() for groups in runner.attn_groups for g in groups})
     except Exception as e:        # the backend name is a diagnostic only
         backend = f"unknown ({type(e).__name__})"
-    print("RESULT " + json.dumps({"tokens": [list(o.outputs[0].token_ids) for o in outs], "backend": backend,
+    print("RESULT " + json.dumps({"prompts": [list(o.prompt_token_ids) for o in outs],
+                                  "tokens": [list(o.outputs[0].token_ids) for o in outs], "backend": backend,
                                   "cache": cache_per_token(llm)}))
 
 

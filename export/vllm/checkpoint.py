@@ -160,8 +160,9 @@ def padded_widths(model, layout: str) -> Widths:
         return Widths(widest.latent, max(widest.rope, 2))        # one slot at least: vLLM wants a rope part
     if widest.latent > fixed[0] or widest.rope > fixed[1]:
         raise ExportError(f"the widest layer caches latent {widest.latent} + rope {widest.rope} values, more than "
-                          f"the {layout} layout's {fixed[0]} + {fixed[1]}: use layout='compact' (Triton MLA) or "
-                          "convert at a smaller budget")
+                          f"the {layout} layout's {fixed[0]} + {fixed[1]}: convert with "
+                          f"MLAConfig(kv_budget=..., max_rope_width={fixed[1]}) (--max-rope-width {fixed[1]}), "
+                          "or use layout='compact'")
     return Widths(*fixed)
 
 
@@ -200,6 +201,8 @@ def checkpoint_tensors(model, widths: Widths, inv_freq: torch.Tensor) -> dict[st
         if tied and hf == "lm_head.weight":
             continue                                   # vLLM ties it to the embedding
         out[hf] = t.detach()
+    if tied and "model.embed_tokens.weight" not in out:     # a captured program may keep the tied one as lm_head only
+        out["model.embed_tokens.weight"] = state["model.lm_head.weight"].detach()
     left = [n for n in state if ".self_attn." in n and not n.endswith((".q_proj.weight", ".q_proj.bias",
                                                                           ".o_proj.weight", ".o_proj.bias"))]
     if left:

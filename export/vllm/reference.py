@@ -92,10 +92,11 @@ def reference_model(folder: str | Path, form: str = "decompressed", dtype: torch
         layer.self_attn = ExportedLatentAttention(own, config, i, form)
     rest = {k: v for k, v in tensors.items() if ".self_attn." not in k}
     missing, unexpected = model.load_state_dict(rest, strict=False)
-    missing = [k for k in missing if ".self_attn." not in k and not (k == "lm_head.weight" and hf_config.tie_word_embeddings)]
+    tied = hf_config.tie_word_embeddings
+    missing = [k for k in missing if ".self_attn." not in k and not (k == "lm_head.weight" and tied)]
     if missing or unexpected:
         raise ValueError(f"{folder}: weights missing {missing[:3]} / unexpected {unexpected[:3]}")
-    if hf_config.tie_word_embeddings:
+    if tied:
         model.tie_weights()
     return model
 

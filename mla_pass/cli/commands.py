@@ -41,7 +41,7 @@ def _config_from_args(args):
     return MLAConfig(d_kv=args.d_kv, rope_freqs=args.rope_freqs, rope_strategy=args.rope_strategy,
                      svd=args.svd, activation_aware=args.activation_aware, best_effort=args.best_effort,
                      kv_budget=args.kv_budget, refit=args.refit, nope_fit=args.nope_fit,
-                     rope_mix=args.rope_mix)
+                     rope_mix=args.rope_mix, max_rope_width=args.max_rope_width)
 
 
 def _calibration_tokens(tokenizer, cache_dir, windows: int = 8, length: int = 512):
@@ -81,12 +81,23 @@ def cmd_convert(args) -> int:
 
 
 def cmd_export(args) -> int:
-    """Convert (or load a converted folder) and write an ONNX folder for the runtime."""
+    """Convert (or load a converted folder) and write an ONNX folder for the runtime, or a
+    checkpoint folder for vLLM (``--format vllm``)."""
     from ..export.onnx import to_onnx
     from ..export.staging import check_destination
     from ..model import MLAModel
     from ..pipeline import convert
     check_destination(args.out)                  # the options and the folder before any work
+    if args.format == "vllm":
+        if args.original:
+            raise ValueError("--format vllm serves converted models; vLLM loads the original folder as it is")
+        onnx_only = {"--quantize": args.quantize, "--latent-cache": args.latent_cache != "float" or None,
+                     "--target": args.target != "onnxruntime" or None, "--max-length": args.max_length,
+                     "--cache-update": args.cache_update != "in_place" or None}
+        given = [flag for flag, value in onnx_only.items() if value]
+        if given:
+            raise ValueError(f"{', '.join(given)} belong to the ONNX export; vLLM manages its own cache "
+                             "(its --kv-cache-dtype quantizes it)")
     if args.max_length is not None and args.max_length < 2:
         raise ValueError(f"--max-length must be >= 2 (prompt + generated tokens), got {args.max_length}")
     config = None if args.original else _config_from_args(args)
@@ -105,6 +116,8 @@ def cmd_export(args) -> int:
         program = convert(source, config, calibration=calib)
     if isinstance(program, MLAModel):
         what = f"converted ({program.config})"          # the config that ran, automatic choices made
+    if args.format == "vllm":
+        return _export_vllm(program, args, tok, what, t0)
     out = to_onnx(program, args.out, dtype=args.dtype, tokenizer=tok, max_length=args.max_length,
                   cache_update=args.cache_update, quantize=args.quantize,
                   latent_cache=args.latent_cache, target=args.target)
@@ -113,6 +126,21 @@ def cmd_export(args) -> int:
     print(f"exported {what} in {time.perf_counter() - t0:.0f} s to {out}: {len(manifest.cache)} cache tensors, "
           f"{manifest.kv_cache_bytes_per_token():,} KV bytes/token ({manifest.dtype}), cache {manifest.cache_update}")
     print(f"run it: mla-pass generate {out} --prompt \"...\"")
+    return 0
+
+
+def _export_vllm(program, args, tok, what: str, t0: float) -> int:
+    import json
+
+    from ..export.vllm import to_vllm
+    out = to_vllm(program, args.out, layout=args.vllm_layout, dtype=args.dtype,
+                  tokenizer=tok)
+    info = json.loads((out / "config.json").read_text())["mla_pass"]
+    print(f"exported {what} in {time.perf_counter() - t0:.0f} s to {out} for vLLM: layout {info['layout']} "
+          f"({info['cache_values_per_token_per_layer']} cached values per token per layer, "
+          f"{info['cache_bytes_per_token']:,} bytes/token; original K/V {info['original_cache_values_per_token']:,} "
+          f"values/token)")
+    print(f"serve it (in the vLLM venv, scripts/setup_vllm.sh): vllm serve {out}")
     return 0
 
 
@@ -269,6 +297,8 @@ def _add_mla_options(p):
     p.add_argument("--rope-mix", default="auto", choices=["auto", "pca", "none"],
                    help="pca: mix each rotary pair across kv heads and keep the best slots anywhere (the default with "
                    "calibration); none: pairs per kv head, as MHA2MLA")
+    p.add_argument("--max-rope-width", type=int, default=None, help="with --kv-budget: at most this many rotated "
+                   "values per token at any layer (64 for vLLM's CPU_MLA / FlashMLA head size 576)")
     p.add_argument("--refit", action="store_true", help="least-squares refit of the up-projections on calibration "
                    "activations")
     p.add_argument("--nope-fit", default="auto", choices=["auto", "none", "uniform", "attention", "attention-centered"],
@@ -300,12 +330,19 @@ def main(argv=None) -> int:
                    "distillation for the rest of the time); 0: none")
     p.add_argument("--recover-steps", type=int, default=40, help="layer-wise Adam steps per site")
     p.set_defaults(func=cmd_demo, d_kv=32, rope_freqs=4)
-    p = sub.add_parser("export", help="write an ONNX folder (compressed cache as graph I/O) for the runtime")
+    p = sub.add_parser("export", help="write an ONNX folder (compressed cache as graph I/O) for the runtime, or a "
+                       "folder vLLM serves (--format vllm)")
     p.add_argument("model", help=f"'{DEFAULT_MODEL}', a Hugging Face model folder, or a saved mla-pass folder")
     p.add_argument("--out", required=True)
+    p.add_argument("--format", default="onnx", choices=["onnx", "vllm"], help="vllm: a Hugging Face-style checkpoint "
+                   "with DeepSeek-style MLA fields, served by vLLM through the mla-pass plugin")
+    p.add_argument("--vllm-layout", default="deepseek", choices=["deepseek", "compact"],
+                   help="deepseek: every layer padded to latent 512 + rope 64 (vLLM's CPU_MLA and FlashMLA); "
+                   "compact: to the widest layer only (Triton MLA)")
     p.add_argument("--original", action="store_true", help="export the unconverted model (key/value cache): "
                    "the baseline for comparisons")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="bfloat16: --format vllm only")
     p.add_argument("--cache-update", default="in_place", choices=["in_place", "concat"])
     p.add_argument("--quantize", default=None, choices=["int8", "int4"], help="int8 / int4 weights: onnxruntime's "
                    "MatMulNBits, symmetric, one scale per 32 input channels (as onnxruntime-genai's int8 / int4 "

@@ -69,6 +69,13 @@ def site_choices(site: AttentionSite, config: MLAConfig, stats) -> SiteChoices:
     else:
         error, pair_energy = pair_errors(site, config, site_stats) or (None, None)
         candidates = [config.rope_freqs] if config.rope_freqs is not None else rope_candidates(site.rope.n_pairs)
+    rope_cost = 2 if mixed else 2 * n_kv
+    if config.max_rope_width is not None:
+        capped = [r for r in candidates if r * rope_cost <= config.max_rope_width]
+        if not capped:
+            raise ValueError(f"{site.layer}: max_rope_width={config.max_rope_width} is below this site's smallest rope "
+                             f"part ({min(candidates) * rope_cost} values); raise it or fix rope_freqs lower")
+        candidates = capped
     losses = {}
     for r in candidates:
         if mixed:
@@ -89,7 +96,7 @@ def site_choices(site: AttentionSite, config: MLAConfig, stats) -> SiteChoices:
         key_rank = n_kv * hd - 2 * len(slots)
         losses[r] = rope_loss + _latent_loss(rows @ g @ rows.T, key_rows, value_rows, hidden, config.svd,
                                              key_rank) / total
-    return SiteChoices(losses=losses, rope_cost=2 if mixed else 2 * n_kv, fixed_cost=_key_scale_values(site),
+    return SiteChoices(losses=losses, rope_cost=rope_cost, fixed_cost=_key_scale_values(site),
                        min_latent=n_kv)
 
 

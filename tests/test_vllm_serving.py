@@ -1,0 +1,92 @@
+"""vLLM serves exported converted models: its greedy tokens are ``mla.generate``'s.
+
+vLLM runs in its own venv (``scripts/setup_vllm.sh``: ``.venv-vllm``, which CI builds; it pins a
+torch and transformers of its own), driven by ``vllm_drive.py`` in a subprocess on the folders
+this venv exports. float32 on vLLM's CPU_MLA backend: 2 prompts x 16 new tokens each, for a tiny
+Llama (GQA), a tiny Qwen2 (q/k/v biases) and the real SmolLM2-135M at kv_budget=0.3125; the
+latent cache vLLM allocates per token is the width the folder states (its padding included).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import tiny_llama, tiny_qwen2
+
+import mla_pass
+from mla_pass import MLAConfig
+from mla_pass.export.vllm import to_vllm
+
+ROOT = Path(__file__).resolve().parents[1]
+VLLM_PYTHON = Path(os.environ.get("MLA_PASS_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
+NEW_TOKENS = 16
+
+
+def _vllm_available() -> str | None:
+    if not VLLM_PYTHON.is_file():
+        return f"no vLLM venv at {VLLM_PYTHON}: run scripts/setup_vllm.sh (CI builds it) to run these tests"
+    probe = subprocess.run([str(VLLM_PYTHON), "-c", "import vllm, mla_pass.export.vllm.plugin"],
+                           capture_output=True, text=True, timeout=300)
+    if probe.returncode:
+        return f"vLLM does not import in {VLLM_PYTHON}: {probe.stderr.strip().splitlines()[-1:]}"
+    return None
+
+
+pytestmark = pytest.mark.skipif(bool(reason := _vllm_available()), reason=reason or "")
+
+
+def serve(folder: Path, tmp_path: Path, **request) -> dict:
+    """Run the folder on vLLM (a fresh process) → the driver's JSON result."""
+    path = tmp_path / "request.json"
+    path.write_text(json.dumps({"max_tokens": NEW_TOKENS, **request}))
+    done = subprocess.run([str(VLLM_PYTHON), str(ROOT / "tests" / "vllm_drive.py"), str(folder), str(path)],
+                          capture_output=True, text=True, timeout=600)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, f"vLLM failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def greedy(mla, prompts: list[list[int]]) -> list[list[int]]:
+    return [mla.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, eos_token_id=None)[0, len(p):].tolist()
+            for p in prompts]
+
+
+def check_cache(result: dict, folder: Path, layers: int) -> None:
+    stated = json.loads((folder / "config.json").read_text())["mla_pass"]
+    cache = result["cache"]
+    assert cache["spec"] == "MLAAttentionSpec" and cache["num_kv_heads"] == 1 and cache["layers"] == layers
+    assert cache["head_size"] == stated["cache_values_per_token_per_layer"]
+    assert cache["bytes_per_token"] == stated["cache_bytes_per_token"]
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen2"])
+def test_tiny_models_match_generate(family, tmp_path):
+    model = tiny_llama(n_kv=2) if family == "llama-gqa" else tiny_qwen2()
+    calibration = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    mla = mla_pass.convert(model, MLAConfig(d_kv=6, rope_freqs=2), calibration=calibration, progress=False)
+    folder = to_vllm(mla, tmp_path / "vllm")
+    prompts = [[1, 5, 9, 33, 2, 7, 90], [100, 3, 4]]
+    result = serve(folder, tmp_path, prompts=prompts)
+    assert result["backend"] == ["CPU_MLA"]
+    assert result["tokens"] == greedy(mla, prompts)
+    check_cache(result, folder, layers=2)
+
+
+@pytest.mark.slow
+def test_smollm2_at_a_budget_matches_generate(smollm2, tmp_path):
+    from mla_pass.quality.windows import calibration_windows
+
+    model, tok = smollm2
+    config = MLAConfig(kv_budget=0.3125, max_rope_width=64)       # CPU_MLA's rope part is 64 wide
+    mla = mla_pass.convert(model, config, calibration=calibration_windows(tok, 2, 512), progress=False)
+    folder = to_vllm(mla, tmp_path / "vllm", tokenizer=tok)
+    texts = ["The capital of France is", "Alice was beginning to get very tired of sitting by her sister"]
+    result = serve(folder, tmp_path, texts=texts, max_model_len=512)
+    prompts = [tok(t).input_ids for t in texts]
+    assert result["prompts"] == prompts                    # vLLM tokenizes with the folder's tokenizer
+    assert result["tokens"] == greedy(mla, prompts)
+    check_cache(result, folder, layers=30)
