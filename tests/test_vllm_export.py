@@ -59,7 +59,7 @@ def test_config_states_the_layout_and_pads_with_zeros(tmp_path):
 
     mla = mla_pass.convert(tiny_llama(n_kv=2), MLAConfig(kv_budget=0.4), calibration=CALIBRATION, progress=False)
     widths = [p.latent_dim for p in mla.plans.values()], [p.rope_width for p in mla.plans.values()]
-    for layout, (latent, rope) in {"deepseek": (512, 64), "compact": (max(widths[0]), max(widths[1]))}.items():
+    for layout, (latent, rope) in {"deepseek": (512, 64), "compact": (320 - max(widths[1]), max(widths[1]))}.items():
         out = to_vllm(mla, tmp_path / layout, layout=layout)
         config = json.loads((out / "config.json").read_text())
         assert (config["model_type"], config["architectures"]) == ("deepseek_v2", ["MLAPassLlamaForCausalLM"])

@@ -1,10 +1,12 @@
 """vLLM serves exported converted models: its greedy tokens are ``mla.generate``'s.
 
 vLLM runs in its own venv (``scripts/setup_vllm.sh``: ``.venv-vllm``, which CI builds; it pins a
-torch and transformers of its own), driven by ``vllm_drive.py`` in a subprocess on the folders
-this venv exports. float32 on vLLM's CPU_MLA backend: 2 prompts x 16 new tokens each, for a tiny
-Llama (GQA), a tiny Qwen2 (q/k/v biases) and the real SmolLM2-135M at kv_budget=0.3125; the
-latent cache vLLM allocates per token is the width the folder states (its padding included).
+torch and transformers of its own), driven by ``mla_pass.export.vllm.drive`` in a subprocess on
+the folders this venv exports. float32 on vLLM's CPU_MLA backend (its C++ decode kernel for the
+deepseek layout, the plugin's torch decode for the compact one): 2 prompts x 16 new tokens each,
+for a tiny Llama (GQA), a tiny Qwen2 (q/k/v biases) and the real SmolLM2-135M at
+kv_budget=0.3125; the latent cache vLLM allocates per token is the width the folder states (its
+padding included).
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ def serve(folder: Path, tmp_path: Path, **request) -> dict:
     """Run the folder on vLLM (a fresh process) → the driver's JSON result."""
     path = tmp_path / "request.json"
     path.write_text(json.dumps({"max_tokens": NEW_TOKENS, **request}))
-    done = subprocess.run([str(VLLM_PYTHON), str(ROOT / "tests" / "vllm_drive.py"), str(folder), str(path)],
+    done = subprocess.run([str(VLLM_PYTHON), "-m", "mla_pass.export.vllm.drive", str(folder), str(path)],
                           capture_output=True, text=True, timeout=600)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, f"vLLM failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
@@ -63,15 +65,18 @@ def check_cache(result: dict, folder: Path, layers: int) -> None:
     assert cache["bytes_per_token"] == stated["cache_bytes_per_token"]
 
 
-@pytest.mark.parametrize("family", ["llama-gqa", "qwen2"])
-def test_tiny_models_match_generate(family, tmp_path):
+BACKENDS = {"deepseek": "CPU_MLA (CPUMLABackend)", "compact": "CPU_MLA (AnyWidthCPUMLABackend)"}
+
+
+@pytest.mark.parametrize("family, layout", [("llama-gqa", "deepseek"), ("llama-gqa", "compact"), ("qwen2", "deepseek")])
+def test_tiny_models_match_generate(family, layout, tmp_path):
     model = tiny_llama(n_kv=2) if family == "llama-gqa" else tiny_qwen2()
     calibration = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
     mla = mla_pass.convert(model, MLAConfig(d_kv=6, rope_freqs=2), calibration=calibration, progress=False)
-    folder = to_vllm(mla, tmp_path / "vllm")
+    folder = to_vllm(mla, tmp_path / "vllm", layout=layout)
     prompts = [[1, 5, 9, 33, 2, 7, 90], [100, 3, 4]]
     result = serve(folder, tmp_path, prompts=prompts)
-    assert result["backend"] == ["CPU_MLA"]
+    assert result["backend"] == [BACKENDS[layout]]
     assert result["tokens"] == greedy(mla, prompts)
     check_cache(result, folder, layers=2)
 
@@ -83,10 +88,11 @@ def test_smollm2_at_a_budget_matches_generate(smollm2, tmp_path):
     model, tok = smollm2
     config = MLAConfig(kv_budget=0.3125, max_rope_width=64)       # CPU_MLA's rope part is 64 wide
     mla = mla_pass.convert(model, config, calibration=calibration_windows(tok, 2, 512), progress=False)
-    folder = to_vllm(mla, tmp_path / "vllm", tokenizer=tok)
+    folder = to_vllm(mla, tmp_path / "vllm", layout="compact", tokenizer=tok)     # head size 320, not 576
     texts = ["The capital of France is", "Alice was beginning to get very tired of sitting by her sister"]
     result = serve(folder, tmp_path, texts=texts, max_model_len=512)
     prompts = [tok(t).input_ids for t in texts]
     assert result["prompts"] == prompts                    # vLLM tokenizes with the folder's tokenizer
     assert result["tokens"] == greedy(mla, prompts)
+    assert result["backend"] == [BACKENDS["compact"]]
     check_cache(result, folder, layers=30)

@@ -34,14 +34,16 @@ ARCHITECTURE = "MLAPassLlamaForCausalLM"     # the plugin's model class (export/
 FAMILIES = ("llama", "mistral", "qwen2")     # computed by vLLM's Llama decoder with our attention
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
-LAYOUTS = {          # name → (latent width, rope width) every layer is padded to; None: the widest layer's
+LAYOUTS = {          # name → (latent width, rope width) every layer is padded to; None: see padded_widths
     "deepseek": (512, 64),
     "compact": None,
 }
+HEAD_SIZES = (320, 512, 576)    # the latent + rope widths vLLM's MLA layer takes (MLACommonBackend, vLLM 0.32)
 LAYOUT_NOTES = {
-    "deepseek": "latent 512 + rope 64 = head size 576, the one vLLM's CPU_MLA and FlashMLA kernels take",
-    "compact": "the widest layer's latent and rope widths, no further padding (vLLM's Triton MLA backend "
-               "takes any head size; CPU_MLA and FlashMLA do not)",
+    "deepseek": "latent 512 + rope 64 = head size 576, the split vLLM's CPU_MLA, FlashMLA and every MLA backend take",
+    "compact": "the smallest head size vLLM's MLA takes (320, 512 or 576) holding the widest layer, split at the "
+               "widest rope part: Triton MLA on GPUs; on CPU the plugin decodes it in torch (CPU_MLA's C++ kernel "
+               "takes 512 + 64 only)",
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 UNSUPPORTED_ROPE = ("dynamic", "longrope")   # their frequencies change with the sequence length
@@ -60,8 +62,9 @@ def to_vllm(model, out_dir: str | Path, *, layout: str = "deepseek", dtype: str 
 
     Args:
         layout: ``"deepseek"`` pads every layer to latent 512 + rope 64 (vLLM's CPU_MLA and
-            FlashMLA take only that head size); ``"compact"`` pads only to the widest layer (Triton
-            MLA). Either is exact.
+            FlashMLA take only that split); ``"compact"`` to the smallest head size vLLM's MLA
+            takes (320, 512 or 576) that holds the widest layer, split at its rope part (Triton MLA;
+            on CPU the plugin's torch decode). Either is exact.
         dtype: the weights' dtype (``"float32"``, ``"float16"``, ``"bfloat16"``); default: the model's.
         tokenizer: a Hugging Face tokenizer, or the folder / ``tokenizer.json`` path of one;
             without it vLLM needs ``skip_tokenizer_init=True`` and token ids.
@@ -157,7 +160,12 @@ def padded_widths(model, layout: str) -> Widths:
     widest = Widths(max(p.latent_dim for p in model.plans.values()), max(p.rope_width for p in model.plans.values()))
     fixed = LAYOUTS[layout]
     if fixed is None:
-        return Widths(widest.latent, max(widest.rope, 2))        # one slot at least: vLLM wants a rope part
+        rope = max(widest.rope, 2)                               # one slot at least: vLLM wants a rope part
+        fits = [size for size in HEAD_SIZES if size >= widest.latent + rope]
+        if not fits:
+            raise ExportError(f"the widest layer caches latent {widest.latent} + rope {widest.rope} values, more than "
+                              f"vLLM's largest MLA head size {HEAD_SIZES[-1]}: convert at a smaller budget")
+        return Widths(fits[0] - rope, rope)
     if widest.latent > fixed[0] or widest.rope > fixed[1]:
         raise ExportError(f"the widest layer caches latent {widest.latent} + rope {widest.rope} values, more than "
                           f"the {layout} layout's {fixed[0]} + {fixed[1]}: convert with "

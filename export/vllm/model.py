@@ -15,8 +15,46 @@ from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_pa
 from vllm.model_executor.layers.attention import MLAAttention
 from vllm.model_executor.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+from vllm.platforms import current_platform
+from vllm.v1.attention.backends.mla.cpu_mla import CPUMLABackend, CPUMLAImpl
 
 from .rotary import rotate_slots
+
+CPU_KERNEL_WIDTHS = (512, 64)          # the only (latent, rope) split vLLM's C++ CPU_MLA decode kernel takes
+
+
+class AnyWidthCPUMLAImpl(CPUMLAImpl):
+    """CPU_MLA with its decode in torch: the absorbed query against every cached latent + rope row
+    of each sequence's blocks, for any split of the head size (the C++ kernel takes 512 + 64 only)."""
+
+    def forward_mqa(self, q, kv_c_and_k_pe_cache, attn_metadata, layer):
+        if isinstance(q, tuple):
+            q = torch.cat(q, dim=-1)
+        decode = attn_metadata.decode
+        seq_lens = decode.seq_lens.long()
+        head = q.shape[-1]
+        cache = kv_c_and_k_pe_cache.reshape(-1, CPUMLABackend.get_supported_kernel_block_sizes()[0], head)
+        block = cache.shape[1]
+        longest = int(seq_lens.max())
+        blocks = decode.block_table[:, :-(-longest // block)].long()
+        rows = cache[blocks].flatten(1, 2)[:, :longest]                                 # [B, T, L + R]
+        scores = torch.einsum("bnh,bth->bnt", q.float(), rows.float()) * self.scale
+        past_end = torch.arange(longest, device=q.device)[None, :] >= seq_lens[:, None]
+        probs = scores.masked_fill(past_end[:, None, :], float("-inf")).softmax(-1)
+        out = torch.einsum("bnt,btl->bnl", probs, rows[..., :self.kv_lora_rank].float())
+        return out.to(q.dtype), None
+
+
+class AnyWidthCPUMLABackend(CPUMLABackend):
+    """vLLM's CPU_MLA backend (same cache layout, prefill and cache writes) for any head size."""
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return []
+
+    @staticmethod
+    def get_impl_cls() -> type[AnyWidthCPUMLAImpl]:
+        return AnyWidthCPUMLAImpl
 
 
 def _load_heads_of_rank(param: nn.Parameter, loaded: torch.Tensor) -> None:
@@ -60,10 +98,12 @@ class MLAPassAttention(nn.Module):
             self.v_bias.weight_loader = _load_heads_of_rank
         else:
             self.v_bias = None
+        any_width = current_platform.is_cpu() and (self.latent, self.rope) != CPU_KERNEL_WIDTHS
         self.mla_attn = MLAAttention(num_heads=self.n, scale=float(mla["scales"][layer]),
                                      qk_nope_head_dim=self.dh, qk_rope_head_dim=self.rope, v_head_dim=self.dv,
                                      q_lora_rank=None, kv_lora_rank=self.latent, kv_b_proj=self.kv_b_proj,
-                                     cache_config=cache_config, quant_config=quant_config, prefix=f"{prefix}.attn")
+                                     cache_config=cache_config, quant_config=quant_config, prefix=f"{prefix}.attn",
+                                     attn_backend=AnyWidthCPUMLABackend if any_width else None)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         t = hidden_states.shape[0]
