@@ -29,11 +29,9 @@ import torch
 
 from ..common import ExportError
 from ..staging import staged_folder
+from .folder import ARCHITECTURE, FORMAT_VERSION, WEIGHTS_FILE
 
-ARCHITECTURE = "MLAPassLlamaForCausalLM"     # the plugin's model class (export/vllm/model.py)
 FAMILIES = ("llama", "mistral", "qwen2")     # computed by vLLM's Llama decoder with our attention
-FORMAT_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
 LAYOUTS = {          # name → (latent width, rope width) every layer is padded to; None: see padded_widths
     "deepseek": (512, 64),
     "compact": None,

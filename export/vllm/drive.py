@@ -4,10 +4,11 @@ In vLLM's environment (``scripts/setup_vllm.sh``):
 ``python -m mla_pass.export.vllm.drive FOLDER [REQUEST.json]``. The request (all optional) holds
 ``prompts`` (lists of token ids) or ``texts`` (tokenized by vLLM with the folder's tokenizer),
 ``max_tokens`` (16), ``dtype`` ("float32"), ``max_model_len`` (256), ``kv_cache_gib`` (1; vLLM's
-CPU cache space) and ``repeats`` (0; each repeats the generation, timed, after the first). It prints
+CPU cache space) and ``repeats`` (0; each repeats the generation, timed, after the first, and
+times the prompts alone with one new token: the difference is the decode steps' time). It prints
 ``RESULT {json}``: the prompt ids, the greedy tokens, the attention backend, the KV cache vLLM
-allocated (bytes per token over all layers, head size, blocks) and the timed generations'
-seconds. Works for any folder vLLM serves, an original model's too (the baseline).
+allocated (bytes per token over all layers, head size, blocks) and the timed runs' seconds.
+Works for any folder vLLM serves, an original model's too (the baseline).
 """
 from __future__ import annotations
 
@@ -46,13 +47,16 @@ def run(folder: str, request: dict) -> dict:
     params = SamplingParams(temperature=0.0, max_tokens=request.get("max_tokens", 16), ignore_eos=True)
     prompts = texts if texts is not None else [TokensPrompt(prompt_token_ids=p) for p in request.get("prompts", [[1]])]
     outs = llm.generate(prompts, params, use_tqdm=False)
-    seconds = []
+    seconds, prompt_seconds = [], []
+    one_token = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     for _ in range(request.get("repeats", 0)):
-        start = time.perf_counter()
-        llm.generate(prompts, params, use_tqdm=False)
-        seconds.append(time.perf_counter() - start)
+        for timed, sampling in ((prompt_seconds, one_token), (seconds, params)):
+            start = time.perf_counter()
+            llm.generate(prompts, sampling, use_tqdm=False)
+            timed.append(time.perf_counter() - start)
     return {"prompts": [list(o.prompt_token_ids) for o in outs], "tokens": [list(o.outputs[0].token_ids) for o in outs],
-            "backend": attention_backends(llm), "cache": cache_per_token(llm), "seconds": seconds}
+            "backend": attention_backends(llm), "cache": cache_per_token(llm), "seconds": seconds,
+            "prompt_seconds": prompt_seconds}
 
 
 def main(argv: list[str]) -> int:

@@ -5,7 +5,7 @@ a string, so vLLM imports it, and vLLM with it, only when a folder asks for it.
 """
 from __future__ import annotations
 
-from .checkpoint import ARCHITECTURE
+from .folder import ARCHITECTURE
 
 
 def register() -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .folder import WEIGHTS_FILE
 from .rotary import rotate_slots
 
 FORMS = ("decompressed", "absorbed")
@@ -74,8 +75,6 @@ def reference_model(folder: str | Path, form: str = "decompressed", dtype: torch
     """The base family's Hugging Face model running the folder's weights, attention as vLLM's."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .checkpoint import WEIGHTS_FILE
 
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
