@@ -25,6 +25,19 @@ def tiny_qwen2(seed=0):
     return model
 
 
+def tiny_mistral(seed=0, sliding_window=None):
+    from transformers import MistralConfig
+
+    torch.manual_seed(seed)
+    cfg = MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=sliding_window)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
 def byte_tokenizer():
     """A real (byte-level, one token per byte) fast tokenizer with 256 ids, built offline."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

@@ -12,7 +12,7 @@ import json
 
 import pytest
 import torch
-from helpers import tiny_llama, tiny_qwen2
+from helpers import tiny_llama, tiny_mistral, tiny_qwen2
 
 import mla_pass
 from mla_pass import MLAConfig
@@ -22,7 +22,7 @@ from mla_pass.export.vllm.reference import FORMS, reference_logits
 
 CALIBRATION = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
 MODELS = {"llama-gqa": lambda: tiny_llama(n_kv=2), "llama-mha-bias": lambda: tiny_llama(n_kv=4, bias=True),
-          "qwen2": tiny_qwen2}
+          "qwen2": tiny_qwen2, "mistral": tiny_mistral}
 CONFIGS = {"exact": (MLAConfig(), False),
            "high": (MLAConfig(d_kv=6, rope_freqs=2, rope_strategy="high"), False),
            "mixed": (MLAConfig(d_kv=6, rope_freqs=2), True),
@@ -52,6 +52,28 @@ def test_folder_reproduces_the_converted_model(family, config, tmp_path):
         assert _relative_error(got, want) < 1e-4, form
         if config == "exact":
             assert _relative_error(got, original) < 1e-4, form
+
+
+def test_scaled_rope_and_half_precision_weights(tmp_path):
+    """Llama 3's frequency scaling reaches the folder through the program's own inv_freq; bfloat16
+    weights stay within their rounding of the fp32 logits (to_vllm's check, tolerance 3e-2)."""
+    from mla_pass.export.vllm.checkpoint import verify_folder
+
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
+    model = tiny_llama(n_kv=2, rope_parameters=rope)
+    mla = mla_pass.convert(model, MLAConfig(d_kv=6, rope_freqs=3), calibration=CALIBRATION, progress=False)
+    out = to_vllm(mla, tmp_path / "fp32")
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert _relative_error(reference_logits(out, ids, "absorbed"), mla(ids)) < 1e-4
+    exact = mla_pass.convert(model, progress=False)
+    with torch.no_grad():
+        assert _relative_error(reference_logits(to_vllm(exact, tmp_path / "exact"), ids), model(ids).logits) < 1e-4
+    half = to_vllm(mla, tmp_path / "bf16", dtype="bfloat16")
+    assert json.loads((half / "config.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((half / "config.json").read_text())["mla_pass"]["cache_bytes_per_token"] == 2 * 576 * 2
+    assert 1e-4 < verify_folder(half, mla) < 3e-2
 
 
 def test_config_states_the_layout_and_pads_with_zeros(tmp_path):
@@ -111,6 +133,10 @@ def test_refusals(tmp_path):
     with pytest.raises(ExportError, match=r"rope 128 values, more than the deepseek layout's 512 \+ 64.*"
                                           r"max_rope_width=64"):
         to_vllm(mla_pass.convert(wide, progress=False), tmp_path / "wide")
+    with pytest.raises(ExportError, match="sliding window of 16 tokens"):
+        to_vllm(mla_pass.convert(tiny_mistral(sliding_window=16), MLAConfig(d_kv=6, rope_freqs=2,
+                                                                           rope_strategy="high"), progress=False),
+                tmp_path / "window")
     from transformers import AutoModelForCausalLM, GPT2Config
     gpt2 = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4)).eval()
     with pytest.raises(ExportError, match="serves converted llama, mistral, qwen2 models.*'gpt2'"):

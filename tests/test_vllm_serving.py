@@ -4,7 +4,7 @@ vLLM runs in its own venv (``scripts/setup_vllm.sh``: ``.venv-vllm``, which CI b
 torch and transformers of its own), driven by ``mla_pass.export.vllm.drive`` in a subprocess on
 the folders this venv exports. float32 on vLLM's CPU_MLA backend (its C++ decode kernel for the
 deepseek layout, the plugin's torch decode for the compact one): 2 prompts x 16 new tokens each,
-for a tiny Llama (GQA), a tiny Qwen2 (q/k/v biases) and the real SmolLM2-135M at
+for a tiny Llama (GQA), a tiny Qwen2 (q/k/v biases), a tiny Mistral and the real SmolLM2-135M at
 kv_budget=0.3125; the latent cache vLLM allocates per token is the width the folder states (its
 padding included).
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_llama, tiny_qwen2
+from helpers import tiny_llama, tiny_mistral, tiny_qwen2
 
 import mla_pass
 from mla_pass import MLAConfig
@@ -68,9 +68,13 @@ def check_cache(result: dict, folder: Path, layers: int) -> None:
 BACKENDS = {"deepseek": "CPU_MLA (CPUMLABackend)", "compact": "CPU_MLA (AnyWidthCPUMLABackend)"}
 
 
-@pytest.mark.parametrize("family, layout", [("llama-gqa", "deepseek"), ("llama-gqa", "compact"), ("qwen2", "deepseek")])
+MODELS = {"llama-gqa": lambda: tiny_llama(n_kv=2), "qwen2": tiny_qwen2, "mistral": tiny_mistral}
+
+
+@pytest.mark.parametrize("family, layout", [("llama-gqa", "deepseek"), ("llama-gqa", "compact"), ("qwen2", "deepseek"),
+                                            ("mistral", "compact")])
 def test_tiny_models_match_generate(family, layout, tmp_path):
-    model = tiny_llama(n_kv=2) if family == "llama-gqa" else tiny_qwen2()
+    model = MODELS[family]()
     calibration = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
     mla = mla_pass.convert(model, MLAConfig(d_kv=6, rope_freqs=2), calibration=calibration, progress=False)
     folder = to_vllm(mla, tmp_path / "vllm", layout=layout)
