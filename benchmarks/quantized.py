@@ -13,6 +13,7 @@ variant). Also: KV-cache bytes per token and the folder's size on disk.
     python benchmarks/quantized.py --windows 4 --d-kv 32        # table → benchmarks/results/quantized.md
     python benchmarks/quantized.py --original --d-kv 8 32 --variants fp32 "int4 weights" --out DIR
     python benchmarks/quantized.py ... --genai-int4 DIR4     # + onnxruntime-genai's int4 build, side by side
+    python benchmarks/quantized.py --windows 1 --length 4096 --passkey --variants fp32 "int4 latent cache" ...
 
 ``--genai-int4`` / ``--genai-int8`` add onnxruntime-genai's own build of the original (its model
 builder's ``-p int4`` / ``-p int8``): its ``model.onnx`` is run by onnxruntime with an empty past
@@ -32,8 +33,9 @@ from torch import nn
 
 import mla_pass
 from mla_pass import MLAConfig, assets
-from mla_pass.quality.windows import calibration_windows, held_out_windows
 from mla_pass.quality.evaluate import text_quality
+from mla_pass.quality.passkey import PasskeyConfig, passkey
+from mla_pass.quality.windows import calibration_windows, held_out_windows
 
 sys.path.insert(0, str(Path(__file__).parent))
 from decode import source_fingerprint  # noqa: E402  (one definition for both benchmarks)
@@ -52,7 +54,9 @@ VARIANTS = {            # name: (quantize, latent_cache)
 
 
 class EngineLogits(nn.Module):
-    """An exported folder as a logits function for ``text_quality``: one prefill from an empty cache."""
+    """An exported folder as a logits function for ``text_quality`` (one prefill from an empty
+    cache) and a greedy decoder for ``passkey`` (the runtime's generate: the prompt prefilled in
+    chunks through the cache, then one-token steps reading it back)."""
 
     def __init__(self, folder: Path, threads: int):
         super().__init__()
@@ -63,6 +67,10 @@ class EngineLogits(nn.Module):
         ids = ids.cpu().numpy()
         out = self.engine.step(ids, np.ones_like(ids))
         return torch.from_numpy(np.asarray(out.logits, dtype=np.float32))
+
+    def greedy(self, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        r = self.engine.generate(ids.tolist(), max_new_tokens=max_new_tokens, temperature=0.0)
+        return torch.tensor([c.token_ids for c in r.completions])
 
 
 class GenaiLogits(nn.Module):
@@ -114,6 +122,12 @@ def export_variants(model, tok, d_kv: int | None, cache: Path, names) -> dict[st
     return folders
 
 
+def passkey_cell(result) -> str:
+    """Keys retrieved per prompt length, e.g. ``1024: 5/5, 2048: 4/5``."""
+    return ", ".join(f"{n}: {sum(t.correct for t in result.trials if t.length == n)}/"
+                     f"{sum(t.length == n for t in result.trials)}" for n in result.by_length)
+
+
 def folder_mb(folder: Path) -> float:
     return sum(f.stat().st_size for f in folder.iterdir()) / 2**20
 
@@ -129,6 +143,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--genai-int4", type=Path, default=None, help="onnxruntime-genai's -p int4 build of the original")
     p.add_argument("--genai-int8", type=Path, default=None, help="onnxruntime-genai's -p int8 build of the original")
+    p.add_argument("--passkey", type=int, nargs="*", default=None, metavar="LENGTH",
+                   help="also passkey retrieval through each folder's cache at these prompt lengths (default 1024 "
+                   "2048; 5 depths, one key each)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     model, tok = assets.load_smollm2()
@@ -141,7 +158,7 @@ def main() -> None:
             continue
         genai = GenaiLogits(folder, a.threads)
         q = text_quality(genai, windows, reference=model, progress=False)
-        rows.append(("original (genai)", name, genai.kv_bytes_per_token, folder_mb(folder), q))
+        rows.append(("original (genai)", name, genai.kv_bytes_per_token, folder_mb(folder), q, None))
         print(f"genai {name}: ppl {q.perplexity:.2f} top-1 {q.agreement:.1%} KL {q.kl:.4f}", flush=True)
     models = ([None] if a.original else []) + a.d_kv
     for d_kv in models:
@@ -151,17 +168,23 @@ def main() -> None:
             q = text_quality(engine, windows, reference=model, progress=False)
             m = engine.engine.manifest
             label = "original" if d_kv is None else f"MLA d_kv={d_kv}, r={ROPE_FREQS}"
-            rows.append((label, name, m.kv_cache_bytes_per_token(), folder_mb(folder), q))
+            keys = None
+            if a.passkey is not None:
+                keys = passkey(engine, tok, PasskeyConfig(lengths=tuple(a.passkey or (1024, 2048))), progress=False)
+            rows.append((label, name, m.kv_cache_bytes_per_token(), folder_mb(folder), q, keys))
             print(f"{label:22s} {name:34s} ppl {q.perplexity:9.2f} (orig {q.reference_perplexity:.2f}) "
                   f"top-1 {q.agreement:.1%} KL {q.kl:.4f} KV B/token {m.kv_cache_bytes_per_token():,} "
-                  f"folder {folder_mb(folder):.0f} MB", flush=True)
+                  f"folder {folder_mb(folder):.0f} MB" + (f" passkey {passkey_cell(keys)}" if keys else ""),
+                  flush=True)
     lines = [f"SmolLM2-135M, {a.windows} × {a.length} held-out tokens of lcet10.txt, onnxruntime CPU; "
              f"reference: the original in PyTorch (ppl {rows[0][4].reference_perplexity:.2f}). "
              f"Command: `python benchmarks/quantized.py {' '.join(sys.argv[1:])}`", "",
-             "| model | variant | KV bytes/token | folder MB | ppl | top-1 vs original | KL to original |",
-             "|---|---|---|---|---|---|---|"]
-    for label, name, nbytes, mb, q in rows:
-        lines.append(f"| {label} | {name} | {nbytes:,} | {mb:.0f} | {q.perplexity:.2f} | {q.agreement:.1%} | {q.kl:.4f} |")
+             "| model | variant | KV bytes/token | folder MB | ppl | top-1 vs original | KL to original |"
+             + (" passkey |" if a.passkey is not None else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if a.passkey is not None else "")]
+    for label, name, nbytes, mb, q, keys in rows:
+        lines.append(f"| {label} | {name} | {nbytes:,} | {mb:.0f} | {q.perplexity:.2f} | {q.agreement:.1%} | {q.kl:.4f} |"
+                     + (f" {passkey_cell(keys) if keys else '—'} |" if a.passkey is not None else ""))
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "quantized.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -148,10 +148,13 @@ def _filler_sentences(tokenizer, filler: str, budget: int, cache_dir) -> list[li
 
 @torch.no_grad()
 def greedy_continuation(model, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-    """The next ``max_new_tokens`` greedy tokens after ``ids`` [1, S] (cached where the model can)."""
+    """The next ``max_new_tokens`` greedy tokens after ``ids`` [1, S] (cached where the model can;
+    a model with its own ``greedy(ids, n)``, e.g. an exported engine's adapter, decodes itself)."""
     from ..frontend.capture import is_hf_model
     from ..model import MLAModel
 
+    if hasattr(model, "greedy"):
+        return model.greedy(ids, max_new_tokens)
     if isinstance(model, MLAModel):
         out = model.generate(ids, max_new_tokens=max_new_tokens)
     elif is_hf_model(model):
