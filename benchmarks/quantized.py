@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -178,7 +179,7 @@ def main() -> None:
                   flush=True)
     lines = [f"SmolLM2-135M, {a.windows} × {a.length} held-out tokens of lcet10.txt, onnxruntime CPU; "
              f"reference: the original in PyTorch (ppl {rows[0][4].reference_perplexity:.2f}). "
-             f"Command: `python benchmarks/quantized.py {' '.join(sys.argv[1:])}`", "",
+             f"Command: `python benchmarks/quantized.py {shlex.join(sys.argv[1:])}`", "",
              "| model | variant | KV bytes/token | folder MB | ppl | top-1 vs original | KL to original |"
              + (" passkey |" if a.passkey is not None else ""),
              "|---|---|---|---|---|---|---|" + ("---|" if a.passkey is not None else "")]
