@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..common import ExportError
-from ..staging import staged_folder
+from ..staging import check_destination, staged_folder
 from .folder import ARCHITECTURE, FORMAT_VERSION, WEIGHTS_FILE
 
 FAMILIES = ("llama", "mistral", "qwen2")     # computed by vLLM's Llama decoder with our attention
@@ -80,6 +80,7 @@ def to_vllm(model, out_dir: str | Path, *, layout: str = "deepseek", dtype: str 
         raise ValueError(f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be None or one of {sorted(DTYPES)}, got {dtype!r}")
+    check_destination(out_dir)                   # before any work
     base = check_servable(model)
     widths = padded_widths(model, layout)
     inv_freq, scaling = rotary_frequencies(model, base)
