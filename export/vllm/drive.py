@@ -14,8 +14,27 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
+
+PREFIX = "RESULT "
+
+
+def run_elsewhere(python: str | Path, folder: str | Path, request: dict, timeout: float = 1800) -> dict:
+    """``run`` in a fresh process of another environment's Python (vLLM's venv) → its result;
+    a ``RuntimeError`` with vLLM's output if it fails. Callable without vLLM installed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "request.json"
+        path.write_text(json.dumps(request))
+        done = subprocess.run([str(python), "-m", "mla_pass.export.vllm.drive", str(folder), str(path)],
+                              capture_output=True, text=True, timeout=timeout)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(PREFIX)]
+    if done.returncode or not lines:
+        raise RuntimeError(f"vLLM failed on {folder}:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
+    return json.loads(lines[-1][len(PREFIX):])
 
 
 def cache_per_token(llm) -> dict:
@@ -64,7 +83,7 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     request = json.loads(open(argv[1]).read()) if len(argv) == 2 else {}
-    print("RESULT " + json.dumps(run(argv[0], request)), flush=True)
+    print(PREFIX + json.dumps(run(argv[0], request)), flush=True)
     return 0
 
 
