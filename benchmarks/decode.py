@@ -38,7 +38,7 @@ import sys
 import time
 from pathlib import Path
 
-VARIANTS = {            # name: (d_kv or None for the original, latent cache dtype, weight quantization)
+VARIANTS = {            # name: (d_kv or None for the original, latent cache dtype, weight quantization[, prefill form])
     "original": (None, "float", None),
     "mla d_kv=32": (32, "float", None),
     "mla d_kv=8": (8, "float", None),
@@ -56,6 +56,9 @@ VARIANTS = {            # name: (d_kv or None for the original, latent cache dty
     "mla d_kv=32 int4 cache": (32, "int4", None),
     "mla d_kv=8 int4 weights+cache": (8, "int4", "int4"),
     "mla d_kv=32 int4 weights+cache": (32, "int4", "int4"),
+    # the one-form program of earlier exports (prompts absorbed too), for the prefill comparison
+    "mla d_kv=32 absorbed prefill": (32, "float", None, "absorbed"),
+    "mla d_kv=32 int4 weights absorbed prefill": (32, "float", "int4", "absorbed"),
 }
 DEFAULT_MODELS = ["original", "mla d_kv=32", "mla d_kv=8"]
 GENAI = "onnxruntime-genai (original)"
@@ -89,10 +92,10 @@ def export_all(cache_dir: Path, variants: dict, max_length: int | None = None) -
         model, tok = assets.load_smollm2()
         for name in missing:
             t0 = time.perf_counter()
-            d_kv, latent_cache, quantize = variants[name]
+            d_kv, latent_cache, quantize, *prefill = variants[name]
             src = model if d_kv is None else mla_pass.convert(model, mla_pass.MLAConfig(d_kv=d_kv, rope_freqs=ROPE_FREQS))
             to_onnx(src, folders[name], tokenizer=tok, latent_cache=latent_cache, quantize=quantize,
-                    max_length=max_length)
+                    max_length=max_length, prefill=(prefill or [None])[0] if d_kv else None)
             print(f"exported {name} in {time.perf_counter() - t0:.0f} s → {folders[name]}", file=sys.stderr)
     return folders
 

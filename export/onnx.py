@@ -36,6 +36,7 @@ from torch import nn
 
 from mla_pass.export import verify as checks  # a module: to_onnx's own ``verify`` is its flag
 from mla_pass.export.common import ExportError, quiet  # noqa: F401  (ExportError: part of to_onnx's API)
+from mla_pass.export.branches import CHOOSE_FORM
 from mla_pass.export.quantize import WEIGHT_BITS, WEIGHT_BLOCK, quantize_weights
 from mla_pass.export.staging import check_destination, check_stop, staged_folder
 from mla_pass.frontend.capture import non_finite
@@ -65,8 +66,8 @@ class _OnnxStep(nn.Module):
 
 def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", tokenizer=None,
             max_length: int | None = None, cache_update: str = "in_place", quantize: str | None = None,
-            latent_cache: str = "float", fuse: bool = True, target: str = "onnxruntime", verify: bool = True,
-            progress: bool = True) -> Path:
+            latent_cache: str = "float", prefill: str | None = None, fuse: bool = True, target: str = "onnxruntime",
+            verify: bool = True, progress: bool = True) -> Path:
     """Write ``model`` (an ``MLAModel`` or an unconverted decoder) to ``out_dir`` for the runtime.
 
     Args:
@@ -88,6 +89,10 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
             even channels low) with the same scales, unpacked for the same integer attention;
             read by integer attention (``math/absorbed_mqa.integer_latent_attention``, onnxruntime's
             ``MatMulInteger``); rope keys stay float.
+        prefill: converted models: ``"decompressed"`` (the default for onnxruntime) runs prompts
+            (S > 1) in the decompressed form, K/V expanded from the written latent rows through ONNX
+            ``Attention``, and one-token steps absorbed, one ``If`` per site choosing on S;
+            ``"absorbed"`` (the TensorRT target's) runs every step absorbed, as one graph.
         fuse: replace RMSNorm, residual add + RMSNorm, RoPE, layout round trips and sibling
             projections by onnxruntime's fused kernels (``export/fusion.py``; found from the
             graph, exact up to fp32 round-off). ``False`` keeps the graph as traced.
@@ -108,9 +113,13 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
         raise ValueError("target='tensorrt' exports float weights and a float in-place cache: onnxruntime's "
                          "quantized ops (MatMulNBits, MatMulInteger) and a growing cache are not TensorRT's; "
                          "drop quantize / latent_cache / cache_update (TensorRT quantizes at engine build)")
+    if tensorrt and prefill == "decompressed":
+        raise ValueError("target='tensorrt' exports one absorbed graph (its checker does not take If subgraphs): "
+                         "drop prefill='decompressed' or use prefill='absorbed'")
     # GroupQueryAttention is com.microsoft: the baseline keeps masked SDPA (ONNX Attention, no past inputs)
-    settings = LoweringSettings(cache_update=cache_update, latent_cache=latent_cache,     # validates both
-                                group_query_attention=not tensorrt)
+    settings = LoweringSettings(cache_update=cache_update, latent_cache=latent_cache,     # validates all three
+                                group_query_attention=not tensorrt,
+                                prefill=prefill or ("absorbed" if tensorrt else "decompressed"))
     if quantize is not None and quantize not in WEIGHT_BITS:
         raise ValueError(f"quantize must be None, 'int8' or 'int4', got {quantize!r}")
     if quantize and dtype != "float32":
@@ -172,6 +181,7 @@ def to_onnx(model: nn.Module, out_dir: str | Path, *, dtype: str = "float32", to
                 except Exception as e:
                     raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {e}") from e
                 onnx_program.save(str(staging / MODEL_FILE), external_data=True)
+            _branch_forms(staging / MODEL_FILE, program)
             fused = _fuse(staging / MODEL_FILE, standard=tensorrt) if stage("fusing") else None
             four_d = _caches_for_tensorrt(staging / MODEL_FILE, names) if tensorrt else set()
             if stage("float16"):
@@ -265,6 +275,28 @@ def _absorbed_step(mla) -> nn.Module:
     return step
 
 
+def _branch_forms(path: Path, program: StepProgram) -> None:
+    """Each site that chooses its form on S becomes one If (``export/branches.py``; only the graph
+    changes, the weights file is kept), then the count is checked: torch.onnx.export falls back
+    to other tracing strategies when the first fails, and one that specialised S would have left
+    a single form."""
+    import onnx
+
+    from mla_pass.export.branches import branch_forms
+    from mla_pass.modules.latent_attention import LatentAttention
+
+    want = sum(isinstance(m, LatentAttention) and m.form == "auto" and m.query_nope_projection is not None
+               for m in program.gm.modules())
+    model = onnx.load(str(path), load_external_data=False)
+    found = branch_forms(model.graph)
+    if found:
+        onnx.save(model, str(path))
+    if found != want:
+        raise ExportError(f"the exported graph has {found} If nodes for {want} sites that run prompts decompressed and "
+                          "one-token steps absorbed: the exporter specialised the prompt length. Export with "
+                          "prefill='absorbed' (one form for every step)")
+
+
 def _fuse(path: Path, standard: bool = False) -> dict[str, int]:
     """Fuse the fp32 graph in place (before any float16 / int8 conversion, which keep the fused ops);
     ``standard``: standard ONNX ops only (the TensorRT target)."""
@@ -312,11 +344,13 @@ def _translations() -> dict:
     the same buffer); matmul_integer → MatMulInteger."""
     from onnxscript import ir, values
 
+    import mla_pass.ops.choose_form  # noqa: F401  (registers mla_pass::choose_form)
     import mla_pass.ops.matmul_integer  # noqa: F401  (registers mla_pass::matmul_integer)
 
-    op24 = values.Opset("", 24)
+    op24, op18 = values.Opset("", 24), values.Opset("", 18)
     # onnx knows no com.microsoft schemas, and the exporter needs one to emit a node
     gqa_op = values.Op(values.Opset("com.microsoft", 1), "GroupQueryAttention", _group_query_attention_schema())
+    choose_op = values.Op(values.Opset(CHOOSE_FORM[0], 1), CHOOSE_FORM[1], _choose_form_schema())
 
     def cache_write(buffer, new, write_index, axis: int):
         return op24.TensorScatter(buffer, new, write_index, axis=axis)
@@ -329,6 +363,12 @@ def _translations() -> dict:
                       attention_bias, None, None, None, None, None, query_seqlens,
                       num_heads=num_heads, kv_num_heads=kv_num_heads, scale=scale, softcap=softcap)
 
+    def choose_form(x, one_token, prompt):
+        # S == 1 as the If's condition; export/branches.py makes the If and its two branches
+        # opset 18 ops: the concatenating cache's program is opset 23
+        one = op18.Equal(op18.Shape(x, start=1, end=2), op18.Constant(value=ir.tensor(np.array([1], np.int64))))
+        return choose_op(one, one_token, prompt)
+
     def matmul_integer(a, b, a_zero_point: int, b_zero_point: int):
         # a nonzero zero point belongs to a uint8 operand (mla_pass.ops.matmul_integer checks it)
         zp = [op24.Constant(value=ir.tensor(np.array(z, np.uint8))) if z else None for z in (a_zero_point, b_zero_point)]
@@ -336,7 +376,19 @@ def _translations() -> dict:
 
     return {torch.ops.mla_pass.cache_write.default: cache_write,
             torch.ops.mla_pass.group_query_attention.default: group_query_attention,
-            torch.ops.mla_pass.matmul_integer.default: matmul_integer}
+            torch.ops.mla_pass.matmul_integer.default: matmul_integer,
+            torch.ops.mla_pass.choose_form.default: choose_form}
+
+
+def _choose_form_schema():
+    """A placeholder node (condition, one-token value, prompt value) → value: it never reaches
+    onnxruntime, ``export/branches.py`` replaces it by an If."""
+    from onnx.defs import OpSchema
+
+    inputs = [OpSchema.FormalParameter("one_token_step", "B"), OpSchema.FormalParameter("one_token", "T"),
+              OpSchema.FormalParameter("prompt", "T")]
+    return OpSchema(CHOOSE_FORM[1], CHOOSE_FORM[0], 1, inputs=inputs, outputs=[OpSchema.FormalParameter("out", "T")],
+                    type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("B", ["tensor(bool)"], "")])
 
 
 def _group_query_attention_schema():
@@ -367,7 +419,8 @@ def _example(program: StepProgram):
     """The program's example inputs in the exported order, their names and dynamic axes."""
     ids, mask, pos, past = program.example_inputs()
     spec = program.cache_spec
-    batch, new, total, past_len = (torch.export.Dim.DYNAMIC,) * 4
+    batch, total, past_len = (torch.export.Dim.DYNAMIC,) * 3
+    new = torch.export.Dim("new_tokens", min=1)      # not 0/1-specialised: a site's form is chosen on S == 1
     shapes = ({0: batch, 1: new}, {0: batch, 1: total}, {0: batch, 1: new},     # *past is one argument
               tuple({0: batch, cache_time_axis(c.kind): past_len} for c in spec))
     names = {"inputs": ["input_ids", "attention_mask", "position_ids"] + [c.name for c in spec],

@@ -37,7 +37,7 @@ def quantize_weights(path: Path, precision: str) -> dict[str, int]:
     for f in (path, path.with_name(path.name + ".data")):
         f.unlink(missing_ok=True)
     quantizer.model.save_model_to_file(str(path), use_external_data_format=True)
-    quantized = sum(n.op_type == "MatMulNBits" for n in quantizer.model.model.graph.node)
+    quantized = _count(quantizer.model.model.graph, "MatMulNBits")
     return {f"{precision}_matmuls": quantized, "untied": untied}
 
 
@@ -94,3 +94,9 @@ def untie_transposed_weights(graph) -> int:
         if readers[out] == 0 and out not in outputs:
             graph.node.remove(producers[out])
     return rewired
+
+
+def _count(graph, op_type: str) -> int:
+    """Nodes of ``op_type`` in ``graph`` and its subgraphs (the branches of a site's If)."""
+    return sum((n.op_type == op_type) + sum(_count(g, op_type) for a in n.attribute for g in [*a.graphs, *([a.g] if
+               a.HasField("g") else [])]) for n in graph.node)

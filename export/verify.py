@@ -66,6 +66,17 @@ def check_export(folder: Path, manifest: Manifest, wrapper: nn.Module, args: tup
     options = ort.SessionOptions()
     options.log_severity_level = 3      # no "in-place not activated" notes: nothing is bound here
     session = ort.InferenceSession(str(folder / manifest.model_file), options, providers=["CPUExecutionProvider"])
+    # a prompt step and a one-token step: a converted program may run a different form in each (If on S)
+    figures = _check_step(session, manifest, wrapper, args, dtype, quantized, "a prompt step")
+    ids, mask, pos, *past = args
+    one = (ids[:, :1], mask[:, :mask.shape[1] - ids.shape[1] + 1], pos[:, :1], *past)
+    one_token = _check_step(session, manifest, wrapper, one, dtype, quantized, "a one-token step")
+    figures.update({k.replace("verify_", "verify_one_token_"): v for k, v in one_token.items()})
+    return figures
+
+
+def _check_step(session, manifest: Manifest, wrapper: nn.Module, args: tuple, dtype: str, quantized: str | None,
+                step: str) -> dict[str, float | str]:
     names = ["input_ids", "attention_mask", "position_ids"] + [e.input for e in manifest.cache]
     feeds = {n: a.detach().cpu().numpy() for n, a in zip(names, args)}
     layout = {e.input: e for e in manifest.cache} | {e.output: e for e in manifest.cache}
@@ -120,7 +131,8 @@ def check_export(folder: Path, manifest: Manifest, wrapper: nn.Module, args: tup
             if err >= figures.get("verify_worst_relative_rms_error", -1.0):
                 figures.update(verify_worst_relative_rms_error=err, verify_worst_output=name)
         if not err <= allowed:
-            raise ExportError(f"onnxruntime disagrees with PyTorch on output {name}: shape {g.shape} vs {w.shape}, "
+            raise ExportError(f"onnxruntime disagrees with PyTorch on {step}, output {name}: shape {g.shape} vs "
+                              f"{w.shape}, "
                               f"{what} {err:.2e} (allowed {allowed:.1e}); the export is not usable")
     return figures
 

@@ -221,12 +221,12 @@ def test_manifest_states_the_4bit_layout_and_its_bytes(converted, int4_folder):
 
 def _agrees_over_32_decode_steps(converted, folder, bits):
     """The runtime (in-place buffers, IO binding) next to the PyTorch program of the same rounding
-    (concat), both in the absorbed form the exporter writes (prompts too: the integer attention is
-    not the decompressed form's math)."""
+    (concat), both in the forms the exporter writes: the prompt decompressed from the dequantized
+    latent, every one-token step absorbed (the integer attention)."""
     step, spec = to_int8_latent(copy.deepcopy(converted.step), converted.cache_spec, bits)
     for m in step.modules():
         if isinstance(m, LatentAttention):
-            m.form = "absorbed"
+            m.form = "auto"
     engine = OnnxEngine(folder, threads=1)
     ids = torch.randint(0, converted.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
     b, s = ids.shape

@@ -23,7 +23,9 @@ class Graph:
         self.consumers: dict[str, list[int]] = defaultdict(list)
         for i, n in enumerate(self.nodes):
             self._index(i, n)
-        self.outputs = {o.name for o in graph.output}
+        # values an If's branches read from this graph are pinned like outputs: fusions neither remove
+        # nor rename them (their readers inside the branches are not indexed)
+        self.outputs = {o.name for o in graph.output} | {x for n in graph.node for x in subgraph_reads(n)}
         self.initializers = {t.name: t for t in graph.initializer}
         self.shapes: dict[str, list] = {}
         for v in [*graph.input, *graph.value_info, *graph.output]:
@@ -148,7 +150,7 @@ def topological(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
     another of its outputs, e.g. the residual sum)."""
     produced_by = {o: i for i, n in enumerate(nodes) for o in n.output if o}
     waiting: dict[str, list[int]] = defaultdict(list)
-    missing = [{x for x in n.input if x in produced_by} for n in nodes]    # the rest: inputs, initializers
+    missing = [{x for x in [*n.input, *subgraph_reads(n)] if x in produced_by} for n in nodes]  # rest: inputs, weights
     for i, need in enumerate(missing):
         for x in need:
             waiting[x].append(i)
@@ -169,6 +171,20 @@ def topological(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
     if len(order) != len(nodes):
         raise RuntimeError("fusion left a cycle in the graph: a bug in export/fusion.py (export with fuse=False)")
     return order
+
+
+def subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """The outer-scope values the subgraphs of ``node`` (If branches, loop bodies) read."""
+    names: set[str] = set()
+    for a in node.attribute:
+        bodies = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+        for body in bodies:
+            inner = {v.name for v in body.input} | {t.name for t in body.initializer} | \
+                {o for n in body.node for o in n.output}
+            for n in body.node:
+                names |= {x for x in [*n.input, *subgraph_reads(n)] if x and x not in inner}
+            names |= {v.name for v in body.output if v.name not in inner}
+    return names
 
 
 def other_input(node: onnx.NodeProto, name: str) -> str | None:

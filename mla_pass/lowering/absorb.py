@@ -9,6 +9,11 @@ through a copy of the model's own RoPE region, so no rotation formula is assumed
 projections become dead code: the program computes [H·C] queries and reads [H·C] outputs
 instead of [H·Dh] and [H·Dv], and runs neither per-head up-projection.
 
+A module in form "auto" (``LoweringSettings.prefill="decompressed"``) also gets the decompressed
+form's projections, folded the same way (``query_nope_projection``, ``value_output_projection``):
+the exported program then runs prompts decompressed and one-token steps absorbed
+(``LatentAttention.absorbed_projections``).
+
 A site that does not qualify (decompressed form, softcapping, normalised keys, a query or an
 output path that is not affine) is left as it was; ``absorb_projections`` says which and why.
 """
@@ -22,7 +27,7 @@ from .. import graph as G
 from ..frontend.match import SiteError
 from ..frontend.probe import affine_map
 from ..math.absorbed_mqa import eligible
-from ..math.absorption import absorbed_output, absorbed_query, rope_query
+from ..math.absorption import absorbed_output, absorbed_query, decompressed_output, nope_query, rope_query
 from ..modules.latent_attention import LatentAttention, RopeProjection
 from .program import LoweringSettings, StepProgram
 
@@ -53,8 +58,8 @@ def absorb_projections(step: fx.GraphModule, example_args: tuple) -> dict[str, o
 
 def _refusal(module: LatentAttention) -> str | None:
     p = module.plan
-    if module.form != "absorbed":
-        return f"runs the {module.form} form"
+    if module.form == "decompressed":
+        return "runs the decompressed form"
     if not eligible(p.softcap, p.key_norm or None, p.kv_head_of_query, p.n_kv_heads):
         return "not the multi-query form (softcapping, normalised keys or query heads out of kv-group order)"
     return None
@@ -85,6 +90,14 @@ def _absorb_site(step: fx.GraphModule, node: fx.Node, module: LatentAttention, e
     dtype = module.down.dtype
     module.query_latent = _linear(w_ql, b_ql, dtype)
     module.output_projection = _linear(w_y, b_y, dtype)
+    if module.form == "auto":        # prompts run the decompressed form: its projections, folded alike
+        w_qn, b_qn = nope_query(w_q, b_q, module.query_nope_dims, p.scale,
+                                None if mix is None else mix.detach().double(), getattr(module, "query_nope_partner", None))
+        w_v, b_v = decompressed_output(w_o.reshape(w_o.shape[0], p.n_heads, p.value_dim), b_o,
+                                       None if module.value_bias is None else module.value_bias.detach().double(),
+                                       module.kv_head_of_query)
+        module.query_nope_projection = _linear(w_qn, b_qn, dtype)
+        module.value_output_projection = _linear(w_v, b_v, dtype)
     new_query = None
     graph = step.graph
     if p.rope_width:
@@ -153,7 +166,18 @@ def lower_absorbed(program: StepProgram, settings: LoweringSettings) -> int:
     (``{"sites": n, "left": {layer: why}}``) goes to ``notes["absorbed_projections"]``."""
     if not settings.absorb or program.kind != "mla":
         return 0
+    modules = [m for m in program.gm.modules() if isinstance(m, LatentAttention) and m.form == "absorbed"]
+    if settings.prefill == "decompressed":
+        for m in modules:
+            m.form = "auto"
     ids, mask, pos, past = program.example_inputs()
     report = absorb_projections(program.gm, (ids, pos, mask, *past))
+    for m in modules:           # a site left unfolded keeps the one absorbed form
+        if m.query_nope_projection is None:
+            m.form = "absorbed"
     program.notes["absorbed_projections"] = report
+    both = sum(m.query_nope_projection is not None for m in modules)
+    program.notes["prefill"] = (f"prompts (S > 1) decompressed at {both} of {len(modules)} sites (K/V expanded from "
+                                "the written latent rows, ONNX Attention), one-token steps absorbed: one If per site"
+                                if both else "every step absorbed")
     return report["sites"]

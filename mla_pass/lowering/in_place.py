@@ -15,7 +15,8 @@ from .program import LoweringSettings, StepProgram
 
 class InPlaceCacheMask(torch.nn.Module):
     """For preallocated cache buffers of length T_max ≥ T+S: attention_mask [B, T+S] → (bool
-    [B, 1, S, T_max] that never attends past T+S, write index [B] = T for the new tokens)."""
+    [B, 1, S, T_max] that never attends past T+S, write index [B] = T for the new tokens, the same
+    mask over the first T+S keys only: what a form that reads only the written keys takes)."""
 
     def __init__(self, time_axis: int):
         super().__init__()
@@ -27,7 +28,8 @@ class InPlaceCacheMask(torch.nn.Module):
         padded = torch.nn.functional.pad(attention_mask, (0, t_max - total))
         causal = torch.ones(s, t_max, dtype=torch.bool, device=input_ids.device).tril(total - s)
         write_index = attention_mask.new_zeros(attention_mask.shape[0], dtype=torch.long) + (total - s)
-        return padded.bool()[:, None, None, :] & causal[None, None], write_index
+        written = attention_mask.bool()[:, None, None, :] & causal[None, None, :, :total]   # its own tensor, no view
+        return padded.bool()[:, None, None, :] & causal[None, None], write_index, written
 
 
 def to_in_place(step: fx.GraphModule) -> fx.GraphModule:
@@ -45,6 +47,8 @@ def to_in_place(step: fx.GraphModule) -> fx.GraphModule:
         mask = graph.call_function(operator.getitem, (pair, 0))
     with graph.inserting_after(mask):
         write_index = graph.call_function(operator.getitem, (pair, 1))
+    with graph.inserting_after(write_index):
+        valid_mask = graph.call_function(operator.getitem, (pair, 2))
     mask_node.replace_all_uses_with(mask)
     graph.erase_node(mask_node)
     for n in graph.nodes:
@@ -53,6 +57,8 @@ def to_in_place(step: fx.GraphModule) -> fx.GraphModule:
             if isinstance(module, (LatentAttention, KVCacheAttention)):
                 module.cache_update = "in_place"
                 n.args = (*n.args, write_index)
+            if isinstance(module, LatentAttention):     # the decompressed form of prompts reads the written keys only
+                n.kwargs = {**n.kwargs, "valid_mask": valid_mask}
     graph.lint()
     step.recompile()
     return step

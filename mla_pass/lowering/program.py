@@ -16,6 +16,7 @@ from ..modules.modes import CACHE_UPDATES, LATENT_CACHES
 from ..rewrite import CacheTensor
 
 EXAMPLE = {"batch": 2, "new": 3, "past": 5}
+PREFILL_FORMS = ("decompressed", "absorbed")
 
 
 @dataclass(frozen=True)
@@ -28,17 +29,24 @@ class LoweringSettings:
         group_query_attention: run the unconverted baseline's sites as one GroupQueryAttention op
             each (in place only), as onnxruntime-genai exports the same model.
         absorb: fold W_uk and W_uv into the query and output projections (converted models).
+        prefill: converted models, with ``absorb``: "decompressed" runs prompts (S > 1) in the
+            decompressed form (K/V expanded from the written latent rows, one attention op) and
+            one-token steps absorbed, chosen per call by the program (one ONNX ``If`` per site);
+            "absorbed" runs every step absorbed.
     """
     cache_update: str = "in_place"
     latent_cache: str = "float"
     group_query_attention: bool = True
     absorb: bool = True
+    prefill: str = "decompressed"
 
     def __post_init__(self):
         if self.cache_update not in CACHE_UPDATES:
             raise ValueError(f"cache_update must be one of {CACHE_UPDATES}, got {self.cache_update!r}")
         if self.latent_cache not in LATENT_CACHES:
             raise ValueError(f"latent_cache must be one of {LATENT_CACHES}, got {self.latent_cache!r}")
+        if self.prefill not in PREFILL_FORMS:
+            raise ValueError(f"prefill must be one of {PREFILL_FORMS}, got {self.prefill!r}")
 
 
 @dataclass

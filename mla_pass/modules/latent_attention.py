@@ -17,10 +17,11 @@ import torch
 from torch import nn
 
 from ..kernels.dispatch import absorbed_decode
-from ..math.absorbed_mqa import latent_mqa
-from ..math.attention import decompressed_attention
+from ..math.absorbed_mqa import latent_mqa, mask_bias
+from ..math.attention import decompressed_attention, expand_kv, in_repeat_kv_order
 from ..math.int8_cache import (ZERO_POINT, ZERO_POINT_4BIT, dequantize_per_token, quantize_per_token,
                                quantize_per_token_int4, unpack_int4)
+from ..ops.choose_form import choose_form
 from .cache import cache_time_axis, split_cache_args, update_cache
 from .modes import FORMS, LATENT_CACHES, MODULE_CACHE_UPDATES, Mode
 from .site_plan import SitePlan
@@ -108,6 +109,10 @@ class LatentAttention(nn.Module):
         self.query_latent: nn.Linear | None = None
         self.rope_query: RopeProjection | None = None
         self.output_projection: nn.Linear | None = None
+        # with form "auto" also the decompressed form's folded projections, which prompts (S > 1) run:
+        # the scaled nope query [H·Dh] and the output projection of [H·Dv] (value bias folded in)
+        self.query_nope_projection: nn.Linear | None = None
+        self.value_output_projection: nn.Linear | None = None
 
     @property
     def latent_zero_point(self) -> int:
@@ -210,27 +215,79 @@ class LatentAttention(nn.Module):
             new["rope_key"] = latent.new_zeros(latent.shape[0], 1, latent.shape[1], 0)
         return new, cached
 
-    def absorbed_projections(self, x_BSD, query_rope_full, new: dict, mask, cached: bool):
-        """The absorbed form with the up-projections folded into the query and output
-        projections (``math/absorption.py``) → the output projection's y [B, S, D]."""
+    def absorbed_projections(self, x_BSD, query_rope_full, new: dict, mask, cached: bool, valid_mask=None):
+        """The up-projections folded into the query and output projections (``math/absorption.py``)
+        → the output projection's y [B, S, D]: the absorbed form, or with form "auto" and the
+        decompressed projections built, the decompressed form for prompts (S > 1). In an exported
+        program that choice is one ONNX ``If`` per site (``ops.choose_form``).
+
+        ``valid_mask``: bool [B, 1, S, T+S] over the keys written so far, where ``mask`` covers a
+        preallocated buffer (in place); the decompressed form expands only those keys."""
         p = self.plan
         b, s = x_BSD.shape[:2]
-        q_latent = self.query_latent(x_BSD).reshape(b, s, p.n_heads, -1).transpose(1, 2)        # [B,H,S,C], scaled
         if self.rope_query is not None:        # the model's RoPE of rope_query(x), heads first like its core's query
             q_rope = self.rope_query_of(query_rope_full)
         else:
-            q_rope = q_latent.new_zeros(b, p.n_heads, s, 0)
-        out_latent = latent_mqa(q_latent, q_rope, new.get("latent_codes", new["latent"]), new["rope_key"], mask,
-                                p.is_causal and not cached, new.get("latent_scale"), self.latent_zero_point)
-        return self.output_projection(out_latent.transpose(1, 2).reshape(b, s, -1))
+            q_rope = x_BSD.new_zeros(b, p.n_heads, s, 0)
+        is_causal = p.is_causal and not cached
+        # each form as a function of the same tensors (the optional ones by name)
+        optional = {k: v for k, v in (("mask", mask), ("keys", valid_mask), ("scale", new.get("latent_scale")))
+                    if v is not None}
+        operands = (x_BSD, q_rope, new.get("latent_codes", new["latent"]), new["rope_key"], *optional.values())
+        named = lambda rest: dict(zip(optional, rest))       # noqa: E731
+
+        def absorbed(x, q_rope, latent, rope_key, *rest):
+            o = named(rest)
+            q_latent = self.query_latent(x).reshape(*x.shape[:2], p.n_heads, -1).transpose(1, 2)   # [B,H,S,C], scaled
+            out_latent = latent_mqa(q_latent, q_rope, latent, rope_key, o.get("mask"), is_causal, o.get("scale"),
+                                    self.latent_zero_point)
+            return self.output_projection(out_latent.transpose(1, 2).reshape(*x.shape[:2], -1))
+
+        if self.form != "auto" or self.query_nope_projection is None:
+            return absorbed(*operands)
+
+        def decompressed(x, q_rope, latent, rope_key, *rest):
+            o = named(rest)
+            return self.decompressed_projections(x, q_rope, latent, rope_key, o.get("keys", o.get("mask")), is_causal,
+                                                 o.get("scale"))
+
+        if not (torch.compiler.is_exporting() or torch.compiler.is_compiling()):    # eager: S is known
+            return absorbed(*operands) if s == 1 else decompressed(*operands)
+        return choose_form(x_BSD, absorbed(*operands), decompressed(*operands))     # → one If (export/branches.py)
+
+    def decompressed_projections(self, x_BSD, q_rope_BHSR, latent_BTC, rope_key_B1TR, keys_mask, is_causal: bool,
+                                 latent_scale_BT=None):
+        """The decompressed form over the folded projections: K/V expanded from the first T' latent
+        rows (T' = the mask's key count), one attention op over [q_nope ; q_rope] (queries
+        pre-scaled) → y [B, S, D]. The key bias is left out (softmax ignores a constant per
+        query); the value bias is in ``value_output_projection``."""
+        p = self.plan
+        b, s = x_BSD.shape[:2]
+        t = keys_mask.shape[-1] if keys_mask is not None else latent_BTC.shape[1]
+        latent = latent_BTC[:, :t]
+        if latent_scale_BT is not None:
+            latent = dequantize_per_token(latent, latent_scale_BT[:, :t], self.latent_zero_point)
+        per_head = lambda w: (latent @ w.reshape(-1, w.shape[-1]).T).reshape(b, t, p.n_kv_heads, -1).transpose(1, 2)  # noqa: E731
+        k_nope, v = per_head(self.up_key), per_head(self.up_value)                            # [B, Hkv, T', ·]
+        k = torch.cat([k_nope, rope_key_B1TR[:, :, :t].expand(-1, p.n_kv_heads, -1, -1)], dim=-1)
+        q_nope = self.query_nope_projection(x_BSD).reshape(b, s, p.n_heads, -1).transpose(1, 2)
+        q = torch.cat([q_nope, q_rope_BHSR], dim=-1)
+        grouped = in_repeat_kv_order(p.kv_head_of_query, p.n_kv_heads)
+        if not grouped:
+            k, v = expand_kv(k, self.kv_head_of_query), expand_kv(v, self.kv_head_of_query)
+        bias = mask_bias(keys_mask, is_causal, s, t, q.dtype, q.device)
+        out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0,
+                                                         enable_gqa=grouped and p.n_heads > p.n_kv_heads)
+        return self.value_output_projection(out.transpose(1, 2).reshape(b, s, -1))
 
     # -- the call the graph makes --------------------------------------------------------------
-    def forward(self, x_BSD, query_raw, query, key_rope_full, mask, *past):
+    def forward(self, x_BSD, query_raw, query, key_rope_full, mask, *past, valid_mask=None):
         """Without ``past``: out [B,H,S,Dv]. With the cache tensors of ``plan.cache_kinds``
-        (each holding T earlier tokens): (out, *present) with T+S tokens each."""
+        (each holding T earlier tokens): (out, *present) with T+S tokens each. ``valid_mask``: see
+        ``absorbed_projections`` (in-place programs pass it)."""
         new, cached = self.cache_update_of(x_BSD, key_rope_full, past)
         if self.query_latent is not None:
-            out = self.absorbed_projections(x_BSD, query, new, mask, cached)
+            out = self.absorbed_projections(x_BSD, query, new, mask, cached, valid_mask)
         else:
             out = self.attention(query_raw, query, new, mask, cached)
         if cached:
