@@ -95,7 +95,7 @@ def export_all(cache_dir: Path, variants: dict, max_length: int | None = None) -
             d_kv, latent_cache, quantize, *prefill = variants[name]
             src = model if d_kv is None else mla_pass.convert(model, mla_pass.MLAConfig(d_kv=d_kv, rope_freqs=ROPE_FREQS))
             to_onnx(src, folders[name], tokenizer=tok, latent_cache=latent_cache, quantize=quantize,
-                    max_length=max_length, prefill=(prefill or [None])[0] if d_kv else None)
+                    max_length=max_length, prefill=prefill[0] if prefill else None)
             print(f"exported {name} in {time.perf_counter() - t0:.0f} s → {folders[name]}", file=sys.stderr)
     return folders
 

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from decode import GENAI, GENAI_INT4, GENAI_INT8, PROMPT_NEW_TOKENS, _genai_threads, peak_rss_mb
+from decode import GENAI, GENAI_INT4, GENAI_INT8, PROMPT_NEW_TOKENS, _genai_threads, peak_rss_mb, weight_precision
 
 
 def prefill_worker(folder: str, prompt_file: str, chunk: int, threads: int, new_tokens: int) -> dict:
@@ -82,7 +82,8 @@ def long_prompts(args, folders: dict[str, Path]) -> None:
             measured.setdefault((name, chunk, genai), []).append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"SmolLM2-135M, a {args.prompt_tokens:,}-token held-out prompt (lcet10.txt) through OnnxEngine.generate, "
           f"then {PROMPT_NEW_TOKENS} greedy tokens; onnxruntime CPU, {args.threads} threads, median of "
-          f"{args.repeats} interleaved runs; ratios against the original export at the same chunk")
+          f"{args.repeats} interleaved runs; ratios against our export of the original at the same chunk "
+          "and weight precision")
     print("| model | prefill chunk | prefill s | vs original | peak RSS MB | vs original | decode ms/token |")
     print("|---|---|---|---|---|---|---|")
     rows = []
@@ -90,7 +91,8 @@ def long_prompts(args, folders: dict[str, Path]) -> None:
         r = {k: statistics.median(x[k] for x in results) for k in ("prefill_s", "decode_ms")}
         r.update(model=name, chunk="genai's" if genai else chunk or "whole prompt",
                  peak_rss_mb=max(x["peak_rss_mb"] for x in results))
-        base = measured.get(("original", chunk, False))
+        precision = weight_precision(name)          # against our original export of the same weights
+        base = measured.get(("original" if precision == "fp32" else f"original {precision} weights", chunk, False))
         r["vs_original_prefill"] = statistics.median(x["prefill_s"] for x in results) / \
             statistics.median(x["prefill_s"] for x in base) if base else None
         r["vs_original_rss"] = r["peak_rss_mb"] / max(x["peak_rss_mb"] for x in base) if base else None

@@ -6,8 +6,9 @@ placeholder node ``ChooseForm(one_token_step, one_token, prompt)``. Here each pl
 ``If(one_token_step)``: the then-branch holds every node that only the one-token value needs,
 the else-branch every node that only the prompt value needs, and what both need (the cache
 write, the rotated query) stays outside, read by the branches from the outer scope. Node and value
-names are kept (they are unique in the graph, so nothing is shadowed); initializers stay in the
-main graph.
+names are kept (they are unique in the graph, so nothing is shadowed); a weight that only one
+branch reads moves into that branch (onnxruntime prepacks it there; read from the outer scope,
+a decode step measured 4.5 ms slower on SmolLM2).
 """
 from __future__ import annotations
 
@@ -32,7 +33,9 @@ def branch_forms(graph: onnx.GraphProto) -> int:
             consumers[x].add(i)
     outputs = {o.name for o in graph.output}
     types = {v.name: v for v in [*graph.value_info, *graph.output]}
+    weights = {t.name: t for t in graph.initializer}
     moved: set[int] = set()
+    moved_weights: set[str] = set()
     replaced: dict[int, onnx.NodeProto] = {}
     for c in placeholders:
         choose = nodes[c]
@@ -42,10 +45,15 @@ def branch_forms(graph: onnx.GraphProto) -> int:
             region = _owned(value, c, nodes, producer, consumers, outputs)
             moved |= region
             body = [nodes[i] for i in sorted(region)]
+            # a weight only this branch reads becomes the branch's own initializer: onnxruntime
+            # prepacks a subgraph's constant weights, not outer-scope ones (each call would pack it)
+            own = sorted(w for w in {x for n in body for x in _reads(n)} & weights.keys()
+                         if consumers[w] <= region and w not in outputs)
+            moved_weights |= set(own)
             info = [types[o] for n in body for o in n.output if o in types]
             out = types.get(value) or helper.make_tensor_value_info(value, _elem_type(types, choose.output[0]), None)
             branches.append(helper.make_graph(body, f"{choose.name or 'choose_form'}_{name}", [], [out],
-                                              value_info=info))
+                                              initializer=[weights[w] for w in own], value_info=info))
         replaced[c] = helper.make_node("If", [condition], list(choose.output), name=choose.name or None,
                                        then_branch=branches[0], else_branch=branches[1])
     kept = [replaced.get(i, n) for i, n in enumerate(nodes) if i not in moved]
@@ -55,6 +63,9 @@ def branch_forms(graph: onnx.GraphProto) -> int:
     infos = [v for v in graph.value_info if v.name not in inner]
     del graph.value_info[:]
     graph.value_info.extend(infos)
+    left = [t for t in graph.initializer if t.name not in moved_weights]
+    del graph.initializer[:]
+    graph.initializer.extend(left)
     return len(placeholders)
 
 

@@ -99,7 +99,8 @@ def test_a_quantized_latent_is_dequantized_for_prompts(latent_cache, tmp_path):
     reference = OnnxEngine(one_form, threads=1, prefill_chunk=4)
     reference.manifest.eos_token_ids = []
     prompt = [[5, 17, 33, 2, 9, 41, 77, 3, 12]]
-    assert engine.generate(prompt, max_new_tokens=10).token_ids == reference.generate(prompt, max_new_tokens=10).token_ids
+    tokens = engine.generate(prompt, max_new_tokens=10).token_ids
+    assert tokens == reference.generate(prompt, max_new_tokens=10).token_ids
 
 
 def test_bad_prefill_requests_are_refused(folders, tmp_path):
@@ -109,6 +110,8 @@ def test_bad_prefill_requests_are_refused(folders, tmp_path):
     with pytest.raises(ValueError, match="prefill='absorbed'"):
         to_onnx(mla, tmp_path / "trt", target="tensorrt", prefill="decompressed", progress=False)
     assert not (tmp_path / "trt").exists()
+    with pytest.raises(ValueError, match="chooses a converted model's prompt form"):
+        to_onnx(tiny_llama(n_kv=2), tmp_path / "original", prefill="absorbed", progress=False)
 
 
 def test_a_program_that_lost_its_forms_is_refused(folders, tmp_path, monkeypatch):

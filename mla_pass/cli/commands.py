@@ -93,7 +93,7 @@ def cmd_export(args) -> int:
             raise ValueError("--format vllm serves converted models; vLLM loads the original folder as it is")
         onnx_only = {"--quantize": args.quantize, "--latent-cache": args.latent_cache != "float" or None,
                      "--target": args.target != "onnxruntime" or None, "--max-length": args.max_length,
-                     "--cache-update": args.cache_update != "in_place" or None}
+                     "--cache-update": args.cache_update != "in_place" or None, "--prefill-form": args.prefill_form}
         given = [flag for flag, value in onnx_only.items() if value]
         if given:
             raise ValueError(f"{', '.join(given)} belong to the ONNX export; vLLM manages its own cache "
@@ -120,7 +120,8 @@ def cmd_export(args) -> int:
         return _export_vllm(program, args, tok, what, t0)
     out = to_onnx(program, args.out, dtype=args.dtype, tokenizer=tok, max_length=args.max_length,
                   cache_update=args.cache_update, quantize=args.quantize,
-                  latent_cache=args.latent_cache, target=args.target)
+                  latent_cache=args.latent_cache, target=args.target,
+                  prefill=args.prefill_form)
     from ..runtime.manifest import Manifest
     manifest = Manifest.read(out)
     print(f"exported {what} in {time.perf_counter() - t0:.0f} s to {out}: {len(manifest.cache)} cache tensors, "
@@ -353,6 +354,10 @@ def main(argv=None) -> int:
     p.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
                    help="tensorrt: standard ONNX only (no com.microsoft op, 4-D caches with tokens on axis -2), "
                    "checked against TensorRT's ONNX restrictions")
+    p.add_argument("--prefill-form", default=None, choices=["decompressed", "absorbed"],
+                   help="converted models: decompressed (the onnxruntime default) runs prompts with K/V expanded "
+                   "from the latent and one-token steps absorbed, one If per site; absorbed runs every step "
+                   "absorbed (the tensorrt target's)")
     p.add_argument("--max-length", type=int, default=None, help="prompt + new tokens (default: the model's)")
     _add_mla_options(p)
     p.set_defaults(func=cmd_export)

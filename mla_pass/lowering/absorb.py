@@ -91,8 +91,8 @@ def _absorb_site(step: fx.GraphModule, node: fx.Node, module: LatentAttention, e
     module.query_latent = _linear(w_ql, b_ql, dtype)
     module.output_projection = _linear(w_y, b_y, dtype)
     if module.form == "auto":        # prompts run the decompressed form: its projections, folded alike
-        w_qn, b_qn = nope_query(w_q, b_q, module.query_nope_dims, p.scale,
-                                None if mix is None else mix.detach().double(), getattr(module, "query_nope_partner", None))
+        w_qn, b_qn = nope_query(w_q, b_q, module.query_nope_dims, p.scale, None if mix is None else mix.detach().double(),
+                                getattr(module, "query_nope_partner", None))
         w_v, b_v = decompressed_output(w_o.reshape(w_o.shape[0], p.n_heads, p.value_dim), b_o,
                                        None if module.value_bias is None else module.value_bias.detach().double(),
                                        module.kv_head_of_query)
