@@ -17,6 +17,8 @@ from collections import defaultdict
 import onnx
 from onnx import helper
 
+from mla_pass.export.fusion.graph import subgraph_reads
+
 CHOOSE_FORM = ("mla_pass", "ChooseForm")      # (domain, op type) of the placeholder
 
 
@@ -92,8 +94,6 @@ def _owned(value: str, choose: int, nodes, producer: dict, consumers: dict, outp
 
 def _reads(node: onnx.NodeProto) -> list[str]:
     """The values ``node`` reads: its inputs and what its subgraphs read from the outer scope."""
-    from mla_pass.export.fusion.graph import subgraph_reads
-
     return [x for x in node.input if x] + sorted(subgraph_reads(node))
 
 
