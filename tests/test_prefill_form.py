@@ -33,10 +33,15 @@ def _convert(model, **config):
     return mla_pass.convert(model, MLAConfig(**config), calibration=calibration, progress=False)
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
+# d_kv=6: latent C = 12 below the head width 16, so decode steps fold W_uk / W_uv into their own
+# projections; d_kv=12 (C = 24): they share the decompressed form's and apply W_uk / W_uv per head
+DECODE_PROJECTIONS = {6: "folded", 12: "shared"}
+
+
+@pytest.fixture(scope="module", params=sorted(DECODE_PROJECTIONS), ids=DECODE_PROJECTIONS.get)
+def folders(request, tmp_path_factory):
     """A converted tiny Llama (GQA, mixed rope slots) exported with both prefill forms."""
-    mla = _convert(tiny_llama(n_kv=2), d_kv=6, rope_freqs=3)
+    mla = _convert(tiny_llama(n_kv=2), d_kv=request.param, rope_freqs=3)
     out = tmp_path_factory.mktemp("prefill")
     return mla, {form: to_onnx(mla, out / form, max_length=96, prefill=form, progress=False)
                  for form in ("decompressed", "absorbed")}
@@ -50,7 +55,10 @@ def test_each_site_chooses_its_form_with_one_if(folders):
     mla, f = folders
     assert _ifs(f["decompressed"]) == len(mla.plans) and _ifs(f["absorbed"]) == 0
     notes = Manifest.read(f["decompressed"]).notes
-    assert notes["prefill"].startswith(f"prompts (S > 1) decompressed at {len(mla.plans)} of {len(mla.plans)} sites")
+    n = len(mla.plans)
+    assert notes["prefill"].startswith(f"prompts (S > 1) decompressed at {n} of {n} sites")
+    folded = n if DECODE_PROJECTIONS[mla.config.d_kv] == "folded" else 0
+    assert f"folded into the decode projections at {folded} of them" in notes["prefill"]
     assert Manifest.read(f["absorbed"]).notes["prefill"] == "every step absorbed"
     # the export check ran both branches against PyTorch
     assert notes["verify_max_abs_logit_error"] <= 1e-4 and notes["verify_one_token_max_abs_logit_error"] <= 1e-4
@@ -85,11 +93,11 @@ def test_prompt_logits_match_the_one_form_program_chunked_and_padded(folders, ch
     assert tokens_d == tokens_a
 
 
-@pytest.mark.parametrize("latent_cache", ["int8", "int4"])
-def test_a_quantized_latent_is_dequantized_for_prompts(latent_cache, tmp_path):
+@pytest.mark.parametrize("latent_cache, d_kv", [("int8", 6), ("int4", 6), ("int4", 12)])
+def test_a_quantized_latent_is_dequantized_for_prompts(latent_cache, d_kv, tmp_path):
     """The decompressed branch reads the same codes the absorbed one does (dequantized rows): the
     folder's greedy tokens equal the PyTorch program's of the same rounding."""
-    mla = _convert(tiny_qwen2(), d_kv=6, rope_freqs=2)
+    mla = _convert(tiny_qwen2(), d_kv=d_kv, rope_freqs=2)
     folder = to_onnx(mla, tmp_path / latent_cache, max_length=64, latent_cache=latent_cache, progress=False)
     assert _ifs(folder) == len(mla.plans)
     engine = OnnxEngine(folder, threads=1, prefill_chunk=4)

@@ -9,10 +9,12 @@ through a copy of the model's own RoPE region, so no rotation formula is assumed
 projections become dead code: the program computes [H·C] queries and reads [H·C] outputs
 instead of [H·Dh] and [H·Dv], and runs neither per-head up-projection.
 
-A module in form "auto" (``LoweringSettings.prefill="decompressed"``) also gets the decompressed
-form's projections, folded the same way (``query_nope_projection``, ``value_output_projection``):
-the exported program then runs prompts decompressed and one-token steps absorbed
-(``LatentAttention.absorbed_projections``).
+A module in form "auto" (``LoweringSettings.prefill="decompressed"``) gets the decompressed form's
+projections (``query_nope_projection``, ``value_output_projection``): the exported program then
+runs prompts decompressed and one-token steps absorbed (``LatentAttention.absorbed_projections``).
+Its one-token steps get the folded projections only where they read fewer weight bytes
+(``folding_reads_fewer_bytes``: C below the head width); elsewhere they run the two shared
+projections with W_uk / W_uv applied per head, so the program holds each weight once.
 
 A site that does not qualify (decompressed form, softcapping, normalised keys, a query or an
 output path that is not affine) is left as it was; ``absorb_projections`` says which and why.
@@ -80,24 +82,23 @@ def _absorb_site(step: fx.GraphModule, node: fx.Node, module: LatentAttention, e
     b_q = None if b_q is None else b_q.reshape(p.n_heads, p.head_dim)
     end, w_o, b_o = _output_projection(step, out, env, inputs_of, p)
 
-    mix = module.query_nope_mix
-    w_ql, b_ql = absorbed_query(w_q, b_q, module.query_nope_dims, module.up_key.detach().double(),
-                                module.kv_head_of_query, p.scale, None if mix is None else mix.detach().double(),
-                                getattr(module, "query_nope_partner", None))
-    w_y, b_y = absorbed_output(w_o.reshape(w_o.shape[0], p.n_heads, p.value_dim), b_o, module.up_value.detach().double(),
-                               None if module.value_bias is None else module.value_bias.detach().double(),
-                               module.kv_head_of_query)
     dtype = module.down.dtype
-    module.query_latent = _linear(w_ql, b_ql, dtype)
-    module.output_projection = _linear(w_y, b_y, dtype)
+    mix = None if module.query_nope_mix is None else module.query_nope_mix.detach().double()
+    partner = getattr(module, "query_nope_partner", None)
+    w_o_YHV = w_o.reshape(w_o.shape[0], p.n_heads, p.value_dim)
+    b_v = None if module.value_bias is None else module.value_bias.detach().double()
     if module.form == "auto":        # prompts run the decompressed form: its projections, folded alike
-        w_qn, b_qn = nope_query(w_q, b_q, module.query_nope_dims, p.scale, None if mix is None else mix.detach().double(),
-                                getattr(module, "query_nope_partner", None))
-        w_v, b_v = decompressed_output(w_o.reshape(w_o.shape[0], p.n_heads, p.value_dim), b_o,
-                                       None if module.value_bias is None else module.value_bias.detach().double(),
-                                       module.kv_head_of_query)
+        w_qn, b_qn = nope_query(w_q, b_q, module.query_nope_dims, p.scale, mix, partner)
+        w_vo, b_vo = decompressed_output(w_o_YHV, b_o, b_v, module.kv_head_of_query)
         module.query_nope_projection = _linear(w_qn, b_qn, dtype)
-        module.value_output_projection = _linear(w_v, b_v, dtype)
+        module.value_output_projection = _linear(w_vo, b_vo, dtype)
+    if module.form == "absorbed" or folding_reads_fewer_bytes(p, d, w_o.shape[0]):
+        # W_uk into the query projection, W_uv into the output projection
+        w_ql, b_ql = absorbed_query(w_q, b_q, module.query_nope_dims, module.up_key.detach().double(),
+                                    module.kv_head_of_query, p.scale, mix, partner)
+        w_y, b_y = absorbed_output(w_o_YHV, b_o, module.up_value.detach().double(), b_v, module.kv_head_of_query)
+        module.query_latent = _linear(w_ql, b_ql, dtype)
+        module.output_projection = _linear(w_y, b_y, dtype)
     new_query = None
     graph = step.graph
     if p.rope_width:
@@ -112,6 +113,17 @@ def _absorb_site(step: fx.GraphModule, node: fx.Node, module: LatentAttention, e
             new_query = G.copy_region(graph, G.region(query_raw, query), {query_raw: full})[query]
     node.args = (x, None, new_query, *node.args[3:])
     end.replace_all_uses_with(out)
+
+
+def folding_reads_fewer_bytes(plan, hidden: int, out_dim: int) -> bool:
+    """Whether a one-token step reads fewer weights with W_uk / W_uv folded into the query and
+    output projections ([H·C] each) than with them applied per head after the [H·Dh] / [H·Dv]
+    ones, which the decompressed form needs anyway: folding pays when C is below the head width."""
+    p = plan
+    folded = p.n_heads * p.latent_dim * (hidden + out_dim)
+    shared = (p.n_heads * (p.head_dim * hidden + p.value_dim * out_dim)
+              + p.n_kv_heads * (p.head_dim + p.value_dim) * p.latent_dim)
+    return folded < shared
 
 
 def _output_projection(step, out: fx.Node, env: dict, inputs_of: set, p):
@@ -176,8 +188,11 @@ def lower_absorbed(program: StepProgram, settings: LoweringSettings) -> int:
         if m.query_nope_projection is None:
             m.form = "absorbed"
     program.notes["absorbed_projections"] = report
-    both = sum(m.query_nope_projection is not None for m in modules)
-    program.notes["prefill"] = (f"prompts (S > 1) decompressed at {both} of {len(modules)} sites (K/V expanded from "
-                                "the written latent rows, ONNX Attention), one-token steps absorbed: one If per site"
+    both = [m for m in modules if m.query_nope_projection is not None]
+    folded = sum(m.query_latent is not None for m in both)
+    program.notes["prefill"] = (f"prompts (S > 1) decompressed at {len(both)} of {len(modules)} sites (K/V expanded "
+                                "from the written latent rows, ONNX Attention), one-token steps absorbed: one If per "
+                                f"site; W_uk / W_uv folded into the decode projections at {folded} of them, applied "
+                                "per head after the shared projections at the others (fewer weight bytes)"
                                 if both else "every step absorbed")
     return report["sites"]

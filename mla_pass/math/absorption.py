@@ -10,7 +10,8 @@ they can be computed once:
 
 where ``o_h = Σ_t a_t c_t`` is head h's latent output. The decode step then runs one [H·C]
 projection instead of an [H·Dh] one, one [H·C] → D output projection instead of [H·Dv] → D,
-and neither per-head up-projection: fewer weight bytes and fewer ops per layer.
+and neither per-head up-projection: fewer weight bytes and fewer ops per layer while C is below
+the head width (above it, applying W_uk / W_uv per head after the [H·Dh] projections reads less).
 
 A prompt of S tokens is cheaper the other way round (every score costs H·(Dh + 2r) instead of
 H·(C + 2r), and the decompression is paid once per key, not per query), so the exported program

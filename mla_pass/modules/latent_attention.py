@@ -109,8 +109,9 @@ class LatentAttention(nn.Module):
         self.query_latent: nn.Linear | None = None
         self.rope_query: RopeProjection | None = None
         self.output_projection: nn.Linear | None = None
-        # with form "auto" also the decompressed form's folded projections, which prompts (S > 1) run:
-        # the scaled nope query [H·Dh] and the output projection of [H·Dv] (value bias folded in)
+        # with form "auto" the decompressed form's projections, which prompts (S > 1) run: the scaled nope
+        # query [H·Dh] and the output projection of [H·Dv] (value bias folded in); one-token steps share them
+        # where folding W_uk / W_uv would read more weight bytes (then query_latent / output_projection stay None)
         self.query_nope_projection: nn.Linear | None = None
         self.value_output_projection: nn.Linear | None = None
 
@@ -215,11 +216,19 @@ class LatentAttention(nn.Module):
             new["rope_key"] = latent.new_zeros(latent.shape[0], 1, latent.shape[1], 0)
         return new, cached
 
+    @property
+    def owns_projections(self) -> bool:
+        """The site computes its own query and output projections (``lowering/absorb.py``)."""
+        return self.query_latent is not None or self.query_nope_projection is not None
+
     def absorbed_projections(self, x_BSD, query_rope_full, new: dict, mask, cached: bool, valid_mask=None):
-        """The up-projections folded into the query and output projections (``math/absorption.py``)
-        → the output projection's y [B, S, D]: the absorbed form, or with form "auto" and the
-        decompressed projections built, the decompressed form for prompts (S > 1). In an exported
-        program that choice is one ONNX ``If`` per site (``ops.choose_form``).
+        """The site's own query and output projections (``math/absorption.py``) → the output
+        projection's y [B, S, D]. Form "absorbed": W_uk and W_uv folded into them. Form "auto":
+        prompts (S > 1) run the decompressed form over the scaled nope query and the output
+        projection of [H·Dv]; one-token steps run the absorbed form, folded where that reads fewer
+        weight bytes, else over the same two projections with W_uk / W_uv applied per head, so
+        both forms share every weight. In an exported program that choice is one ONNX ``If`` per
+        site (``ops.choose_form``).
 
         ``valid_mask``: bool [B, 1, S, T+S] over the keys written so far, where ``mask`` covers a
         preallocated buffer (in place); the decompressed form expands only those keys."""
@@ -230,39 +239,54 @@ class LatentAttention(nn.Module):
         else:
             q_rope = x_BSD.new_zeros(b, p.n_heads, s, 0)
         is_causal = p.is_causal and not cached
-        # each form as a function of the same tensors (the optional ones by name)
-        optional = {k: v for k, v in (("mask", mask), ("keys", valid_mask), ("scale", new.get("latent_scale")))
-                    if v is not None}
-        operands = (x_BSD, q_rope, new.get("latent_codes", new["latent"]), new["rope_key"], *optional.values())
-        named = lambda rest: dict(zip(optional, rest))       # noqa: E731
+        latent, rope_key, scale = new.get("latent_codes", new["latent"]), new["rope_key"], new.get("latent_scale")
+        folded = self.output_projection is not None
+        q_nope = None
+        if self.query_nope_projection is not None:           # scaled, the fitted map folded in: [B, H, S, Dh]
+            q_nope = self.query_nope_projection(x_BSD).reshape(b, s, p.n_heads, -1).transpose(1, 2)
 
-        def absorbed(x, q_rope, latent, rope_key, *rest):
-            o = named(rest)
-            q_latent = self.query_latent(x).reshape(*x.shape[:2], p.n_heads, -1).transpose(1, 2)   # [B,H,S,C], scaled
-            out_latent = latent_mqa(q_latent, q_rope, latent, rope_key, o.get("mask"), is_causal, o.get("scale"),
-                                    self.latent_zero_point)
-            return self.output_projection(out_latent.transpose(1, 2).reshape(*x.shape[:2], -1))
+        def absorbed():       # → y [B, S, D] if folded, else the heads' outputs [B, H, S, Dv]
+            if folded:
+                q_latent = self.query_latent(x_BSD).reshape(b, s, p.n_heads, -1).transpose(1, 2)   # [B,H,S,C], scaled
+            else:
+                q_latent = self.per_query_head(q_nope, self.up_key)
+            out_latent = latent_mqa(q_latent, q_rope, latent, rope_key, mask, is_causal, scale, self.latent_zero_point)
+            if folded:
+                return self.output_projection(out_latent.transpose(1, 2).reshape(b, s, -1))
+            return self.per_query_head(out_latent, self.up_value.transpose(1, 2))
 
-        if self.form != "auto" or self.query_nope_projection is None:
-            return absorbed(*operands)
-
-        def decompressed(x, q_rope, latent, rope_key, *rest):
-            o = named(rest)
-            return self.decompressed_projections(x, q_rope, latent, rope_key, o.get("keys", o.get("mask")), is_causal,
-                                                 o.get("scale"))
-
+        if self.form != "auto" or q_nope is None:
+            return absorbed()
+        to_y = lambda out: self.value_output_projection(out.transpose(1, 2).reshape(b, s, -1))  # noqa: E731
+        decompressed = lambda: self.decompressed_heads(q_nope, q_rope, latent, rope_key,          # noqa: E731
+                                                       mask if valid_mask is None else valid_mask, is_causal, scale)
         if not (torch.compiler.is_exporting() or torch.compiler.is_compiling()):    # eager: S is known
-            return absorbed(*operands) if s == 1 else decompressed(*operands)
-        return choose_form(x_BSD, absorbed(*operands), decompressed(*operands))     # → one If (export/branches.py)
+            if s > 1:
+                return to_y(decompressed())
+            return absorbed() if folded else to_y(absorbed())
+        if folded:                                                  # → one If per site (export/branches.py)
+            return choose_form(x_BSD, absorbed(), to_y(decompressed()))
+        return to_y(choose_form(x_BSD, absorbed(), decompressed()))
 
-    def decompressed_projections(self, x_BSD, q_rope_BHSR, latent_BTC, rope_key_B1TR, keys_mask, is_causal: bool,
-                                 latent_scale_BT=None):
-        """The decompressed form over the folded projections: K/V expanded from the first T' latent
-        rows (T' = the mask's key count), one attention op over [q_nope ; q_rope] (queries
-        pre-scaled) → y [B, S, D]. The key bias is left out (softmax ignores a constant per
-        query); the value bias is in ``value_output_projection``."""
+    def per_query_head(self, t_BHSX, w_HkvXY):
+        """Each query head's [·, X] rows times its kv head's [X, Y] matrix → [B, H, S, Y]; heads in
+        repeat_kv order as one batched product per kv head (no per-query-head copy of the weight)."""
         p = self.plan
-        b, s = x_BSD.shape[:2]
+        b, h, s, x = t_BHSX.shape
+        if in_repeat_kv_order(p.kv_head_of_query, p.n_kv_heads):
+            grouped = t_BHSX.reshape(b, p.n_kv_heads, (h // p.n_kv_heads) * s, x) @ w_HkvXY
+            return grouped.reshape(b, h, s, -1)
+        return t_BHSX @ w_HkvXY.index_select(0, self.kv_head_of_query)
+
+    def decompressed_heads(self, q_nope_BHSD, q_rope_BHSR, latent_BTC, rope_key_B1TR, keys_mask, is_causal: bool,
+                           latent_scale_BT=None):
+        """The decompressed form over pre-scaled queries: K/V expanded from the first T' latent rows
+        (T' = the mask's key count), one attention op over [q_nope ; q_rope] → the heads' outputs
+        [B, H, S, Dv], without the value bias (``value_output_projection`` holds it). The key bias
+        is left out: softmax ignores a constant per query."""
+        p = self.plan
+        b = q_nope_BHSD.shape[0]
+        s = q_nope_BHSD.shape[2]
         t = keys_mask.shape[-1] if keys_mask is not None else latent_BTC.shape[1]
         latent = latent_BTC[:, :t]
         if latent_scale_BT is not None:
@@ -270,15 +294,13 @@ class LatentAttention(nn.Module):
         per_head = lambda w: (latent @ w.reshape(-1, w.shape[-1]).T).reshape(b, t, p.n_kv_heads, -1).transpose(1, 2)  # noqa: E731
         k_nope, v = per_head(self.up_key), per_head(self.up_value)                            # [B, Hkv, T', ·]
         k = torch.cat([k_nope, rope_key_B1TR[:, :, :t].expand(-1, p.n_kv_heads, -1, -1)], dim=-1)
-        q_nope = self.query_nope_projection(x_BSD).reshape(b, s, p.n_heads, -1).transpose(1, 2)
-        q = torch.cat([q_nope, q_rope_BHSR], dim=-1)
+        q = torch.cat([q_nope_BHSD, q_rope_BHSR], dim=-1)
         grouped = in_repeat_kv_order(p.kv_head_of_query, p.n_kv_heads)
         if not grouped:
             k, v = expand_kv(k, self.kv_head_of_query), expand_kv(v, self.kv_head_of_query)
         bias = mask_bias(keys_mask, is_causal, s, t, q.dtype, q.device)
-        out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0,
-                                                         enable_gqa=grouped and p.n_heads > p.n_kv_heads)
-        return self.value_output_projection(out.transpose(1, 2).reshape(b, s, -1))
+        return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0,
+                                                          enable_gqa=grouped and p.n_heads > p.n_kv_heads)
 
     # -- the call the graph makes --------------------------------------------------------------
     def forward(self, x_BSD, query_raw, query, key_rope_full, mask, *past, valid_mask=None):
@@ -286,7 +308,7 @@ class LatentAttention(nn.Module):
         (each holding T earlier tokens): (out, *present) with T+S tokens each. ``valid_mask``: see
         ``absorbed_projections`` (in-place programs pass it)."""
         new, cached = self.cache_update_of(x_BSD, key_rope_full, past)
-        if self.query_latent is not None:
+        if self.owns_projections:
             out = self.absorbed_projections(x_BSD, query, new, mask, cached, valid_mask)
         else:
             out = self.attention(query_raw, query, new, mask, cached)
