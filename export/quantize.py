@@ -14,6 +14,7 @@ from mla_pass.export.common import quiet
 
 WEIGHT_BLOCK = 32                   # input channels per weight scale
 WEIGHT_BITS = {"int8": 8, "int4": 4}
+MAX_ROUNDING = {"int8": 0.1, "int4": 0.5}     # relative RMS error of a weight's codes (another weight's: ≈ 1.4)
 
 
 def quantize_weights(path: Path, precision: str) -> dict[str, int]:
@@ -30,15 +31,23 @@ def quantize_weights(path: Path, precision: str) -> dict[str, int]:
     MatMulNBitsQuantizer = import_quantizer()
     model = onnx.load(str(path))
     untied = untie_transposed_weights(model.graph)
+    before = onnx.GraphProto.FromString(model.graph.SerializeToString())
     with quiet("root"), quiet("onnxruntime.quantization.matmul_nbits_quantizer"):
         quantizer = MatMulNBitsQuantizer(model, bits=WEIGHT_BITS[precision], block_size=WEIGHT_BLOCK,
                                          is_symmetric=True, accuracy_level=4)
         quantizer.process()
+    # the codes must stand for the weights they replaced (the export check's reference is built
+    # from them): round to nearest moves a weight by ~0.09 of its RMS at 4 bits, ~0.005 at 8
+    rounding = _worst_rounding(before, quantizer.model.model.graph)
+    if not rounding <= MAX_ROUNDING[precision]:
+        raise ValueError(f"{precision} weights: a quantized weight is off by {rounding:.2f} of its RMS "
+                         f"(allowed {MAX_ROUNDING[precision]}); the quantizer wrote codes for another weight")
+    del before
     for f in (path, path.with_name(path.name + ".data")):
         f.unlink(missing_ok=True)
     quantizer.model.save_model_to_file(str(path), use_external_data_format=True)
     quantized = _count(quantizer.model.model.graph, "MatMulNBits")
-    return {f"{precision}_matmuls": quantized, "untied": untied}
+    return {f"{precision}_matmuls": quantized, "untied": untied, "worst_weight_rounding": round(rounding, 4)}
 
 
 def import_quantizer():
@@ -96,7 +105,96 @@ def untie_transposed_weights(graph) -> int:
     return rewired
 
 
+def dequantized_weights(model):
+    """A copy of ``model`` (an ``onnx.ModelProto`` with its weights loaded) in which every
+    ``MatMulNBits`` is a ``MatMul`` over the float weights its codes stand for (``float_weight``).
+    The export check runs it as the reference of the quantized program, so what it judges is the
+    program, not the quality of 4-bit rounding (``verify.check_export``); ``quantize_weights``
+    checks that those weights are the ones quantized."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+
+    def rewrite(graph, outer: dict) -> None:
+        inits = outer | {t.name: t for t in graph.initializer}
+        nodes = list(graph.node)
+        del graph.node[:]
+        for node in nodes:
+            for g in _subgraphs(node):
+                rewrite(g, inits)
+            if node.op_type != "MatMulNBits":
+                graph.node.append(node)
+                continue
+            name = f"{node.input[1]}.dequantized"
+            graph.initializer.append(numpy_helper.from_array(float_weight(node, inits), name))
+            biased = len(node.input) > 5 and node.input[5]
+            out = f"{node.output[0]}.unbiased" if biased else node.output[0]
+            graph.node.append(helper.make_node("MatMul", [node.input[0], name], [out], name=node.name))
+            if biased:
+                graph.node.append(helper.make_node("Add", [out, node.input[5]], node.output[:1]))
+
+    rewrite(model.graph, {})
+    return model
+
+
+def float_weight(node, initializers: dict):
+    """The [K, N] float weight a ``MatMulNBits`` node's codes stand for: code minus the symmetric
+    zero point (2^(bits−1)) times its block's scale, 4-bit codes two a byte, low nibble first."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    k, n, bits, block = attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
+    if len(node.input) > 3 and any(node.input[3:5]):
+        raise ValueError(f"{node.name}: zero points or g_idx are not what quantize_weights writes")
+    codes = numpy_helper.to_array(initializers[node.input[1]]).reshape(n, -1)
+    if bits == 4:
+        codes = np.stack([codes & 0x0F, codes >> 4], axis=-1).reshape(n, -1)
+    blocks = -(-k // block)
+    scales = numpy_helper.to_array(initializers[node.input[2]]).astype(np.float32).reshape(n, blocks, 1)
+    w = (codes.reshape(n, blocks, block).astype(np.float32) - 2 ** (bits - 1)) * scales
+    return w.reshape(n, -1)[:, :k].T.copy()
+
+
+def _worst_rounding(before, after) -> float:
+    """The largest relative RMS error (against the weight's RMS) of any weight ``after`` quantized
+    from ``before`` (both ``onnx.GraphProto``; a MatMul's output names its MatMulNBits)."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    weights = {}
+
+    def collect(graph, outer):
+        inits = outer | {t.name: t for t in graph.initializer}
+        for node in graph.node:
+            for g in _subgraphs(node):
+                collect(g, inits)
+            if node.op_type == "MatMul" and node.input[1] in inits:
+                weights[node.output[0]] = numpy_helper.to_array(inits[node.input[1]])
+
+    collect(before, {})
+    worst = 0.0
+
+    def compare(graph, outer):
+        nonlocal worst
+        inits = outer | {t.name: t for t in graph.initializer}
+        for node in graph.node:
+            for g in _subgraphs(node):
+                compare(g, inits)
+            w = weights.get(node.output[0]) if node.op_type == "MatMulNBits" else None
+            if w is not None:
+                err = float(np.sqrt(np.mean((float_weight(node, inits) - w) ** 2) / max(np.mean(w ** 2), 1e-30)))
+                worst = max(worst, err)
+
+    compare(after, {})
+    return worst
+
+
+def _subgraphs(node) -> list:
+    return [g for a in node.attribute for g in [*a.graphs, *([a.g] if a.HasField("g") else [])]]
+
+
 def _count(graph, op_type: str) -> int:
     """Nodes of ``op_type`` in ``graph`` and its subgraphs (the branches of a site's If)."""
-    return sum((n.op_type == op_type) + sum(_count(g, op_type) for a in n.attribute for g in [*a.graphs, *([a.g] if
-               a.HasField("g") else [])]) for n in graph.node)
+    return sum((n.op_type == op_type) + sum(_count(g, op_type) for g in _subgraphs(n)) for n in graph.node)

@@ -208,6 +208,80 @@ def test_quantized_weights_take_a_tied_lm_head_as_onnxruntime_genai_does(tmp_pat
     assert max(errors) < 0.25 * 4, errors
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_dequantized_weights_are_what_matmulnbits_computes_with(tmp_path, bits):
+    """The export check's reference for quantized weights: each MatMulNBits (in the graph and in
+    an If branch, K not a multiple of the block) as a MatMul over the weights its codes stand for.
+    With accuracy level 0 (float compute) onnxruntime's MatMulNBits gives the same numbers."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from mla_pass.export.quantize import dequantized_weights, quantize_weights
+
+    rng = np.random.default_rng(0)
+    k, n = 72, 40                                 # 72 = 2¼ blocks of 32
+    w = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), f"w{i}")
+         for i, shape in enumerate([(k, k), (k, n)])]
+    branch = helper.make_graph([helper.make_node("MatMul", ["h", "w1"], ["z"])], "then", [],
+                               [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)], [w[1]])
+    other = helper.make_graph([helper.make_node("Identity", ["h"], ["e"])], "else", [],
+                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"]),
+             helper.make_node("If", ["c"], ["out"], then_branch=branch, else_branch=other)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k]),
+                                           helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], [w[0]])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), tmp_path / "m.onnx",
+              save_as_external_data=True)
+    report = quantize_weights(tmp_path / "m.onnx", f"int{bits}")
+    assert report[f"int{bits}_matmuls"] == 2
+    assert 0 < report["worst_weight_rounding"] < (0.02 if bits == 8 else 0.15), report
+    quantized = onnx.load(str(tmp_path / "m.onnx"))
+    reference = dequantized_weights(quantized)
+    assert not [nd for nd in reference.graph.node if nd.op_type == "MatMulNBits"]
+    for nd in quantized.graph.node:               # float compute: the weights' codes are the only rounding
+        for a in nd.attribute:
+            if a.name == "accuracy_level":
+                a.i = 0
+            if a.name == "then_branch":
+                for inner in a.g.node:
+                    for b in inner.attribute:
+                        if b.name == "accuracy_level":
+                            b.i = 0
+    x = {"x": rng.standard_normal((3, k)).astype(np.float32), "c": np.array(True)}
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]  # noqa: E731
+    got, want = run(quantized), run(reference)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+
+
+def test_codes_written_for_another_weight_are_refused(tmp_path, monkeypatch):
+    """quantize_weights checks that every MatMulNBits stands for the weight it replaced (the
+    export check's reference is built from the codes, so it could not see this)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    import mla_pass.export.quantize as quantize
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), tmp_path / "m.onnx")
+    real = quantize.import_quantizer()
+
+    class Shuffled(real):                       # quantizes, then swaps the codes of two rows of W
+        def process(self):
+            super().process()
+            codes = next(t for t in self.model.model.graph.initializer if t.data_type == TensorProto.UINT8)
+            a = numpy_helper.to_array(codes).copy()
+            codes.CopyFrom(numpy_helper.from_array(a[::-1].copy(), codes.name))
+
+    monkeypatch.setattr(quantize, "import_quantizer", lambda: Shuffled)
+    with pytest.raises(ValueError, match="the quantizer wrote codes for another weight"):
+        quantize.quantize_weights(tmp_path / "m.onnx", "int4")
+
 
 def test_int8_weights_leave_the_logging_configuration_alone():
     """onnxruntime's quantizer module calls logging.basicConfig(level=INFO) on import, which
