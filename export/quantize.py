@@ -171,7 +171,7 @@ def _worst_rounding(before, after) -> float:
             for g in _subgraphs(node):
                 collect(g, inits)
             if node.op_type == "MatMul" and node.input[1] in inits:
-                weights[node.output[0]] = numpy_helper.to_array(inits[node.input[1]])
+                weights[node.output[0]] = inits[node.input[1]]        # read one at a time below
 
     collect(before, {})
     worst = 0.0
@@ -184,6 +184,7 @@ def _worst_rounding(before, after) -> float:
                 compare(g, inits)
             w = weights.get(node.output[0]) if node.op_type == "MatMulNBits" else None
             if w is not None:
+                w = numpy_helper.to_array(w)
                 err = float(np.sqrt(np.mean((float_weight(node, inits) - w) ** 2) / max(np.mean(w ** 2), 1e-30)))
                 worst = max(worst, err)
 
