@@ -101,9 +101,10 @@ def export_all(cache_dir: Path, variants: dict, max_length: int | None = None) -
 
 
 # parts of the package that cannot change an exported program (training, evaluation, the command
-# line, torch.compile, the model download; of the runtime, all but the manifest the export writes):
-# subpackages by folder, modules by file name
-NOT_EXPORTED = {"folders": ("quality", "cli", "dynamo"), "files": ("__init__.py", "assets.py"),
+# line, torch.compile, the model download, the export check, which only accepts or refuses a
+# program; of the runtime, all but the manifest the export writes): subpackages by folder,
+# modules by file name
+NOT_EXPORTED = {"folders": ("quality", "cli", "dynamo"), "files": ("__init__.py", "assets.py", "verify.py"),
                 "runtime": ("manifest.py",)}
 
 
