@@ -271,7 +271,7 @@ def test_codes_written_for_another_weight_are_refused(tmp_path, monkeypatch):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), tmp_path / "m.onnx")
     real = quantize.import_quantizer()
 
-    class Shuffled(real):                       # quantizes, then swaps the codes of two rows of W
+    class Shuffled(real):                       # quantizes, then reverses the order of W's code rows
         def process(self):
             super().process()
             codes = next(t for t in self.model.model.graph.initializer if t.data_type == TensorProto.UINT8)

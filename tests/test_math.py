@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from mla_pass.math.attention import absorbed_attention, decompressed_attention
+from mla_pass.math.attention import (absorbed_attention, decompressed_attention, in_repeat_kv_order,
+                                     latent_output, latent_query, per_query_head)
 from mla_pass.math.rope import select_pairs, two_norm_scores
 from mla_pass.math.svd import factorize_kv, full_latent_dim
 
@@ -100,3 +101,18 @@ def test_activation_aware_beats_weight_only_on_the_activations():
     plain = output_error(factorize_kv(wk, wv, 8))
     aware = output_error(factorize_kv(wk, wv, 8, gram=(x.T @ x / len(x)).double(), damping=1e-4))
     assert aware < 0.8 * plain, (aware, plain)
+
+
+@pytest.mark.parametrize("kv_heads", [[0, 0, 1, 1], [1, 0, 0, 1]], ids=["grouped", "any order"])
+def test_per_query_head_is_latent_query_and_latent_output(kv_heads):
+    """The export-friendly products of the two-form program's one-token branch equal the einsum
+    forms (``latent_query``; ``latent_output`` without bias), grouped or through a gather."""
+    g = torch.Generator().manual_seed(0)
+    q, up_key = torch.randn(2, 4, 3, 8, generator=g), torch.randn(2, 8, 5, generator=g)
+    out_latent, up_value = torch.randn(2, 4, 3, 5, generator=g), torch.randn(2, 6, 5, generator=g)
+    kv = torch.tensor(kv_heads)
+    grouped = in_repeat_kv_order(kv_heads, 2)
+    assert grouped == (kv_heads == [0, 0, 1, 1])
+    torch.testing.assert_close(per_query_head(q, up_key, kv, grouped), latent_query(q, up_key, kv))
+    torch.testing.assert_close(per_query_head(out_latent, up_value.transpose(1, 2), kv, grouped),
+                               latent_output(out_latent, up_value, None, kv))

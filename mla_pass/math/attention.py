@@ -67,6 +67,18 @@ def latent_query(q_nope_BHSN, up_key_HkvNC, kv_head_of_query):
     return torch.einsum("bhsn,hnc->bhsc", q_nope_BHSN, up_key_HkvNC.index_select(0, kv_head_of_query))
 
 
+def per_query_head(t_BHSX, w_HkvXY, kv_head_of_query, grouped: bool):
+    """Each query head's rows times its kv head's [X, Y] matrix → [B, H, S, Y]: ``latent_query``
+    (w = W_uk) and ``latent_output`` (w = W_uvᵀ, no bias) as plain MatMuls. ``grouped`` (heads in
+    ``in_repeat_kv_order``): one batched product per kv head, so an exported graph holds no
+    per-query-head copy of the weight."""
+    if grouped:
+        b, h, s, x = t_BHSX.shape
+        n_kv = w_HkvXY.shape[0]
+        return (t_BHSX.reshape(b, n_kv, (h // n_kv) * s, x) @ w_HkvXY).reshape(b, h, s, -1)
+    return t_BHSX @ w_HkvXY.index_select(0, kv_head_of_query)
+
+
 def key_bias_score(q_nope_BHSN, b_key_HkvN, kv_head_of_query):
     """q_nope_h·b_k: the key bias's share of every score of a query → [B, H, S, 1]."""
     return (q_nope_BHSN * b_key_HkvN.index_select(0, kv_head_of_query)[None, :, None, :]).sum(-1, keepdim=True)

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..kernels.dispatch import absorbed_decode
 from ..math.absorbed_mqa import latent_mqa, mask_bias
-from ..math.attention import decompressed_attention, expand_kv, in_repeat_kv_order
+from ..math.attention import decompressed_attention, expand_kv, in_repeat_kv_order, per_query_head
 from ..math.int8_cache import (ZERO_POINT, ZERO_POINT_4BIT, dequantize_per_token, quantize_per_token,
                                quantize_per_token_int4, unpack_int4)
 from ..ops.choose_form import choose_form
@@ -269,14 +269,10 @@ class LatentAttention(nn.Module):
         return to_y(choose_form(x_BSD, absorbed(), decompressed()))
 
     def per_query_head(self, t_BHSX, w_HkvXY):
-        """Each query head's [·, X] rows times its kv head's [X, Y] matrix → [B, H, S, Y]; heads in
-        repeat_kv order as one batched product per kv head (no per-query-head copy of the weight)."""
+        """``math.attention.per_query_head`` for this site's kv-head map."""
         p = self.plan
-        b, h, s, x = t_BHSX.shape
-        if in_repeat_kv_order(p.kv_head_of_query, p.n_kv_heads):
-            grouped = t_BHSX.reshape(b, p.n_kv_heads, (h // p.n_kv_heads) * s, x) @ w_HkvXY
-            return grouped.reshape(b, h, s, -1)
-        return t_BHSX @ w_HkvXY.index_select(0, self.kv_head_of_query)
+        grouped = in_repeat_kv_order(p.kv_head_of_query, p.n_kv_heads)
+        return per_query_head(t_BHSX, w_HkvXY, self.kv_head_of_query, grouped)
 
     def decompressed_heads(self, q_nope_BHSD, q_rope_BHSR, latent_BTC, rope_key_B1TR, keys_mask, is_causal: bool,
                            latent_scale_BT=None):
