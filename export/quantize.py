@@ -163,33 +163,25 @@ def _worst_rounding(before, after) -> float:
     import numpy as np
     from onnx import numpy_helper
 
-    weights = {}
-
-    def collect(graph, outer):
-        inits = outer | {t.name: t for t in graph.initializer}
-        for node in graph.node:
-            for g in _subgraphs(node):
-                collect(g, inits)
-            if node.op_type == "MatMul" and node.input[1] in inits:
-                weights[node.output[0]] = inits[node.input[1]]        # read one at a time below
-
-    collect(before, {})
+    weights = {node.output[0]: inits[node.input[1]] for node, inits in _nodes_in_scope(before)
+               if node.op_type == "MatMul" and node.input[1] in inits}       # read one at a time below
     worst = 0.0
-
-    def compare(graph, outer):
-        nonlocal worst
-        inits = outer | {t.name: t for t in graph.initializer}
-        for node in graph.node:
-            for g in _subgraphs(node):
-                compare(g, inits)
-            w = weights.get(node.output[0]) if node.op_type == "MatMulNBits" else None
-            if w is not None:
-                w = numpy_helper.to_array(w)
-                err = float(np.sqrt(np.mean((float_weight(node, inits) - w) ** 2) / max(np.mean(w ** 2), 1e-30)))
-                worst = max(worst, err)
-
-    compare(after, {})
+    for node, inits in _nodes_in_scope(after):
+        w = weights.get(node.output[0]) if node.op_type == "MatMulNBits" else None
+        if w is not None:
+            w = numpy_helper.to_array(w)
+            err = float(np.sqrt(np.mean((float_weight(node, inits) - w) ** 2) / max(np.mean(w ** 2), 1e-30)))
+            worst = max(worst, err)
     return worst
+
+
+def _nodes_in_scope(graph, outer: dict | None = None):
+    """(node, the initializers it can read) for every node of ``graph`` and of its subgraphs."""
+    inits = (outer or {}) | {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        for g in _subgraphs(node):
+            yield from _nodes_in_scope(g, inits)
+        yield node, inits
 
 
 def _subgraphs(node) -> list:
